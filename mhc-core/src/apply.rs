@@ -18,7 +18,7 @@ fn dims(n: usize, width: usize, x_len: usize) -> Result<usize> {
     if x_len == 0 {
         return Err(MhcError::EmptyBatch);
     }
-    if x_len % (n * width) != 0 {
+    if !x_len.is_multiple_of(n * width) {
         return Err(MhcError::ShapeMismatch {
             what: "stream state x [tokens, n, C]",
             expected: (x_len / (n * width) + 1) * n * width,
@@ -266,7 +266,23 @@ pub(crate) fn pre_aggregate_backward_unchecked<T: Real>(
     }
 }
 
+/// `Σ a_k b_k` with eight partial sums (lets the compiler vectorise; the
+/// summation order is fixed, so results are deterministic).
 #[inline]
 pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
-    a.iter().zip(b).fold(T::zero(), |s, (&p, &q)| s + p * q)
+    let len = a.len().min(b.len());
+    let (a, b) = (&a[..len], &b[..len]);
+    let mut acc = [T::zero(); 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] = acc[k] + x[k] * y[k];
+        }
+    }
+    let mut tail = T::zero();
+    for (&x, &y) in ra.iter().zip(rb) {
+        tail = tail + x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }

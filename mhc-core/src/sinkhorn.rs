@@ -59,7 +59,7 @@ fn check_batch<T: Real>(what: &'static str, matrices: &[T], n: usize) -> Result<
     if matrices.is_empty() {
         return Err(MhcError::EmptyBatch);
     }
-    if matrices.len() % nn != 0 {
+    if !matrices.len().is_multiple_of(nn) {
         return Err(MhcError::ShapeMismatch {
             what,
             expected: (matrices.len() / nn + 1) * nn,

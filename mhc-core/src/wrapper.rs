@@ -167,7 +167,7 @@ impl<T: Real> HyperConnection<T> {
         if buffer.is_empty() {
             return Err(MhcError::EmptyBatch);
         }
-        if buffer.len() % s != 0 {
+        if !buffer.len().is_multiple_of(s) {
             return Err(MhcError::ShapeMismatch {
                 what,
                 expected: (buffer.len() / s + 1) * s,
@@ -263,16 +263,9 @@ impl<T: Real> HyperConnection<T> {
                     let mut s = [T::zero(); 3];
                     proj.iter_mut().for_each(|v| *v = T::zero());
                     if cfg.scheme == Scheme::MhcDynamic {
-                        // One pass over x: sum of squares and p = (v ⊙ γ)·φ (φ row-major [nC, K]).
-                        let mut ss = T::zero();
-                        for (m, &v) in xt.iter().enumerate() {
-                            ss = ss + v * v;
-                            let vg = v * p.gamma[m];
-                            for (pj, &f) in proj.iter_mut().zip(&p.phi[m * k..(m + 1) * k]) {
-                                *pj = *pj + vg * f;
-                            }
-                        }
-                        let r = (ss / T::of(nc as f64) + eps).sqrt();
+                        // p = (v ⊙ γ)·φ (φ row-major [nC, K]) and the sum of squares for r.
+                        project(xt, &p.gamma, &p.phi, k, proj);
+                        let r = (dot(xt, xt) / T::of(nc as f64) + eps).sqrt();
                         norms[0] = r;
                         s = [p.alpha[0] / r, p.alpha[1] / r, p.alpha[2] / r];
                     }
@@ -536,6 +529,34 @@ impl<T: Real> HyperConnection<T> {
         self.coefficients_backward_unchecked(x, &gc[..tk], tokens, grad_x, grads, ws);
         ws.grad_coefficients = gc;
         Ok(())
+    }
+}
+
+/// `proj = (v ⊙ γ)·φ` for one token, `φ` row-major `[v.len(), k]`.
+/// Eight output columns at a time stay in registers while `v` streams by.
+fn project<T: Real>(v: &[T], gamma: &[T], phi: &[T], k: usize, proj: &mut [T]) {
+    let mut j0 = 0;
+    while j0 < k {
+        let w = (k - j0).min(8);
+        let mut acc = [T::zero(); 8];
+        if w == 8 {
+            for (m, (&x, &g)) in v.iter().zip(gamma).enumerate() {
+                let vg = x * g;
+                let row = &phi[m * k + j0..m * k + j0 + 8];
+                for q in 0..8 {
+                    acc[q] = acc[q] + vg * row[q];
+                }
+            }
+        } else {
+            for (m, (&x, &g)) in v.iter().zip(gamma).enumerate() {
+                let vg = x * g;
+                for (a, &f) in acc[..w].iter_mut().zip(&phi[m * k + j0..m * k + j0 + w]) {
+                    *a = *a + vg * f;
+                }
+            }
+        }
+        proj[j0..j0 + w].copy_from_slice(&acc[..w]);
+        j0 += w;
     }
 }
 
