@@ -79,6 +79,8 @@ extern crate std;
 pub mod apply;
 mod connection;
 pub mod diagnostics;
+#[cfg(feature = "model")]
+pub mod model;
 mod error;
 mod real;
 mod rng;

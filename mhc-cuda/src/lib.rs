@@ -1,12 +1,12 @@
-//! # mhc-cuda (shell)
+//! # mhc-cuda
 //!
-//! The CUDA backend of mhc will live here: fused kernels for the mHC
-//! coefficients, Sinkhorn–Knopp, pre-aggregate and post/res merge (forward
-//! and backward, with recomputation), compiled at run time with NVRTC through
-//! `cudarc`, and the `mhc-train` binary. Until then this crate only states
-//! what it will hold; every kernel will be tested against [`mhc_core`].
+//! The mhc trainer: `mhc-train` trains GPT-style language models whose
+//! residual stream is plain, HC or mHC, on the CPU reference
+//! ([`mhc_core::model`]) today and on CUDA in a later issue (fused kernels
+//! compiled at run time with NVRTC through `cudarc`).
 
-/// What this crate provides today.
-pub const STATUS: &str = "planned: fused CUDA kernels and the GPU trainer (not implemented yet)";
+pub mod data;
+pub mod metrics;
+pub mod plot;
 
 pub use mhc_core;
