@@ -56,6 +56,15 @@ pub enum MhcError {
     BackwardBeforeForward,
     /// A sublayer reported an error of its own.
     Sublayer(String),
+    /// A model or training hyperparameter is invalid; the message says which and why.
+    InvalidConfig(String),
+    /// A token id is not below the vocabulary size.
+    TokenOutOfRange {
+        /// The token id.
+        token: u32,
+        /// The vocabulary size.
+        vocab: usize,
+    },
 }
 
 impl fmt::Display for MhcError {
@@ -101,6 +110,13 @@ impl fmt::Display for MhcError {
                 "backward needs the state of a forward on the same workspace and batch: run forward first"
             ),
             Self::Sublayer(message) => write!(f, "sublayer error: {message}"),
+            Self::InvalidConfig(message) => write!(f, "invalid configuration: {message}"),
+            Self::TokenOutOfRange { token, vocab } => {
+                write!(
+                    f,
+                    "token id {token} is outside the vocabulary of {vocab} tokens"
+                )
+            }
         }
     }
 }

@@ -79,9 +79,9 @@ extern crate std;
 pub mod apply;
 mod connection;
 pub mod diagnostics;
+mod error;
 #[cfg(feature = "model")]
 pub mod model;
-mod error;
 mod real;
 mod rng;
 pub mod sinkhorn;
