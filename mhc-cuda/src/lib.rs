@@ -5,8 +5,11 @@
 //! ([`mhc_core::model`]) today and on CUDA in a later issue (fused kernels
 //! compiled at run time with NVRTC through `cudarc`).
 
+pub mod checkpoint;
 pub mod data;
 pub mod metrics;
 pub mod plot;
+pub mod spec;
+pub mod train;
 
 pub use mhc_core;

@@ -1,1 +1,418 @@
-fn main() {}
+//! `mhc-train`: train GPT-style byte-level language models whose residual
+//! stream is plain, HC or mHC, and compare them the way the paper does.
+//!
+//!     mhc-train --compare                  # residual vs HC vs mHC on the embedded data (tiny preset)
+//!     mhc-train --preset deep --compare    # 24 wrapped sublayers
+//!     mhc-train --scheme mhc --data data/fortunes --steps 2000
+//!     mhc-train sample --checkpoint runs/tiny-…/mhc/checkpoint.safetensors --prompt "the "
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::MultiProgress;
+use mhc_core::Rng;
+use mhc_core::model::Model;
+use mhc_cuda::checkpoint;
+use mhc_cuda::data::{Corpus, load_text};
+use mhc_cuda::metrics::read_jsonl;
+use mhc_cuda::plot::plot_runs;
+use mhc_cuda::spec::{Preset, RunSpec};
+use mhc_cuda::train::{self, CHECKPOINT_FILE, RunError, RunOutcome};
+
+#[derive(Parser)]
+#[command(
+    name = "mhc-train",
+    version,
+    about = "Train residual / HC / mHC language models (byte level) and compare them."
+)]
+#[command(args_conflicts_with_subcommands = true, args_override_self = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a checkpoint.
+    Sample(SampleArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Device {
+    /// CUDA when a driver is found, else the CPU (today: always the CPU).
+    Auto,
+    /// The mhc-core reference on the CPU.
+    Cpu,
+    /// NVIDIA GPU (arrives with the CUDA trainer).
+    Cuda,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Preset to start from: tiny (2 blocks, C = 64) or deep (12 blocks = 24 wrapped sublayers).
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Residual-stream scheme: residual, hc, mhc, hc-static or mhc-static.
+    #[arg(long)]
+    scheme: Option<String>,
+    /// Train residual, HC and mHC on the same data and seed, then print a table and plot them.
+    #[arg(long)]
+    compare: bool,
+    /// Streams n of HC / mHC (the residual scheme always has 1).
+    #[arg(long)]
+    n: Option<usize>,
+    /// Blocks (each wraps attention and MLP: 2 sublayers).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Model width C.
+    #[arg(long)]
+    width: Option<usize>,
+    /// Attention heads (must divide the width).
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Context length in bytes.
+    #[arg(long)]
+    context: Option<usize>,
+    /// Sequences per step.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Optimiser steps.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Peak learning rate (warm-up, then cosine to a tenth of it).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Sinkhorn–Knopp iterations of mHC.
+    #[arg(long)]
+    sinkhorn_iters: Option<usize>,
+    /// Seed of initialisation and batch sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// UTF-8 text file or folder (default: the embedded synthetic language).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Output folder (default: runs/<preset>-<unix time>); one sub-folder per scheme.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run(s) in --out from their checkpoints, bit for bit.
+    #[arg(long)]
+    resume: bool,
+    /// Start over in an --out that already holds a run (its checkpoints are replaced).
+    #[arg(long)]
+    force: bool,
+    /// Stop after this many steps in this invocation (with a checkpoint), to --resume later.
+    #[arg(long)]
+    stop_after: Option<u64>,
+    /// Log metrics every this many steps.
+    #[arg(long)]
+    log_every: Option<u64>,
+    /// Evaluate the validation loss every this many steps.
+    #[arg(long)]
+    eval_every: Option<u64>,
+    /// Checkpoint every this many steps.
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Where to train.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: Device,
+}
+
+#[derive(Args)]
+struct SampleArgs {
+    /// Checkpoint written by a training run.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Text to continue.
+    #[arg(long, default_value = "the ")]
+    prompt: String,
+    /// Bytes to generate.
+    #[arg(long, default_value_t = 200)]
+    length: usize,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// An error that ends the program: its message and exit code.
+struct Fatal(String, u8);
+
+impl From<RunError> for Fatal {
+    fn from(e: RunError) -> Self {
+        Fatal(e.to_string(), e.exit_code() as u8)
+    }
+}
+
+fn bad_input(message: impl Into<String>) -> Fatal {
+    Fatal(message.into(), 2)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Sample(args)) => sample(&args),
+        None => train_main(&cli.train),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fatal(message, code)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn resolve(args: &TrainArgs, scheme: &str) -> Result<RunSpec, Fatal> {
+    let mut spec = Preset::parse(&args.preset).map_err(bad_input)?.spec();
+    spec.scheme = scheme.to_string();
+    macro_rules! set {
+        ($($field:ident <- $arg:ident),*) => { $(if let Some(v) = args.$arg.clone() { spec.$field = v; })* };
+    }
+    set!(streams <- n, layers <- layers, width <- width, heads <- heads, context <- context, batch <- batch,
+         steps <- steps, lr <- lr, sinkhorn_iters <- sinkhorn_iters, seed <- seed, log_every <- log_every,
+         eval_every <- eval_every, checkpoint_every <- checkpoint_every);
+    if args.lr.is_some() {
+        spec.min_lr = spec.lr / 10.0;
+    }
+    spec.warmup = spec.warmup.min(spec.steps / 10);
+    if scheme == "residual" {
+        spec.streams = 1;
+    }
+    if let Some(path) = &args.data {
+        spec.data = path.display().to_string();
+    }
+    spec.validate().map_err(bad_input)?;
+    Ok(spec)
+}
+
+fn load_corpus(spec: &RunSpec) -> Result<Corpus, Fatal> {
+    let corpus = if spec.data == "embedded" {
+        Corpus::embedded_default(spec.context)
+    } else {
+        let path = Path::new(&spec.data);
+        load_text(path).and_then(|bytes| {
+            Corpus::from_bytes(
+                spec.data.clone(),
+                bytes,
+                spec.validation_fraction,
+                spec.context,
+            )
+        })
+    };
+    corpus.map_err(|e| bad_input(e.to_string()))
+}
+
+fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
+    if args.device == Device::Cuda {
+        return Err(bad_input(
+            "--device cuda: the CUDA trainer is not built yet (it comes with the mhc-cuda kernels); use --device cpu",
+        ));
+    }
+    let schemes: Vec<String> = if args.compare {
+        if args.scheme.is_some() {
+            return Err(bad_input(
+                "--compare trains residual, hc and mhc; drop --scheme",
+            ));
+        }
+        vec!["residual".into(), "hc".into(), "mhc".into()]
+    } else {
+        vec![args.scheme.clone().unwrap_or_else(|| "mhc".into())]
+    };
+    let specs = schemes
+        .iter()
+        .map(|s| resolve(args, s))
+        .collect::<Result<Vec<_>, _>>()?;
+    if args.resume && args.out.is_none() {
+        return Err(bad_input(
+            "--resume needs --out: the folder of the run to continue",
+        ));
+    }
+    if args.resume && args.force {
+        return Err(bad_input("--resume and --force contradict each other"));
+    }
+    let out = args.out.clone().unwrap_or_else(|| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        PathBuf::from(format!("runs/{}-{secs}", args.preset))
+    });
+    for spec in &specs {
+        let ckpt = out.join(&spec.scheme).join(CHECKPOINT_FILE);
+        if args.resume && !ckpt.exists() {
+            return Err(bad_input(format!(
+                "--resume: no checkpoint at {}",
+                ckpt.display()
+            )));
+        }
+        if !args.resume && !args.force && ckpt.exists() {
+            return Err(bad_input(format!(
+                "{} already holds a run; pass --resume to continue it or --force to start over",
+                out.join(&spec.scheme).display()
+            )));
+        }
+    }
+    let corpus = load_corpus(&specs[0])?;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let first = &specs[0];
+    println!(
+        "device: cpu (mhc-core reference model, f32; {} run(s) on {threads} thread(s)){}",
+        specs.len(),
+        if args.device == Device::Auto {
+            " — no CUDA trainer in this build yet"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "data: {} ({} train / {} validation bytes) | model: {} blocks ({} wrapped sublayers), C = {}, {} heads, context {} | batch {} | {} steps | out: {}",
+        corpus.name,
+        corpus.train.len(),
+        corpus.validation.len(),
+        first.layers,
+        2 * first.layers,
+        first.width,
+        first.heads,
+        first.context,
+        first.batch,
+        first.steps,
+        out.display()
+    );
+    let multi = MultiProgress::new();
+    let outcomes: Vec<Result<RunOutcome, RunError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = specs
+            .iter()
+            .map(|spec| {
+                let pb = multi.add(train::progress_bar(spec.steps, &spec.scheme));
+                let dir = out.join(&spec.scheme);
+                let corpus = &corpus;
+                scope.spawn(move || {
+                    train::run(spec, corpus, &dir, args.resume, args.stop_after, &pb)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(RunError::Config("a training thread panicked".into())))
+            })
+            .collect()
+    });
+    let mut done = Vec::new();
+    let mut first_error = None;
+    for o in outcomes {
+        match o {
+            Ok(run) => done.push(run),
+            Err(e) => {
+                eprintln!("error: {e}");
+                first_error.get_or_insert(Fatal(e.to_string(), e.exit_code() as u8));
+            }
+        }
+    }
+    report(&done);
+    if !done.is_empty() {
+        let runs = done
+            .iter()
+            .filter_map(|r| {
+                read_jsonl(r.dir.join("metrics.jsonl"))
+                    .ok()
+                    .map(|recs| (r.scheme.clone(), mhc_cuda::metrics::drop_superseded(&recs)))
+            })
+            .collect::<Vec<_>>();
+        let plots = out.join("plots");
+        match std::fs::create_dir_all(&plots)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                plot_runs(
+                    &runs,
+                    &plots,
+                    &format!(
+                        "{} preset, {} wrapped sublayers",
+                        args.preset,
+                        2 * first.layers
+                    ),
+                )
+                .map_err(|e| e.to_string())
+            }) {
+            Ok(files) => println!(
+                "plots: {}",
+                files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Err(e) => eprintln!("warning: plots not written: {e}"),
+        }
+        println!(
+            "metrics: {}/<scheme>/metrics.jsonl and .csv; checkpoints: {}/<scheme>/{CHECKPOINT_FILE}",
+            out.display(),
+            out.display()
+        );
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn report(runs: &[RunOutcome]) {
+    if runs.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "| scheme | n | steps | train loss | val loss | composite Amax gain (bwd, max) | max layer gain | SK residual | tokens/s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in runs {
+        let Some(last) = &r.last else { continue };
+        println!(
+            "| {} | {} | {} | {:.4} | {} | {:.4} | {:.4} | {:.1e} | {:.0} |",
+            r.scheme,
+            r.streams,
+            r.steps,
+            last.train_loss,
+            last.val_loss
+                .map(|v| format!("{v:.4}"))
+                .unwrap_or_else(|| "-".into()),
+            last.composite_bwd_max.last().copied().unwrap_or(f64::NAN),
+            last.amax_bwd.iter().copied().fold(0.0, f64::max),
+            last.sk_residual,
+            r.tokens_per_s
+        );
+    }
+}
+
+fn sample(args: &SampleArgs) -> Result<(), Fatal> {
+    let loaded = checkpoint::load(&args.checkpoint).map_err(|e| bad_input(e.to_string()))?;
+    let spec = &loaded.spec;
+    let mut trainer = mhc_core::model::Trainer::<f32>::new(
+        spec.model_config().map_err(bad_input)?,
+        spec.train_config(),
+    )
+    .map_err(|e| bad_input(format!("checkpoint configuration: {e}")))?;
+    loaded
+        .restore(&args.checkpoint, &mut trainer)
+        .map_err(|e| bad_input(e.to_string()))?;
+    if args.prompt.is_empty() {
+        return Err(bad_input("--prompt must not be empty"));
+    }
+    let model: &mut Model<f32> = &mut trainer.model;
+    let prompt: Vec<u32> = args.prompt.bytes().map(u32::from).collect();
+    let mut rng = Rng::new(args.seed);
+    let out = model
+        .generate(&prompt, args.length, args.temperature, &mut rng)
+        .map_err(|e| Fatal(e.to_string(), 1))?;
+    let bytes: Vec<u8> = out.iter().map(|&t| t as u8).collect();
+    println!("{}{}", args.prompt, String::from_utf8_lossy(&bytes));
+    Ok(())
+}

@@ -1,0 +1,255 @@
+//! One training run on the CPU reference: steps, metrics with Amax gains,
+//! periodic evaluation, atomic checkpoints, resume, progress bar.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use mhc_core::MhcError;
+use mhc_core::model::Trainer;
+
+use crate::checkpoint::{self, CheckpointError};
+use crate::data::Corpus;
+use crate::metrics::{MetricsError, MetricsRecord, MetricsWriter};
+use crate::spec::RunSpec;
+
+/// File name of a run's checkpoint inside its folder.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+
+/// Seed of the fixed validation windows (the same for every scheme and step).
+pub const VALIDATION_SEED: u64 = 0x5EED_0F_7A11;
+
+/// Why a run stopped early.
+#[derive(Debug)]
+pub enum RunError {
+    /// A hyperparameter or the data does not fit the model (exit code 2).
+    Config(String),
+    /// A checkpoint could not be used (exit code 2) or written.
+    Checkpoint(CheckpointError),
+    /// Metrics could not be written.
+    Metrics(MetricsError),
+    /// The loss or gradient became NaN/Inf; the last good checkpoint is kept.
+    Diverged {
+        /// Scheme of the run.
+        scheme: String,
+        /// The step that failed (1-based).
+        step: u64,
+        /// What was non-finite.
+        what: String,
+        /// The checkpoint that remains, if any.
+        last_good: Option<(PathBuf, u64)>,
+    },
+    /// Any other error of the core.
+    Core(MhcError),
+    /// A folder could not be created.
+    Io(PathBuf, std::io::Error),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Config(m) => f.write_str(m),
+            Self::Checkpoint(e) => write!(f, "{e}"),
+            Self::Metrics(e) => write!(f, "{e}"),
+            Self::Diverged {
+                scheme,
+                step,
+                what,
+                last_good,
+            } => {
+                write!(
+                    f,
+                    "{scheme}: the {what} became NaN/Inf at step {step}; training stopped (lower --lr or raise clipping). "
+                )?;
+                match last_good {
+                    Some((path, s)) => write!(
+                        f,
+                        "The last good checkpoint (step {s}) is kept at {}",
+                        path.display()
+                    ),
+                    None => write!(f, "No checkpoint had been written yet"),
+                }
+            }
+            Self::Core(e) => write!(f, "{e}"),
+            Self::Io(path, e) => write!(f, "{}: {e}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for RunError {}
+
+impl RunError {
+    /// Process exit code: 2 for bad input (configuration, data, checkpoint), 3 for divergence, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Config(_) | Self::Checkpoint(CheckpointError::Corrupt { .. }) => 2,
+            Self::Diverged { .. } => 3,
+            _ => 1,
+        }
+    }
+}
+
+/// What a finished (or stopped) run reports.
+#[derive(Clone, Debug)]
+pub struct RunOutcome {
+    /// The run's scheme.
+    pub scheme: String,
+    /// Streams.
+    pub streams: usize,
+    /// Steps done in total.
+    pub steps: u64,
+    /// The last logged record.
+    pub last: Option<MetricsRecord>,
+    /// Mean training throughput of this invocation.
+    pub tokens_per_s: f64,
+    /// The run's folder.
+    pub dir: PathBuf,
+}
+
+/// A progress bar styled for training (hidden when stderr is not a terminal).
+pub fn progress_bar(total: u64, prefix: &str) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    let style = ProgressStyle::with_template(
+        "{prefix:>9} [{bar:28.cyan/blue}] {pos:>5}/{len} {msg} | {elapsed_precise} ETA {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    pb.set_style(style);
+    pb.set_prefix(prefix.to_string());
+    pb
+}
+
+/// Trains `spec` on `corpus` in `dir` (created if needed), from scratch or
+/// from `dir`'s checkpoint, for at most `stop_after` steps in this invocation.
+pub fn run(
+    spec: &RunSpec,
+    corpus: &Corpus,
+    dir: &Path,
+    resume: bool,
+    stop_after: Option<u64>,
+    pb: &ProgressBar,
+) -> Result<RunOutcome, RunError> {
+    spec.validate().map_err(RunError::Config)?;
+    std::fs::create_dir_all(dir).map_err(|e| RunError::Io(dir.to_path_buf(), e))?;
+    let ckpt_path = dir.join(CHECKPOINT_FILE);
+    let model_config = spec.model_config().map_err(RunError::Config)?;
+    let mut trainer = Trainer::<f32>::new(model_config, spec.train_config())
+        .map_err(|e| RunError::Config(e.to_string()))?;
+    let mut last_good = None;
+    if resume {
+        let loaded = checkpoint::load(&ckpt_path).map_err(RunError::Checkpoint)?;
+        if loaded.spec != *spec {
+            return Err(RunError::Config(format!(
+                "checkpoint {} belongs to a different run configuration; resume without changing flags, or start a new --out",
+                ckpt_path.display()
+            )));
+        }
+        loaded
+            .restore(&ckpt_path, &mut trainer)
+            .map_err(RunError::Checkpoint)?;
+        last_good = Some((ckpt_path.clone(), loaded.step));
+    }
+    let mut metrics = MetricsWriter::create(dir, resume).map_err(RunError::Metrics)?;
+    let tokens_per_step = (spec.batch * spec.context) as u64;
+    let start_step = trainer.step_count();
+    pb.set_length(spec.steps);
+    pb.set_position(start_step);
+    pb.reset_eta();
+    let started = Instant::now();
+    let mut interval_start = Instant::now();
+    let (mut loss_sum, mut loss_count) = (0.0, 0u64);
+    let mut last = None;
+    let mut done_here = 0;
+    while trainer.step_count() < spec.steps && stop_after.is_none_or(|s| done_here < s) {
+        let step = trainer.step_count() + 1;
+        let stats = match trainer.step(&corpus.train) {
+            Ok(s) => s,
+            Err(MhcError::NonFinite { what, .. }) => {
+                return Err(RunError::Diverged {
+                    scheme: spec.scheme.clone(),
+                    step,
+                    what: what.to_string(),
+                    last_good,
+                });
+            }
+            Err(e) => return Err(RunError::Core(e)),
+        };
+        done_here += 1;
+        loss_sum += stats.loss;
+        loss_count += 1;
+        let finished = step == spec.steps || stop_after.is_some_and(|s| done_here == s);
+        if step % spec.log_every == 0 || finished {
+            let gains = trainer.model.gain_report().map_err(RunError::Core)?;
+            let val_loss = if step % spec.eval_every == 0 || finished {
+                Some(
+                    trainer
+                        .evaluate(&corpus.validation, spec.eval_batches, VALIDATION_SEED)
+                        .map_err(RunError::Core)?,
+                )
+            } else {
+                None
+            };
+            let interval = interval_start.elapsed().as_secs_f64().max(1e-9);
+            let record = MetricsRecord {
+                scheme: spec.scheme.clone(),
+                step,
+                tokens_seen: step * tokens_per_step,
+                train_loss: loss_sum / loss_count as f64,
+                val_loss,
+                grad_norm: stats.grad_norm,
+                lr: stats.lr,
+                tokens_per_s: (loss_count * tokens_per_step) as f64 / interval,
+                elapsed_s: started.elapsed().as_secs_f64(),
+                sk_residual: gains.sk_residual,
+                amax_fwd: gains.amax_fwd.clone(),
+                amax_bwd: gains.amax_bwd.clone(),
+                composite_fwd_mean: gains.composite.iter().map(|g| g.forward_mean).collect(),
+                composite_fwd_max: gains.composite.iter().map(|g| g.forward_max).collect(),
+                composite_bwd_mean: gains.composite.iter().map(|g| g.backward_mean).collect(),
+                composite_bwd_max: gains.composite.iter().map(|g| g.backward_max).collect(),
+            };
+            metrics.write(&record).map_err(RunError::Metrics)?;
+            pb.set_message(format!(
+                "loss {:.3}{} | {:.1}k tok/s",
+                record.train_loss,
+                record
+                    .val_loss
+                    .map(|v| format!(" val {v:.3}"))
+                    .unwrap_or_default(),
+                record.tokens_per_s / 1e3
+            ));
+            if pb.is_hidden() && record.val_loss.is_some() {
+                eprintln!(
+                    "{:>9} step {step:>5}/{}  train {:.4}  val {:.4}  grad {:.3}  composite gain {:.3}  {:.0} tok/s",
+                    spec.scheme,
+                    spec.steps,
+                    record.train_loss,
+                    record.val_loss.unwrap_or(f64::NAN),
+                    record.grad_norm,
+                    record.composite_bwd_max.last().copied().unwrap_or(1.0),
+                    record.tokens_per_s
+                );
+            }
+            last = Some(record);
+            loss_sum = 0.0;
+            loss_count = 0;
+            interval_start = Instant::now();
+        }
+        if step % spec.checkpoint_every == 0 || finished {
+            checkpoint::save(&ckpt_path, &mut trainer, spec).map_err(RunError::Checkpoint)?;
+            last_good = Some((ckpt_path.clone(), step));
+        }
+        pb.set_position(step);
+    }
+    pb.finish();
+    let steps_here = trainer.step_count() - start_step;
+    Ok(RunOutcome {
+        scheme: spec.scheme.clone(),
+        streams: spec.streams,
+        steps: trainer.step_count(),
+        last,
+        tokens_per_s: (steps_here * tokens_per_step) as f64
+            / started.elapsed().as_secs_f64().max(1e-9),
+        dir: dir.to_path_buf(),
+    })
+}
