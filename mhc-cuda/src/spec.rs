@@ -169,8 +169,10 @@ impl RunSpec {
                 self.min_lr
             ));
         }
-        if !(self.clip.is_finite() && self.clip >= 0.0)
-            || !(self.weight_decay.is_finite() && self.weight_decay >= 0.0)
+        if !(self.clip.is_finite()
+            && self.clip >= 0.0
+            && self.weight_decay.is_finite()
+            && self.weight_decay >= 0.0)
         {
             return Err("clip and weight decay must be finite and non-negative".into());
         }

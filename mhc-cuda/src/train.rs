@@ -17,7 +17,7 @@ use crate::spec::RunSpec;
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 
 /// Seed of the fixed validation windows (the same for every scheme and step).
-pub const VALIDATION_SEED: u64 = 0x5EED_0F_7A11;
+pub const VALIDATION_SEED: u64 = 0x005E_ED0F_7A11;
 
 /// Why a run stopped early.
 #[derive(Debug)]

@@ -61,7 +61,7 @@ fn whole_model_gradient_matches_finite_differences() {
                 .map(|j| j * grad.len() / grad.len().min(5))
                 .collect();
             for &k in &picks {
-                let mut eval = |delta: f64| {
+                let eval = |delta: f64| {
                     let mut m = model.clone();
                     let mut idx = 0;
                     m.for_each_param(|_, p, _| {

@@ -72,7 +72,7 @@ impl ModelConfig {
                 self.width, self.layers, self.heads, self.context
             ));
         }
-        if self.width % self.heads != 0 {
+        if !self.width.is_multiple_of(self.heads) {
             return bad(format!(
                 "heads ({}) must divide the width ({})",
                 self.heads, self.width
@@ -368,7 +368,7 @@ impl<T: Real> Model<T> {
             return Err(MhcError::EmptyBatch);
         }
         let extra = usize::from(with_targets);
-        if tokens.len() % batch != 0 || tokens.len() / batch <= extra {
+        if !tokens.len().is_multiple_of(batch) || tokens.len() / batch <= extra {
             return Err(MhcError::ShapeMismatch {
                 what: "token batch [batch, seq (+1 for targets)]",
                 expected: batch * (self.config.context + extra),

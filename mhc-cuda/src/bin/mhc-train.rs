@@ -1,10 +1,12 @@
 //! `mhc-train`: train GPT-style byte-level language models whose residual
 //! stream is plain, HC or mHC, and compare them the way the paper does.
 //!
-//!     mhc-train --compare                  # residual vs HC vs mHC on the embedded data (tiny preset)
-//!     mhc-train --preset deep --compare    # 24 wrapped sublayers
-//!     mhc-train --scheme mhc --data data/fortunes --steps 2000
-//!     mhc-train sample --checkpoint runs/tiny-…/mhc/checkpoint.safetensors --prompt "the "
+//! ```text
+//! mhc-train --compare                  # residual vs HC vs mHC on the embedded data (tiny preset)
+//! mhc-train --preset deep --compare    # 24 wrapped sublayers
+//! mhc-train --scheme mhc --data data/fortunes --steps 2000
+//! mhc-train sample --checkpoint runs/tiny-…/mhc/checkpoint.safetensors --prompt "the "
+//! ```
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -94,7 +96,7 @@ struct TrainArgs {
     /// UTF-8 text file or folder (default: the embedded synthetic language).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Output folder (default: runs/<preset>-<unix time>); one sub-folder per scheme.
+    /// Output folder (default: runs/PRESET-UNIXTIME); one sub-folder per scheme.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Continue the run(s) in --out from their checkpoints, bit for bit.
