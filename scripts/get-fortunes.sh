@@ -3,7 +3,7 @@
 # text of Debian's `fortunes-min` and `fortunes` packages (the BSD fortune
 # cookie files, about 2.6 MB of quotations, jokes and poems), into
 # data/fortunes/ (git-ignored), with the packages' licence as
-# data/fortunes/COPYRIGHT.
+# data/fortunes/.COPYRIGHT.
 #
 #   scripts/get-fortunes.sh [DEST]      # DEST defaults to data/fortunes
 #   mhc-train --data data/fortunes ...
@@ -21,13 +21,13 @@ packages=(fortunes-min fortunes)
 
 report() {
     local bytes files
-    bytes=$(find "$dest" -maxdepth 1 -type f ! -name COPYRIGHT -printf '%s\n' | awk '{s += $1} END {print s + 0}')
-    files=$(find "$dest" -maxdepth 1 -type f ! -name COPYRIGHT | wc -l)
+    bytes=$(find "$dest" -maxdepth 1 -type f ! -name .COPYRIGHT -printf '%s\n' | awk '{s += $1} END {print s + 0}')
+    files=$(find "$dest" -maxdepth 1 -type f ! -name .COPYRIGHT | wc -l)
     echo "fortunes: $files text files, $bytes bytes in $dest"
-    echo "licence: BSD (University of California; see $dest/COPYRIGHT, from Debian's ${packages[*]})"
+    echo "licence: BSD (University of California; see $dest/.COPYRIGHT, from Debian's ${packages[*]})"
 }
 
-if [[ -f "$dest/COPYRIGHT" ]] && [[ -n "$(find "$dest" -maxdepth 1 -type f ! -name COPYRIGHT -print -quit)" ]]; then
+if [[ -f "$dest/.COPYRIGHT" ]] && [[ -n "$(find "$dest" -maxdepth 1 -type f ! -name .COPYRIGHT -print -quit)" ]]; then
     echo "already installed; remove $dest to fetch again"
     report
     exit 0
@@ -71,7 +71,7 @@ staging="$dest.partial.$$"
 rm -rf "$staging"
 mkdir -p "$staging"
 find "$source_dir" -maxdepth 1 -type f ! -name '*.dat' -exec cp {} "$staging/" \;
-cp "$licence" "$staging/COPYRIGHT"
+cp "$licence" "$staging/.COPYRIGHT"
 rm -rf "$dest"
 mv "$staging" "$dest"
 
