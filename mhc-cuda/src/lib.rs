@@ -6,6 +6,7 @@
 //! compiled at run time with NVRTC through `cudarc`).
 
 pub mod checkpoint;
+pub mod cuda;
 pub mod data;
 pub mod metrics;
 pub mod plot;

@@ -1,0 +1,322 @@
+//! `mhc-bench`: times the fused CUDA mHC wrapper at BENCH.md's shapes and
+//! writes JSON. Before timing, each shape is checked against mhc-core (f64)
+//! on a smaller batch of the same width.
+//!
+//! ```text
+//! mhc-bench [--tokens 16384] [--n 4] [--widths 1024,4096] [--dtype bf16|f32] [--reps 30] [--json out.json]
+//! ```
+//!
+//! Floors (DESIGN.md §4): forward `(3n+2)·C` elements per token; backward
+//! `(5n+3)·C` (merge backward reads g, x, y and writes dy; pre backward reads
+//! dh, x, g and writes dx); bytes over the measured device-to-device copy
+//! bandwidth (read + write counted).
+
+use std::sync::Arc;
+
+use clap::Parser;
+use cudarc::driver::CudaSlice;
+use cudarc::driver::sys::CUevent_flags;
+use mhc_core::{
+    ConnectionConfig, ConnectionParams, HyperConnection, Rng, Scheme, Sublayer, Workspace,
+};
+use mhc_cuda::cuda::{CudaDevice, CudaError, MhcCuda, ScaleSublayer, StreamElement};
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(
+    name = "mhc-bench",
+    about = "Time the fused CUDA mHC wrapper against its memory floor."
+)]
+struct Args {
+    /// Tokens per call.
+    #[arg(long, default_value_t = 16384)]
+    tokens: usize,
+    /// Streams.
+    #[arg(long, default_value_t = 4)]
+    n: usize,
+    /// Widths C, comma-separated.
+    #[arg(long, default_value = "1024,4096", value_delimiter = ',')]
+    widths: Vec<usize>,
+    /// Stream dtype: bf16 or f32.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Timed repetitions (median reported) after 5 warm-up runs.
+    #[arg(long, default_value_t = 30)]
+    reps: usize,
+    /// Also write the results here as JSON.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Row {
+    c: usize,
+    n: usize,
+    tokens: usize,
+    dtype: String,
+    recompute: bool,
+    forward_ms: f64,
+    forward_backward_ms: f64,
+    forward_floor_ms: f64,
+    forward_backward_floor_ms: f64,
+    parity_rel_l2_out: f64,
+    parity_rel_l2_grad_x: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    device: String,
+    copy_bandwidth_gb_s: f64,
+    rows: Vec<Row>,
+}
+
+struct Scale64;
+impl Sublayer<f64> for Scale64 {
+    fn forward(&mut self, h: &[f64], y: &mut [f64]) -> mhc_core::Result<()> {
+        y.iter_mut().zip(h).for_each(|(y, h)| *y = 1.5 * h);
+        Ok(())
+    }
+    fn vjp(&mut self, _: &[f64], gy: &[f64], gh: &mut [f64]) -> mhc_core::Result<()> {
+        gh.iter_mut().zip(gy).for_each(|(g, gy)| *g = 1.5 * gy);
+        Ok(())
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn time_ms(
+    dev: &CudaDevice,
+    reps: usize,
+    mut f: impl FnMut() -> Result<(), CudaError>,
+) -> Result<f64, CudaError> {
+    for _ in 0..5 {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let start = dev
+            .stream()
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        f()?;
+        let end = dev
+            .stream()
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        times.push(start.elapsed_ms(&end)? as f64);
+    }
+    Ok(median(times))
+}
+
+fn copy_bandwidth(dev: &CudaDevice) -> Result<f64, CudaError> {
+    let len = 256 << 20; // 1 GiB of f32
+    let st = dev.stream().clone();
+    let src: CudaSlice<f32> = st.clone_htod(&vec![1.0f32; len])?;
+    let mut dst: CudaSlice<f32> = st.alloc_zeros(len)?;
+    let ms = time_ms(dev, 20, || Ok(st.memcpy_dtod(&src, &mut dst)?))?;
+    Ok(2.0 * (len * 4) as f64 / (ms * 1e-3) / 1e9)
+}
+
+fn rel_l2(a: &[f32], b: &[f64]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().max(1e-30);
+    if a.iter().any(|v| !v.is_finite()) {
+        f64::INFINITY
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+fn params_for(config: &ConnectionConfig, rng: &mut Rng) -> ConnectionParams<f32> {
+    let mut p = ConnectionParams::<f32>::init(
+        config,
+        &mhc_core::InitConfig {
+            alpha: 0.5,
+            ..Default::default()
+        },
+        rng,
+    );
+    let nc = (config.n * config.width) as f64;
+    p.phi
+        .iter_mut()
+        .for_each(|v| *v = (rng.normal() / nc.sqrt()) as f32);
+    p
+}
+
+/// Checks the GPU against mhc-core (f64) on `tokens` tokens; returns (rel. L2 of out, of grad_x).
+fn parity<S: StreamElement>(
+    dev: &Arc<CudaDevice>,
+    config: &ConnectionConfig,
+    params: &ConnectionParams<f32>,
+    tokens: usize,
+) -> Result<(f64, f64), CudaError> {
+    let mut rng = Rng::new(7);
+    let len = tokens * config.n * config.width;
+    let x_h: Vec<S> = (0..len).map(|_| S::from_f32(rng.normal() as f32)).collect();
+    let g_h: Vec<S> = (0..len).map(|_| S::from_f32(rng.normal() as f32)).collect();
+    let st = dev.stream().clone();
+    let (x, g) = (st.clone_htod(&x_h)?, st.clone_htod(&g_h)?);
+    let mut out = st.clone_htod(&vec![S::from_f32(f32::NAN); len])?;
+    let mut gx = st.clone_htod(&vec![S::from_f32(f32::NAN); len])?;
+    let mut gpu = MhcCuda::<S>::new(dev.clone(), config, params, tokens, true)?;
+    let mut sub = ScaleSublayer {
+        factor: 1.5,
+        n: config.n,
+    };
+    gpu.forward(&mut sub, &x, &mut out)?;
+    gpu.backward(&mut sub, &x, &g, &mut gx)?;
+    let to64 = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
+    let p64 = ConnectionParams::<f64> {
+        alpha: to64(&params.alpha),
+        b_pre: to64(&params.b_pre),
+        b_post: to64(&params.b_post),
+        b_res: to64(&params.b_res),
+        phi: to64(&params.phi),
+        gamma: to64(&params.gamma),
+        ..ConnectionParams::zeros(config)
+    };
+    let conn = HyperConnection::new(*config, p64)?;
+    let x64: Vec<f64> = x_h.iter().map(|v| v.to_f32() as f64).collect();
+    let g64: Vec<f64> = g_h.iter().map(|v| v.to_f32() as f64).collect();
+    let mut ws = Workspace::new(config, tokens);
+    let (mut o64, mut gx64) = (vec![0.0; len], vec![0.0; len]);
+    let mut grads = ConnectionParams::zeros(config);
+    conn.forward(&mut Scale64, &x64, &mut o64, &mut ws)?;
+    conn.backward(&mut Scale64, &x64, &g64, &mut gx64, &mut grads, &mut ws)?;
+    let out_h: Vec<f32> = st.clone_dtoh(&out)?.iter().map(|v| v.to_f32()).collect();
+    let gx_h: Vec<f32> = st.clone_dtoh(&gx)?.iter().map(|v| v.to_f32()).collect();
+    Ok((rel_l2(&out_h, &o64), rel_l2(&gx_h, &gx64)))
+}
+
+fn bench<S: StreamElement>(
+    dev: &Arc<CudaDevice>,
+    args: &Args,
+    bandwidth: f64,
+) -> Result<Vec<Row>, CudaError> {
+    let mut rows = Vec::new();
+    let elem = size_of::<S>() as f64;
+    for &c in &args.widths {
+        let config = ConnectionConfig::new(Scheme::MhcDynamic, args.n, c);
+        let mut rng = Rng::new(c as u64);
+        let params = params_for(&config, &mut rng);
+        let (p_out, p_gx) = parity::<S>(dev, &config, &params, 256)?;
+        let tol = if S::BF16 { 2e-2 } else { 1e-4 };
+        if p_out > tol || p_gx > tol {
+            return Err(CudaError::Driver(format!(
+                "parity check failed at C = {c}: rel. L2 out {p_out:.2e}, grad_x {p_gx:.2e}"
+            )));
+        }
+        let len = args.tokens * args.n * c;
+        let st = dev.stream().clone();
+        let x: CudaSlice<S> = st.clone_htod(
+            &(0..len)
+                .map(|_| S::from_f32(rng.normal() as f32))
+                .collect::<Vec<_>>(),
+        )?;
+        let g: CudaSlice<S> = st.clone_htod(
+            &(0..len)
+                .map(|_| S::from_f32(rng.normal() as f32))
+                .collect::<Vec<_>>(),
+        )?;
+        let mut out: CudaSlice<S> = st.alloc_zeros(len)?;
+        let mut gx: CudaSlice<S> = st.alloc_zeros(len)?;
+        let mut sub = ScaleSublayer {
+            factor: 1.5,
+            n: args.n,
+        };
+        for recompute in [false, true] {
+            let mut gpu = MhcCuda::<S>::new(dev.clone(), &config, &params, args.tokens, recompute)?;
+            let fwd = time_ms(dev, args.reps, || gpu.forward(&mut sub, &x, &mut out))?;
+            let both = time_ms(dev, args.reps, || {
+                gpu.forward(&mut sub, &x, &mut out)?;
+                gpu.backward(&mut sub, &x, &g, &mut gx)
+            })?;
+            let per_token = |k: usize| (k * c) as f64 * elem * args.tokens as f64;
+            let floor_f = per_token(3 * args.n + 2) / (bandwidth * 1e9) * 1e3;
+            let floor_b = per_token(5 * args.n + 3) / (bandwidth * 1e9) * 1e3;
+            rows.push(Row {
+                c,
+                n: args.n,
+                tokens: args.tokens,
+                dtype: S::NAME.into(),
+                recompute,
+                forward_ms: fwd,
+                forward_backward_ms: both,
+                forward_floor_ms: floor_f,
+                forward_backward_floor_ms: floor_f + floor_b,
+                parity_rel_l2_out: p_out,
+                parity_rel_l2_grad_x: p_gx,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let dev = match CudaDevice::new(0) {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let run = || -> Result<Report, CudaError> {
+        let bandwidth = copy_bandwidth(&dev)?;
+        let rows = match args.dtype.as_str() {
+            "bf16" => bench::<half::bf16>(&dev, &args, bandwidth)?,
+            "f32" => bench::<f32>(&dev, &args, bandwidth)?,
+            other => {
+                return Err(CudaError::Unsupported(format!(
+                    "--dtype {other}: use bf16 or f32"
+                )));
+            }
+        };
+        Ok(Report {
+            device: dev.name(),
+            copy_bandwidth_gb_s: bandwidth,
+            rows,
+        })
+    };
+    match run() {
+        Ok(report) => {
+            println!(
+                "device: {} | copy bandwidth {:.0} GB/s (read + write)",
+                report.device, report.copy_bandwidth_gb_s
+            );
+            println!(
+                "| C | dtype | recompute | fwd ms | fwd floor | fwd / floor | fwd+bwd ms | fwd+bwd floor | fwd+bwd / floor | parity out / grad_x |"
+            );
+            println!("|---|---|---|---|---|---|---|---|---|---|");
+            for r in &report.rows {
+                println!(
+                    "| {} | {} | {} | {:.3} | {:.3} | {:.2}× | {:.3} | {:.3} | {:.2}× | {:.1e} / {:.1e} |",
+                    r.c,
+                    r.dtype,
+                    r.recompute,
+                    r.forward_ms,
+                    r.forward_floor_ms,
+                    r.forward_ms / r.forward_floor_ms,
+                    r.forward_backward_ms,
+                    r.forward_backward_floor_ms,
+                    r.forward_backward_ms / r.forward_backward_floor_ms,
+                    r.parity_rel_l2_out,
+                    r.parity_rel_l2_grad_x
+                );
+            }
+            let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+            if let Some(path) = &args.json {
+                if let Err(e) = std::fs::write(path, &json) {
+                    eprintln!("error: {}: {e}", path.display());
+                    return std::process::ExitCode::from(1);
+                }
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

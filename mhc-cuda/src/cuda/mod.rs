@@ -1,0 +1,266 @@
+//! The CUDA backend: fused mHC wrapper kernels (`kernels/mhc.cu`, compiled at
+//! run time with NVRTC through `cudarc`; no CUDA is needed to build), a safe
+//! API over device buffers, and typed errors.
+//!
+//! Nothing here panics when no GPU is present: [`CudaDevice::new`] probes for
+//! the driver and NVRTC libraries first and returns [`CudaError::NoDriver`].
+//!
+//! Limits (checked, with a typed error outside them): `1 ≤ n ≤ 8`; `C` a
+//! multiple of 4 (16-byte vector access of f32, 8-byte of bf16); `T·n·C < 2³¹`
+//! elements per buffer; the scheme is mHC dynamic (the paper's form).
+
+#![allow(unsafe_code)] // kernel launches and the driver probe are `unsafe` in cudarc; each use says why it is sound
+
+mod wrapper;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, DriverError, ValidAsZeroBits,
+};
+use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
+
+pub use wrapper::{CudaSublayer, MhcCuda, ScaleSublayer};
+
+/// The kernels' source, compiled per (n, stream dtype) on first use.
+pub const KERNEL_SOURCE: &str = include_str!("kernels/mhc.cu");
+
+/// Everything that can go wrong on the CUDA path.
+#[derive(Debug)]
+pub enum CudaError {
+    /// No CUDA driver (libcuda) or NVRTC library was found, or no device answered.
+    NoDriver(String),
+    /// A driver call failed.
+    Driver(String),
+    /// NVRTC rejected the kernels (a bug: the message holds its log).
+    Compile(String),
+    /// The device has too little free memory.
+    OutOfMemory {
+        /// Bytes requested.
+        requested: usize,
+        /// Bytes free on the device.
+        free: usize,
+    },
+    /// A buffer or dimension does not match.
+    Shape {
+        /// What.
+        what: &'static str,
+        /// Expected element count.
+        expected: usize,
+        /// Given element count.
+        got: usize,
+    },
+    /// Outside what the kernels support (the message says the limit).
+    Unsupported(String),
+    /// An error of the core (configuration or parameters).
+    Core(mhc_core::MhcError),
+}
+
+impl std::fmt::Display for CudaError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoDriver(m) => write!(f, "no usable CUDA driver: {m}"),
+            Self::Driver(m) => write!(f, "CUDA driver error: {m}"),
+            Self::Compile(m) => write!(f, "NVRTC failed to compile the mHC kernels: {m}"),
+            Self::OutOfMemory { requested, free } => write!(
+                f,
+                "out of GPU memory: {requested} bytes requested, {free} free; use fewer tokens per call"
+            ),
+            Self::Shape {
+                what,
+                expected,
+                got,
+            } => write!(
+                f,
+                "shape mismatch for {what}: expected {expected} elements, got {got}"
+            ),
+            Self::Unsupported(m) => write!(f, "unsupported by the CUDA kernels: {m}"),
+            Self::Core(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for CudaError {}
+
+impl From<DriverError> for CudaError {
+    fn from(e: DriverError) -> Self {
+        Self::Driver(format!("{e:?}"))
+    }
+}
+
+impl From<mhc_core::MhcError> for CudaError {
+    fn from(e: mhc_core::MhcError) -> Self {
+        Self::Core(e)
+    }
+}
+
+/// Result of this module.
+pub type CudaResult<T> = Result<T, CudaError>;
+
+/// A stream element type: `f32` or `half::bf16`.
+pub trait StreamElement:
+    DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static
+{
+    /// Whether the kernels treat it as bf16.
+    const BF16: bool;
+    /// Name for messages and benchmark tables.
+    const NAME: &'static str;
+    /// Rounds an f32 to this type.
+    fn from_f32(v: f32) -> Self;
+    /// Widens to f32.
+    fn to_f32(self) -> f32;
+}
+
+impl StreamElement for f32 {
+    const BF16: bool = false;
+    const NAME: &'static str = "f32";
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl StreamElement for half::bf16 {
+    const BF16: bool = true;
+    const NAME: &'static str = "bf16";
+    fn from_f32(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+}
+
+/// One GPU: its context, a stream, and the compiled kernel modules.
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: Mutex<HashMap<(usize, bool), Arc<CudaModule>>>,
+}
+
+/// Whether the CUDA driver and NVRTC libraries can be loaded (never panics).
+pub fn libraries_present() -> bool {
+    // SAFETY: these only try to dlopen the libraries and report whether that worked.
+    let driver = std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() })
+        .unwrap_or(false);
+    let nvrtc = std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() })
+        .unwrap_or(false);
+    driver && nvrtc
+}
+
+impl CudaDevice {
+    /// Opens GPU `ordinal`, or [`CudaError::NoDriver`] when there is no driver or device.
+    pub fn new(ordinal: usize) -> CudaResult<Self> {
+        if !libraries_present() {
+            return Err(CudaError::NoDriver(
+                "libcuda.so / libnvrtc.so not found (is the NVIDIA driver and CUDA 13 installed?)"
+                    .into(),
+            ));
+        }
+        let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
+            .map_err(|_| CudaError::NoDriver("the CUDA driver could not be initialised".into()))?
+            .map_err(|e| CudaError::NoDriver(format!("device {ordinal}: {e:?}")))?;
+        // SAFETY: every buffer of this crate lives on the one stream below, so cudarc's
+        // cross-stream event tracking (an event per use) is unnecessary; turning it off
+        // before any allocation keeps it off for all of them.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        Ok(Self {
+            ctx,
+            stream,
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> String {
+        self.ctx
+            .name()
+            .unwrap_or_else(|_| "unknown CUDA device".into())
+    }
+
+    /// The stream every kernel of this device is launched on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn memory(&self) -> CudaResult<(usize, usize)> {
+        Ok(self.ctx.mem_get_info()?)
+    }
+
+    /// Fails with [`CudaError::OutOfMemory`] if fewer than `bytes` are free.
+    pub fn ensure_free(&self, bytes: usize) -> CudaResult<()> {
+        let (free, _) = self.memory()?;
+        if bytes > free {
+            Err(CudaError::OutOfMemory {
+                requested: bytes,
+                free,
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The kernel `name` for `n` streams of the given dtype (compiled once per pair).
+    pub(crate) fn function(&self, n: usize, bf16: bool, name: &str) -> CudaResult<CudaFunction> {
+        let module = {
+            let mut modules = self
+                .modules
+                .lock()
+                .map_err(|_| CudaError::Driver("module cache poisoned".into()))?;
+            match modules.get(&(n, bf16)) {
+                Some(m) => m.clone(),
+                None => {
+                    let (major, minor) = self.compute_capability()?;
+                    let arch: &'static str =
+                        Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+                    let opts = CompileOptions {
+                        arch: Some(arch),
+                        options: vec![
+                            format!("-DN={n}"),
+                            format!("-DSTREAM_BF16={}", u8::from(bf16)),
+                            "-std=c++17".into(),
+                        ],
+                        fmad: Some(true),
+                        ..Default::default()
+                    };
+                    let ptx = compile_ptx_with_opts(KERNEL_SOURCE, opts)
+                        .map_err(|e| CudaError::Compile(format!("{e:?}")))?;
+                    let m = self.ctx.load_module(ptx)?;
+                    modules.insert((n, bf16), m.clone());
+                    m
+                }
+            }
+        };
+        Ok(module.load_function(name)?)
+    }
+
+    fn compute_capability(&self) -> CudaResult<(i32, i32)> {
+        use cudarc::driver::sys::CUdevice_attribute;
+        let major = self
+            .ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let minor = self
+            .ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        Ok((major, minor))
+    }
+
+    /// Number of multiprocessors (for grid sizing).
+    pub fn multiprocessors(&self) -> CudaResult<u32> {
+        use cudarc::driver::sys::CUdevice_attribute;
+        Ok(self
+            .ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            as u32)
+    }
+}

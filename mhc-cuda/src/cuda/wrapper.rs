@@ -1,0 +1,545 @@
+//! [`MhcCuda`]: one mHC-wrapped sublayer on the GPU — coefficients (projection,
+//! RMS, σ / 2σ, Sinkhorn–Knopp) in one kernel, pre-aggregate, post/res merge,
+//! and the backward of all three with Sinkhorn–Knopp recomputed from the logits
+//! and deterministic reductions for the gradients of φ, γ, b and α.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use mhc_core::{ConnectionConfig, ConnectionParams, Scheme};
+
+use super::{CudaDevice, CudaError, CudaResult, StreamElement};
+
+/// A sublayer `F: R^C → R^C` on the GPU, batched over `[tokens, C]` device buffers.
+pub trait CudaSublayer<S: StreamElement> {
+    /// `y = F(h)`.
+    fn forward(
+        &mut self,
+        dev: &CudaDevice,
+        h: &CudaSlice<S>,
+        y: &mut CudaSlice<S>,
+        tokens: usize,
+        width: usize,
+    ) -> CudaResult<()>;
+    /// `dh = (∂F/∂h)ᵀ dy` at the forward's `h`.
+    fn vjp(
+        &mut self,
+        dev: &CudaDevice,
+        h: &CudaSlice<S>,
+        dy: &CudaSlice<S>,
+        dh: &mut CudaSlice<S>,
+        tokens: usize,
+        width: usize,
+    ) -> CudaResult<()>;
+}
+
+/// The benchmark's stand-in sublayer `F(h) = factor · h` (BENCH.md uses 1.5).
+#[derive(Clone, Copy, Debug)]
+pub struct ScaleSublayer {
+    /// The factor.
+    pub factor: f32,
+    /// Streams of the module the kernel is taken from (any compiled one works).
+    pub n: usize,
+}
+
+fn launch_scale<S: StreamElement>(
+    dev: &CudaDevice,
+    n: usize,
+    factor: f32,
+    input: &CudaSlice<S>,
+    out: &mut CudaSlice<S>,
+    len: usize,
+) -> CudaResult<()> {
+    let f = dev.function(n, S::BF16, "scale")?;
+    let len_i = len as i64;
+    let blocks = (len.div_ceil(256) as u32).clamp(1, dev.multiprocessors()? * 16);
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(input).arg(&factor).arg(&len_i).arg(out);
+    // SAFETY: `scale(const S*, float, long, S*)` reads and writes `len` elements; both buffers hold at least `len`.
+    unsafe {
+        b.launch(LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }?;
+    Ok(())
+}
+
+impl<S: StreamElement> CudaSublayer<S> for ScaleSublayer {
+    fn forward(
+        &mut self,
+        dev: &CudaDevice,
+        h: &CudaSlice<S>,
+        y: &mut CudaSlice<S>,
+        tokens: usize,
+        width: usize,
+    ) -> CudaResult<()> {
+        launch_scale(dev, self.n, self.factor, h, y, tokens * width)
+    }
+    fn vjp(
+        &mut self,
+        dev: &CudaDevice,
+        _h: &CudaSlice<S>,
+        dy: &CudaSlice<S>,
+        dh: &mut CudaSlice<S>,
+        tokens: usize,
+        width: usize,
+    ) -> CudaResult<()> {
+        launch_scale(dev, self.n, self.factor, dy, dh, tokens * width)
+    }
+}
+
+struct Kernels {
+    coeff_fwd: CudaFunction,
+    pre_fwd: CudaFunction,
+    post_fwd: CudaFunction,
+    post_bwd: CudaFunction,
+    pre_bwd: CudaFunction,
+    coeff_bwd: CudaFunction,
+    dx_dphi: CudaFunction,
+    dphi_reduce: CudaFunction,
+    token_reduce: CudaFunction,
+    fold_gamma: CudaFunction,
+}
+
+/// One mHC-wrapped sublayer on the GPU: parameters, gradients and the
+/// buffers of a batch of up to `capacity` tokens, all on the device.
+///
+/// In **recompute mode** the backward recomputes the coefficients and the
+/// aggregate `h` from `x` (paper Table 3) instead of trusting what the forward
+/// left in the buffers, so those buffers can be shared between layers; only
+/// the sublayer output `y` must survive from the forward.
+pub struct MhcCuda<S: StreamElement> {
+    dev: Arc<CudaDevice>,
+    n: usize,
+    c: usize,
+    k: usize,
+    iterations: i32,
+    sk_eps: f32,
+    rms_eps: f32,
+    recompute: bool,
+    capacity: usize,
+    chunks: usize,
+    kernels: Kernels,
+    phi_raw: CudaSlice<f32>,
+    gamma: CudaSlice<f32>,
+    phi: CudaSlice<f32>,
+    params: CudaSlice<f32>,
+    dphi: CudaSlice<f32>,
+    dgamma: CudaSlice<f32>,
+    dparams: CudaSlice<f32>,
+    coef: CudaSlice<f32>,
+    proj: CudaSlice<f32>,
+    rnorm: CudaSlice<f32>,
+    h: CudaSlice<S>,
+    y: CudaSlice<S>,
+    dy: CudaSlice<S>,
+    dh: CudaSlice<S>,
+    dcoef: CudaSlice<f32>,
+    dp: CudaSlice<f32>,
+    xscale: CudaSlice<f32>,
+    dtok: CudaSlice<f32>,
+    gpart: CudaSlice<f32>,
+    forward_tokens: usize,
+}
+
+const CF_TOK: usize = 64;
+
+fn cfg(grid: (u32, u32), block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.0.max(1), grid.1.max(1), 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl<S: StreamElement> MhcCuda<S> {
+    /// Uploads `params` (mHC dynamic, `n ≤ 8`, `C % 4 == 0`) and allocates buffers for `capacity` tokens.
+    pub fn new(
+        dev: Arc<CudaDevice>,
+        config: &ConnectionConfig,
+        params: &ConnectionParams<f32>,
+        capacity: usize,
+        recompute: bool,
+    ) -> CudaResult<Self> {
+        config.validate()?;
+        if config.scheme != Scheme::MhcDynamic {
+            return Err(CudaError::Unsupported(format!(
+                "scheme {}: the CUDA kernels implement mHC dynamic (the paper's form)",
+                config.scheme
+            )));
+        }
+        let (n, c) = (config.n, config.width);
+        if n > 8 {
+            return Err(CudaError::Unsupported(format!(
+                "n = {n}: at most 8 streams"
+            )));
+        }
+        if c % 4 != 0 {
+            return Err(CudaError::Unsupported(format!(
+                "C = {c}: the width must be a multiple of 4"
+            )));
+        }
+        if capacity == 0 {
+            return Err(CudaError::Core(mhc_core::MhcError::EmptyBatch));
+        }
+        if capacity
+            .checked_mul(n * c)
+            .is_none_or(|e| e >= i32::MAX as usize)
+        {
+            return Err(CudaError::Unsupported(format!(
+                "{capacity} tokens × n·C = {} exceeds 2³¹ elements per buffer",
+                n * c
+            )));
+        }
+        params.validate(config)?;
+        let k = config.coefficient_len();
+        let sm = dev.multiprocessors()? as usize;
+        let ctiles = c.div_ceil(if n <= 4 { 64 } else { 32 });
+        let chunks = (2 * sm)
+            .div_ceil(ctiles)
+            .clamp(1, capacity.div_ceil(256).max(1));
+        let f32s = |len: usize| len * 4;
+        let bytes = f32s(3 * n * c * k + 2 * n * c + 2 * (3 + k))
+            + f32s(capacity * (4 * k + 2 + (k + 3)))
+            + 4 * capacity * c * size_of::<S>()
+            + f32s(chunks * n * c * k);
+        dev.ensure_free(bytes)?;
+        let name = |s: &str| -> CudaResult<CudaFunction> { dev.function(n, S::BF16, s) };
+        let kernels = Kernels {
+            coeff_fwd: name("coeff_fwd")?,
+            pre_fwd: name("pre_fwd")?,
+            post_fwd: name("post_fwd")?,
+            post_bwd: name("post_bwd")?,
+            pre_bwd: name("pre_bwd")?,
+            coeff_bwd: name("coeff_bwd")?,
+            dx_dphi: name("dx_dphi")?,
+            dphi_reduce: name("dphi_reduce")?,
+            token_reduce: name("token_reduce")?,
+            fold_gamma: name("fold_gamma")?,
+        };
+        let st = dev.stream().clone();
+        let mut me = Self {
+            n,
+            c,
+            k,
+            iterations: config.sinkhorn.iterations as i32,
+            sk_eps: config.sinkhorn.eps as f32,
+            rms_eps: config.rms_eps as f32,
+            recompute,
+            capacity,
+            chunks,
+            kernels,
+            phi_raw: st.alloc_zeros(n * c * k)?,
+            gamma: st.alloc_zeros(n * c)?,
+            phi: st.alloc_zeros(n * c * k)?,
+            params: st.alloc_zeros(3 + k)?,
+            dphi: st.alloc_zeros(n * c * k)?,
+            dgamma: st.alloc_zeros(n * c)?,
+            dparams: st.alloc_zeros(k + 3)?,
+            coef: st.alloc_zeros(capacity * k)?,
+            proj: st.alloc_zeros(capacity * k)?,
+            rnorm: st.alloc_zeros(capacity)?,
+            h: st.alloc_zeros(capacity * c)?,
+            y: st.alloc_zeros(capacity * c)?,
+            dy: st.alloc_zeros(capacity * c)?,
+            dh: st.alloc_zeros(capacity * c)?,
+            dcoef: st.alloc_zeros(capacity * k)?,
+            dp: st.alloc_zeros(capacity * k)?,
+            xscale: st.alloc_zeros(capacity)?,
+            dtok: st.alloc_zeros(capacity * (k + 3))?,
+            gpart: st.alloc_zeros(chunks * n * c * k)?,
+            forward_tokens: 0,
+            dev,
+        };
+        me.set_params(params)?;
+        Ok(me)
+    }
+
+    /// Replaces the parameters (shapes as [`ConnectionParams`] of this configuration).
+    pub fn set_params(&mut self, params: &ConnectionParams<f32>) -> CudaResult<()> {
+        let (n, c, k) = (self.n, self.c, self.k);
+        let expect = [
+            (params.phi.len(), n * c * k, "phi"),
+            (params.gamma.len(), n * c, "gamma"),
+            (params.alpha.len(), 3, "alpha"),
+        ];
+        for (got, expected, what) in expect {
+            if got != expected {
+                return Err(CudaError::Shape {
+                    what,
+                    expected,
+                    got,
+                });
+            }
+        }
+        let st = self.dev.stream().clone();
+        st.memcpy_htod(&params.phi, &mut self.phi_raw)?;
+        st.memcpy_htod(&params.gamma, &mut self.gamma)?;
+        let mut packed = params.alpha.clone();
+        packed.extend_from_slice(&params.b_pre);
+        packed.extend_from_slice(&params.b_post);
+        packed.extend_from_slice(&params.b_res);
+        st.memcpy_htod(&packed, &mut self.params)?;
+        let total = (n * c * k) as u32;
+        let c_i = c as i32;
+        let mut b = st.launch_builder(&self.kernels.fold_gamma);
+        b.arg(&self.phi_raw)
+            .arg(&self.gamma)
+            .arg(&c_i)
+            .arg(&mut self.phi);
+        // SAFETY: fold_gamma reads N·C·K elements of phi_raw and N·C of gamma, writes N·C·K of phi — the sizes allocated.
+        unsafe { b.launch(cfg((total.div_ceil(256), 1), 256)) }?;
+        Ok(())
+    }
+
+    fn check_tokens(&self, what: &'static str, len: usize, per_token: usize) -> CudaResult<usize> {
+        if len == 0 || len % per_token != 0 {
+            return Err(CudaError::Shape {
+                what,
+                expected: (len / per_token).max(1) * per_token,
+                got: len,
+            });
+        }
+        let tokens = len / per_token;
+        if tokens > self.capacity {
+            return Err(CudaError::Core(mhc_core::MhcError::WorkspaceTooSmall {
+                tokens,
+                capacity: self.capacity,
+            }));
+        }
+        Ok(tokens)
+    }
+
+    fn launch_coefficients(&mut self, x: &CudaSlice<S>, tokens: usize) -> CudaResult<()> {
+        let (t, c) = (tokens as i32, self.c as i32);
+        let st = self.dev.stream().clone();
+        let mut b = st.launch_builder(&self.kernels.coeff_fwd);
+        b.arg(x)
+            .arg(&self.phi)
+            .arg(&self.params)
+            .arg(&t)
+            .arg(&c)
+            .arg(&self.rms_eps)
+            .arg(&self.iterations)
+            .arg(&self.sk_eps);
+        b.arg(&mut self.coef)
+            .arg(&mut self.proj)
+            .arg(&mut self.rnorm);
+        // SAFETY: x holds tokens·N·C elements (checked by the caller); coef/proj hold capacity·K ≥ tokens·K, rnorm capacity.
+        unsafe { b.launch(cfg((tokens.div_ceil(CF_TOK) as u32, 1), 128)) }?;
+        Ok(())
+    }
+
+    fn stream_grid(&self, tokens: usize) -> CudaResult<u32> {
+        Ok(((tokens * self.c / 4).div_ceil(256) as u32).clamp(1, self.dev.multiprocessors()? * 16))
+    }
+
+    fn launch_pre(&mut self, x: &CudaSlice<S>, tokens: usize) -> CudaResult<()> {
+        let (t, c) = (tokens as i32, self.c as i32);
+        let grid = self.stream_grid(tokens)?;
+        let st = self.dev.stream().clone();
+        let mut b = st.launch_builder(&self.kernels.pre_fwd);
+        b.arg(x).arg(&self.coef).arg(&t).arg(&c).arg(&mut self.h);
+        // SAFETY: reads tokens·N·C of x and tokens·K of coef, writes tokens·C of h (capacity ≥ tokens).
+        unsafe { b.launch(cfg((grid, 1), 256)) }?;
+        Ok(())
+    }
+
+    /// Coefficients of a batch `x [tokens, n, C]` (kept on the device; see [`Self::coefficients_host`]).
+    pub fn coefficients(&mut self, x: &CudaSlice<S>) -> CudaResult<()> {
+        let tokens =
+            self.check_tokens("stream state x [tokens, n, C]", x.len(), self.n * self.c)?;
+        self.launch_coefficients(x, tokens)?;
+        self.forward_tokens = tokens;
+        Ok(())
+    }
+
+    /// Forward of the wrapped sublayer: `out = H_res·x + H_postᵀ·F(H_pre·x)` for `x [tokens, n, C]`.
+    pub fn forward(
+        &mut self,
+        sublayer: &mut dyn CudaSublayer<S>,
+        x: &CudaSlice<S>,
+        out: &mut CudaSlice<S>,
+    ) -> CudaResult<()> {
+        let tokens =
+            self.check_tokens("stream state x [tokens, n, C]", x.len(), self.n * self.c)?;
+        if out.len() != x.len() {
+            return Err(CudaError::Shape {
+                what: "output [tokens, n, C]",
+                expected: x.len(),
+                got: out.len(),
+            });
+        }
+        self.launch_coefficients(x, tokens)?;
+        self.launch_pre(x, tokens)?;
+        let dev = self.dev.clone();
+        sublayer.forward(&dev, &self.h, &mut self.y, tokens, self.c)?;
+        let (t, c) = (tokens as i32, self.c as i32);
+        let grid = self.stream_grid(tokens)?;
+        let st = dev.stream().clone();
+        let mut b = st.launch_builder(&self.kernels.post_fwd);
+        b.arg(x)
+            .arg(&self.coef)
+            .arg(&self.y)
+            .arg(&t)
+            .arg(&c)
+            .arg(out);
+        // SAFETY: reads tokens·N·C of x, tokens·K of coef, tokens·C of y; writes tokens·N·C of out (checked equal to x).
+        unsafe { b.launch(cfg((grid, 1), 256)) }?;
+        self.forward_tokens = tokens;
+        Ok(())
+    }
+
+    /// Backward of [`Self::forward`] (same `x`): writes `grad_x` and this call's
+    /// parameter gradients (read them with [`Self::gradients`]); the sublayer's `vjp` runs in between.
+    pub fn backward(
+        &mut self,
+        sublayer: &mut dyn CudaSublayer<S>,
+        x: &CudaSlice<S>,
+        grad_out: &CudaSlice<S>,
+        grad_x: &mut CudaSlice<S>,
+    ) -> CudaResult<()> {
+        let tokens =
+            self.check_tokens("stream state x [tokens, n, C]", x.len(), self.n * self.c)?;
+        if tokens != self.forward_tokens {
+            return Err(CudaError::Core(mhc_core::MhcError::BackwardBeforeForward));
+        }
+        for (what, len) in [
+            ("grad of x' [tokens, n, C]", grad_out.len()),
+            ("grad of x [tokens, n, C]", grad_x.len()),
+        ] {
+            if len != x.len() {
+                return Err(CudaError::Shape {
+                    what,
+                    expected: x.len(),
+                    got: len,
+                });
+            }
+        }
+        if self.recompute {
+            self.launch_coefficients(x, tokens)?;
+            self.launch_pre(x, tokens)?;
+        }
+        let (n, c, k) = (self.n, self.c, self.k);
+        let (t, c_i) = (tokens as i32, c as i32);
+        let dev = self.dev.clone();
+        let st = dev.stream().clone();
+        let row_block = ((c / 4).next_multiple_of(32)).clamp(32, 256) as u32;
+        {
+            let mut b = st.launch_builder(&self.kernels.post_bwd);
+            b.arg(x)
+                .arg(&self.coef)
+                .arg(&self.y)
+                .arg(grad_out)
+                .arg(&t)
+                .arg(&c_i)
+                .arg(&mut self.dy)
+                .arg(&mut self.dcoef);
+            // SAFETY: one block per token; each reads its token's N·C of x and g, C of y, K of coef; writes C of dy and K−N of dcoef.
+            unsafe { b.launch(cfg((tokens as u32, 1), row_block)) }?;
+        }
+        sublayer.vjp(&dev, &self.h, &self.dy, &mut self.dh, tokens, c)?;
+        {
+            let mut b = st.launch_builder(&self.kernels.pre_bwd);
+            b.arg(x)
+                .arg(&self.dh)
+                .arg(&t)
+                .arg(&c_i)
+                .arg(&mut self.dcoef);
+            // SAFETY: one block per token; reads N·C of x and C of dh, writes N entries of dcoef.
+            unsafe { b.launch(cfg((tokens as u32, 1), row_block)) }?;
+        }
+        {
+            let mut b = st.launch_builder(&self.kernels.coeff_bwd);
+            b.arg(&self.coef)
+                .arg(&self.proj)
+                .arg(&self.rnorm)
+                .arg(&self.params)
+                .arg(&self.dcoef)
+                .arg(&t)
+                .arg(&c_i);
+            b.arg(&self.iterations)
+                .arg(&self.sk_eps)
+                .arg(&mut self.dp)
+                .arg(&mut self.xscale)
+                .arg(&mut self.dtok);
+            // SAFETY: one thread per token (guarded by t < T); every buffer holds capacity ≥ tokens rows.
+            unsafe { b.launch(cfg((tokens.div_ceil(128) as u32, 1), 128)) }?;
+        }
+        let ct = if n <= 4 { 64 } else { 32 };
+        let chunks = self.chunks.min(tokens.div_ceil(256)).max(1);
+        let chunk = tokens.div_ceil(chunks) as i32;
+        let chunks = tokens.div_ceil(chunk as usize);
+        {
+            let mut b = st.launch_builder(&self.kernels.dx_dphi);
+            b.arg(x)
+                .arg(grad_out)
+                .arg(&self.dh)
+                .arg(&self.coef)
+                .arg(&self.dp)
+                .arg(&self.xscale)
+                .arg(&self.phi);
+            b.arg(&t)
+                .arg(&c_i)
+                .arg(&chunk)
+                .arg(grad_x)
+                .arg(&mut self.gpart);
+            // SAFETY: grid (C/ct, chunks) with chunks·chunk ≥ tokens and chunks ≤ the allocated gpart chunks; bounds checked in the kernel.
+            unsafe { b.launch(cfg((c.div_ceil(ct) as u32, chunks as u32), (n * ct) as u32)) }?;
+        }
+        {
+            let chunks_i = chunks as i32;
+            let mut b = st.launch_builder(&self.kernels.dphi_reduce);
+            b.arg(&self.gpart)
+                .arg(&self.phi_raw)
+                .arg(&self.gamma)
+                .arg(&c_i)
+                .arg(&chunks_i)
+                .arg(&mut self.dphi)
+                .arg(&mut self.dgamma);
+            // SAFETY: one thread per m < N·C (guarded); reads chunks·N·C·K of gpart.
+            unsafe { b.launch(cfg(((n * c).div_ceil(256) as u32, 1), 256)) }?;
+        }
+        {
+            let mut b = st.launch_builder(&self.kernels.token_reduce);
+            b.arg(&self.dtok).arg(&t).arg(&mut self.dparams);
+            // SAFETY: one block per output j < K + 3; reads tokens·(K+3) of dtok.
+            unsafe { b.launch(cfg(((k + 3) as u32, 1), 256)) }?;
+        }
+        Ok(())
+    }
+
+    /// Coefficients of the last forward, `[tokens, K]` rows `[H_pre | H_post | H_res]`, copied to the host.
+    pub fn coefficients_host(&self) -> CudaResult<Vec<f32>> {
+        let all = self.dev.stream().clone_dtoh(&self.coef)?;
+        Ok(all[..self.forward_tokens * self.k].to_vec())
+    }
+
+    /// Sublayer input `h` of the last forward, copied to the host.
+    pub fn sublayer_input_host(&self) -> CudaResult<Vec<S>> {
+        let all = self.dev.stream().clone_dtoh(&self.h)?;
+        Ok(all[..self.forward_tokens * self.c].to_vec())
+    }
+
+    /// The parameter gradients of the last backward, in the core's layout.
+    pub fn gradients(&self, config: &ConnectionConfig) -> CudaResult<ConnectionParams<f32>> {
+        let st = self.dev.stream();
+        let dparams = st.clone_dtoh(&self.dparams)?;
+        let (n, k) = (self.n, self.k);
+        let mut g = ConnectionParams::zeros(config);
+        g.b_pre.copy_from_slice(&dparams[..n]);
+        g.b_post.copy_from_slice(&dparams[n..2 * n]);
+        g.b_res.copy_from_slice(&dparams[2 * n..k]);
+        g.alpha.copy_from_slice(&dparams[k..k + 3]);
+        g.phi = st.clone_dtoh(&self.dphi)?;
+        g.gamma = st.clone_dtoh(&self.dgamma)?;
+        Ok(g)
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+}
