@@ -6,7 +6,8 @@
 //! the driver and NVRTC libraries first and returns [`CudaError::NoDriver`].
 //!
 //! Limits (checked, with a typed error outside them): `1 ≤ n ≤ 8`; `C` a
-//! multiple of 4 (16-byte vector access of f32, 8-byte of bf16); `T·n·C < 2³¹`
+//! multiple of 4 (16-byte vector access of f32, 8-byte of bf16); at most 64
+//! Sinkhorn–Knopp iterations; `T·n·C < 2³¹`
 //! elements per buffer; the scheme is mHC dynamic (the paper's form).
 
 #![allow(unsafe_code)] // kernel launches and the driver probe are `unsafe` in cudarc; each use says why it is sound
@@ -160,9 +161,16 @@ impl CudaDevice {
                     .into(),
             ));
         }
+        use cudarc::driver::sys::cudaError_enum as E;
         let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
             .map_err(|_| CudaError::NoDriver("the CUDA driver could not be initialised".into()))?
-            .map_err(|e| CudaError::NoDriver(format!("device {ordinal}: {e:?}")))?;
+            .map_err(|e| match e.0 {
+                // Only "there is no GPU" is a missing driver; any other failure is a real error.
+                E::CUDA_ERROR_NO_DEVICE | E::CUDA_ERROR_INVALID_DEVICE | E::CUDA_ERROR_NOT_INITIALIZED | E::CUDA_ERROR_STUB_LIBRARY => {
+                    CudaError::NoDriver(format!("device {ordinal}: {e:?}"))
+                }
+                _ => CudaError::Driver(format!("device {ordinal}: {e:?}")),
+            })?;
         // SAFETY: every buffer of this crate lives on the one stream below, so cudarc's
         // cross-stream event tracking (an event per use) is unnecessary; turning it off
         // before any allocation keeps it off for all of them.

@@ -100,7 +100,7 @@ struct Kernels {
     dx_dphi: CudaFunction,
     dphi_reduce: CudaFunction,
     token_reduce: CudaFunction,
-    fold_gamma: CudaFunction,
+    split_phi: CudaFunction,
 }
 
 /// One mHC-wrapped sublayer on the GPU: parameters, gradients and the
@@ -125,6 +125,8 @@ pub struct MhcCuda<S: StreamElement> {
     phi_raw: CudaSlice<f32>,
     gamma: CudaSlice<f32>,
     phi: CudaSlice<f32>,
+    phit_hi: CudaSlice<half::bf16>,
+    phit_lo: CudaSlice<half::bf16>,
     params: CudaSlice<f32>,
     dphi: CudaSlice<f32>,
     dgamma: CudaSlice<f32>,
@@ -145,6 +147,20 @@ pub struct MhcCuda<S: StreamElement> {
 }
 
 const CF_TOK: usize = 64;
+
+fn launch_error(kernel: &str, e: cudarc::driver::DriverError) -> CudaError {
+    CudaError::Driver(format!("launching {kernel}: {e:?}"))
+}
+
+/// With `MHC_CUDA_SYNC=1`, waits for each kernel and names the one that failed
+/// (launches are asynchronous, so an error otherwise surfaces at a later call).
+fn debug_sync(dev: &CudaDevice, kernel: &str) -> CudaResult<()> {
+    static SYNC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *SYNC.get_or_init(|| std::env::var_os("MHC_CUDA_SYNC").is_some_and(|v| v == "1")) {
+        dev.stream().synchronize().map_err(|e| CudaError::Driver(format!("kernel {kernel} failed: {e:?}")))?;
+    }
+    Ok(())
+}
 
 fn cfg(grid: (u32, u32), block: u32) -> LaunchConfig {
     LaunchConfig {
@@ -175,6 +191,9 @@ impl<S: StreamElement> MhcCuda<S> {
             return Err(CudaError::Unsupported(format!(
                 "n = {n}: at most 8 streams"
             )));
+        }
+        if config.sinkhorn.iterations > 64 {
+            return Err(CudaError::Unsupported(format!("{} Sinkhorn–Knopp iterations: at most 64", config.sinkhorn.iterations)));
         }
         if c % 4 != 0 {
             return Err(CudaError::Unsupported(format!(
@@ -217,7 +236,7 @@ impl<S: StreamElement> MhcCuda<S> {
             dx_dphi: name("dx_dphi")?,
             dphi_reduce: name("dphi_reduce")?,
             token_reduce: name("token_reduce")?,
-            fold_gamma: name("fold_gamma")?,
+            split_phi: name("split_phi")?,
         };
         let st = dev.stream().clone();
         let mut me = Self {
@@ -234,6 +253,8 @@ impl<S: StreamElement> MhcCuda<S> {
             phi_raw: st.alloc_zeros(n * c * k)?,
             gamma: st.alloc_zeros(n * c)?,
             phi: st.alloc_zeros(n * c * k)?,
+            phit_hi: st.alloc_zeros(n * c * k.next_multiple_of(8))?,
+            phit_lo: st.alloc_zeros(n * c * k.next_multiple_of(8))?,
             params: st.alloc_zeros(3 + k)?,
             dphi: st.alloc_zeros(n * c * k)?,
             dgamma: st.alloc_zeros(n * c)?,
@@ -282,15 +303,13 @@ impl<S: StreamElement> MhcCuda<S> {
         packed.extend_from_slice(&params.b_post);
         packed.extend_from_slice(&params.b_res);
         st.memcpy_htod(&packed, &mut self.params)?;
-        let total = (n * c * k) as u32;
+        let total = (n * c * k.next_multiple_of(8)) as u32;
         let c_i = c as i32;
-        let mut b = st.launch_builder(&self.kernels.fold_gamma);
-        b.arg(&self.phi_raw)
-            .arg(&self.gamma)
-            .arg(&c_i)
-            .arg(&mut self.phi);
-        // SAFETY: fold_gamma reads N·C·K elements of phi_raw and N·C of gamma, writes N·C·K of phi — the sizes allocated.
-        unsafe { b.launch(cfg((total.div_ceil(256), 1), 256)) }?;
+        let mut b = st.launch_builder(&self.kernels.split_phi);
+        b.arg(&self.phi_raw).arg(&self.gamma).arg(&c_i).arg(&mut self.phi).arg(&mut self.phit_hi).arg(&mut self.phit_lo);
+        // SAFETY: split_phi reads N·C·K of phi_raw and N·C of gamma; writes N·C·K of phi and N·C·KP of each half (as allocated).
+        unsafe { b.launch(cfg((total.div_ceil(256), 1), 256)) }.map_err(|e| launch_error("split_phi", e))?;
+        debug_sync(&self.dev, "split_phi")?;
         Ok(())
     }
 
@@ -317,7 +336,8 @@ impl<S: StreamElement> MhcCuda<S> {
         let st = self.dev.stream().clone();
         let mut b = st.launch_builder(&self.kernels.coeff_fwd);
         b.arg(x)
-            .arg(&self.phi)
+            .arg(&self.phit_hi)
+            .arg(&self.phit_lo)
             .arg(&self.params)
             .arg(&t)
             .arg(&c)
@@ -328,7 +348,8 @@ impl<S: StreamElement> MhcCuda<S> {
             .arg(&mut self.proj)
             .arg(&mut self.rnorm);
         // SAFETY: x holds tokens·N·C elements (checked by the caller); coef/proj hold capacity·K ≥ tokens·K, rnorm capacity.
-        unsafe { b.launch(cfg((tokens.div_ceil(CF_TOK) as u32, 1), 128)) }?;
+        unsafe { b.launch(cfg((tokens.div_ceil(CF_TOK) as u32, 1), 128)) }.map_err(|e| launch_error("coeff_fwd", e))?;
+        debug_sync(&self.dev, "coeff_fwd")?;
         Ok(())
     }
 
@@ -343,7 +364,8 @@ impl<S: StreamElement> MhcCuda<S> {
         let mut b = st.launch_builder(&self.kernels.pre_fwd);
         b.arg(x).arg(&self.coef).arg(&t).arg(&c).arg(&mut self.h);
         // SAFETY: reads tokens·N·C of x and tokens·K of coef, writes tokens·C of h (capacity ≥ tokens).
-        unsafe { b.launch(cfg((grid, 1), 256)) }?;
+        unsafe { b.launch(cfg((grid, 1), 256)) }.map_err(|e| launch_error("pre_fwd", e))?;
+        debug_sync(&self.dev, "pre_fwd")?;
         Ok(())
     }
 
@@ -387,7 +409,8 @@ impl<S: StreamElement> MhcCuda<S> {
             .arg(&c)
             .arg(out);
         // SAFETY: reads tokens·N·C of x, tokens·K of coef, tokens·C of y; writes tokens·N·C of out (checked equal to x).
-        unsafe { b.launch(cfg((grid, 1), 256)) }?;
+        unsafe { b.launch(cfg((grid, 1), 256)) }.map_err(|e| launch_error("post_fwd", e))?;
+        debug_sync(&self.dev, "post_fwd")?;
         self.forward_tokens = tokens;
         Ok(())
     }
@@ -438,7 +461,8 @@ impl<S: StreamElement> MhcCuda<S> {
                 .arg(&mut self.dy)
                 .arg(&mut self.dcoef);
             // SAFETY: one block per token; each reads its token's N·C of x and g, C of y, K of coef; writes C of dy and K−N of dcoef.
-            unsafe { b.launch(cfg((tokens as u32, 1), row_block)) }?;
+            unsafe { b.launch(cfg((tokens as u32, 1), row_block)) }.map_err(|e| launch_error("post_bwd", e))?;
+            debug_sync(&self.dev, "post_bwd")?;
         }
         sublayer.vjp(&dev, &self.h, &self.dy, &mut self.dh, tokens, c)?;
         {
@@ -449,7 +473,8 @@ impl<S: StreamElement> MhcCuda<S> {
                 .arg(&c_i)
                 .arg(&mut self.dcoef);
             // SAFETY: one block per token; reads N·C of x and C of dh, writes N entries of dcoef.
-            unsafe { b.launch(cfg((tokens as u32, 1), row_block)) }?;
+            unsafe { b.launch(cfg((tokens as u32, 1), row_block)) }.map_err(|e| launch_error("pre_bwd", e))?;
+            debug_sync(&self.dev, "pre_bwd")?;
         }
         {
             let mut b = st.launch_builder(&self.kernels.coeff_bwd);
@@ -466,7 +491,8 @@ impl<S: StreamElement> MhcCuda<S> {
                 .arg(&mut self.xscale)
                 .arg(&mut self.dtok);
             // SAFETY: one thread per token (guarded by t < T); every buffer holds capacity ≥ tokens rows.
-            unsafe { b.launch(cfg((tokens.div_ceil(128) as u32, 1), 128)) }?;
+            unsafe { b.launch(cfg((tokens.div_ceil(64) as u32, 1), 64)) }.map_err(|e| launch_error("coeff_bwd", e))?;
+            debug_sync(&self.dev, "coeff_bwd")?;
         }
         let ct = if n <= 4 { 64 } else { 32 };
         let chunks = self.chunks.min(tokens.div_ceil(256)).max(1);
@@ -487,7 +513,8 @@ impl<S: StreamElement> MhcCuda<S> {
                 .arg(grad_x)
                 .arg(&mut self.gpart);
             // SAFETY: grid (C/ct, chunks) with chunks·chunk ≥ tokens and chunks ≤ the allocated gpart chunks; bounds checked in the kernel.
-            unsafe { b.launch(cfg((c.div_ceil(ct) as u32, chunks as u32), (n * ct) as u32)) }?;
+            unsafe { b.launch(cfg((c.div_ceil(ct) as u32, chunks as u32), (n * ct) as u32)) }.map_err(|e| launch_error("dx_dphi", e))?;
+            debug_sync(&self.dev, "dx_dphi")?;
         }
         {
             let chunks_i = chunks as i32;
@@ -500,13 +527,15 @@ impl<S: StreamElement> MhcCuda<S> {
                 .arg(&mut self.dphi)
                 .arg(&mut self.dgamma);
             // SAFETY: one thread per m < N·C (guarded); reads chunks·N·C·K of gpart.
-            unsafe { b.launch(cfg(((n * c).div_ceil(256) as u32, 1), 256)) }?;
+            unsafe { b.launch(cfg(((n * c).div_ceil(256) as u32, 1), 256)) }.map_err(|e| launch_error("dphi_reduce", e))?;
+            debug_sync(&self.dev, "dphi_reduce")?;
         }
         {
             let mut b = st.launch_builder(&self.kernels.token_reduce);
             b.arg(&self.dtok).arg(&t).arg(&mut self.dparams);
             // SAFETY: one block per output j < K + 3; reads tokens·(K+3) of dtok.
-            unsafe { b.launch(cfg(((k + 3) as u32, 1), 256)) }?;
+            unsafe { b.launch(cfg(((k + 3) as u32, 1), 256)) }.map_err(|e| launch_error("token_reduce", e))?;
+            debug_sync(&self.dev, "token_reduce")?;
         }
         Ok(())
     }

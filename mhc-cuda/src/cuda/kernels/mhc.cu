@@ -97,67 +97,180 @@ __device__ __forceinline__ void sk_state(const float* l, int steps, float eps, f
 // ---------------------------------------------------------------------------
 // coeff_fwd: per token p = x·phi' (K outputs) and r = sqrt(mean(x²) + eps),
 // then H̃ = alpha*p/r + b, H_pre = σ, H_post = 2σ, H_res = SK.
-// Block: 128 threads = 4 warps; 64 tokens. Warp w computes outputs
-// [w*KG, (w+1)*KG) for tokens (lane, lane + 32).
-#define CF_TOK 64
-#define CF_KC 32
+//
+// The projection is a skinny GEMM [T, NC] × [NC, K] on the tensor cores
+// (mma.sync m16n8k16, bf16 operands, f32 accumulation). phi' is kept as two
+// bf16 halves (hi + lo, split by `split_phi`), so the product keeps about 16
+// mantissa bits of phi'; bf16 streams are exact as A operands, f32 streams are
+// split into hi + lo as well (three products). Block: 4 warps × 16 tokens;
+// the next chunk of x is loaded into registers while the current one computes.
+#define MF_TOK 64
+#define MF_KC 64
+#define MF_NT ((K + 7) / 8)
+#define MF_KP (MF_NT * 8)
+#define MF_XS (MF_KC + 8)                 // smem row stride in bf16 (conflict-free fragment loads)
+#define MF_UNITS (MF_TOK * MF_KC / 4 / 128) // 4-element x units per thread per chunk (= 8)
+#if STREAM_BF16
+#define MF_XTILES 1
+#else
+#define MF_XTILES 2
+#endif
+#define MF_SMEM_X (MF_XTILES * MF_TOK * MF_XS * 2)
+#define MF_SMEM_P (2 * MF_KP * MF_XS * 2)
+#define MF_SMEM_OUT (MF_TOK * (MF_KP + 1) * 4)
+#define MF_SMEM ((MF_SMEM_X + MF_SMEM_P) > MF_SMEM_OUT ? (MF_SMEM_X + MF_SMEM_P) : MF_SMEM_OUT)
+
+__device__ __forceinline__ void mma_bf16(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+#if STREAM_BF16
+typedef uint2 xunit_t;
+__device__ __forceinline__ xunit_t ld_unit(const stream_t* x, long i, bool ok) {
+    return ok ? *reinterpret_cast<const uint2*>(x + i) : make_uint2(0u, 0u);
+}
+#else
+typedef float4 xunit_t;
+__device__ __forceinline__ xunit_t ld_unit(const stream_t* x, long i, bool ok) {
+    return ok ? *reinterpret_cast<const float4*>(x + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
-    const stream_t* __restrict__ x, const float* __restrict__ phi, const float* __restrict__ params,
-    int T, int C, float rms_eps, int iters, float sk_eps,
+    const stream_t* __restrict__ x, const bf16_t* __restrict__ phit_hi, const bf16_t* __restrict__ phit_lo,
+    const float* __restrict__ params, int T, int C, float rms_eps, int iters, float sk_eps,
     float* __restrict__ coef, float* __restrict__ proj, float* __restrict__ rnorm)
 {
-    __shared__ float xs[CF_TOK][CF_KC + 1];
-    __shared__ float ps[CF_KC][KPAD];
-    __shared__ float pout[CF_TOK][KPAD + 1];
-    __shared__ float ssq[CF_TOK];
+    __shared__ __align__(16) unsigned char smem[MF_SMEM];
+    __shared__ float ssq_sh[MF_TOK];
+    bf16_t* xs_hi = reinterpret_cast<bf16_t*>(smem);
+#if !STREAM_BF16
+    bf16_t* xs_lo = xs_hi + MF_TOK * MF_XS;
+#endif
+    bf16_t* ph_hi = reinterpret_cast<bf16_t*>(smem + MF_SMEM_X);
+    bf16_t* ph_lo = ph_hi + MF_KP * MF_XS;
+    float* pout = reinterpret_cast<float*>(smem);
+
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const long t0 = (long)blockIdx.x * CF_TOK;
+    const int g = lane >> 2, q = lane & 3;
+    const long t0 = (long)blockIdx.x * MF_TOK;
     const int NC = N * C;
-    float acc0[KG], acc1[KG];
+    float acc[MF_NT][4];
 #pragma unroll
-    for (int j = 0; j < KG; ++j) { acc0[j] = 0.f; acc1[j] = 0.f; }
-    float sq0 = 0.f, sq1 = 0.f;
-    for (int m0 = 0; m0 < NC; m0 += CF_KC) {
-        // Stage x[t0.., m0..m0+KC) (coalesced along m) and phi'[m0.., :].
-        for (int e = tid; e < CF_TOK * CF_KC; e += 128) {
-            int tt = e / CF_KC, mm = e % CF_KC;
-            long t = t0 + tt;
-            int m = m0 + mm;
-            xs[tt][mm] = (t < T && m < NC) ? ld(x, t * NC + m) : 0.f;
+    for (int j = 0; j < MF_NT; ++j) { acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f; }
+    float sq[MF_UNITS];
+#pragma unroll
+    for (int u = 0; u < MF_UNITS; ++u) sq[u] = 0.f;
+
+    // Unit u of this thread: row (token) tid/16 + 8u, columns 4·(tid%16) .. +3 of the chunk.
+    const int ucol = (tid & 15) * 4;
+    xunit_t regs[MF_UNITS];
+#pragma unroll
+    for (int u = 0; u < MF_UNITS; ++u) {
+        long t = t0 + (tid >> 4) + 8 * u;
+        regs[u] = ld_unit(x, t * NC + ucol, t < T && ucol < NC);
+    }
+    for (int m0 = 0; m0 < NC; m0 += MF_KC) {
+        // Registers → smem (bf16; f32 streams as hi + lo), squares for r.
+#pragma unroll
+        for (int u = 0; u < MF_UNITS; ++u) {
+            int row = (tid >> 4) + 8 * u;
+#if STREAM_BF16
+            float4 f = make_float4(__uint_as_float(regs[u].x << 16), __uint_as_float(regs[u].x & 0xffff0000u),
+                                   __uint_as_float(regs[u].y << 16), __uint_as_float(regs[u].y & 0xffff0000u));
+            *reinterpret_cast<uint2*>(xs_hi + row * MF_XS + ucol) = regs[u];
+#else
+            float4 f = regs[u];
+            bf16_t h0 = f32_to_bf16(f.x), h1 = f32_to_bf16(f.y), h2 = f32_to_bf16(f.z), h3 = f32_to_bf16(f.w);
+            bf16_t l0 = f32_to_bf16(f.x - bf16_to_f32(h0)), l1 = f32_to_bf16(f.y - bf16_to_f32(h1));
+            bf16_t l2 = f32_to_bf16(f.z - bf16_to_f32(h2)), l3 = f32_to_bf16(f.w - bf16_to_f32(h3));
+            *reinterpret_cast<uint2*>(xs_hi + row * MF_XS + ucol) =
+                make_uint2((unsigned)h0 | ((unsigned)h1 << 16), (unsigned)h2 | ((unsigned)h3 << 16));
+            *reinterpret_cast<uint2*>(xs_lo + row * MF_XS + ucol) =
+                make_uint2((unsigned)l0 | ((unsigned)l1 << 16), (unsigned)l2 | ((unsigned)l3 << 16));
+#endif
+            sq[u] += f.x * f.x + f.y * f.y + f.z * f.z + f.w * f.w;
         }
-        for (int e = tid; e < CF_KC * KPAD; e += 128) {
-            int mm = e / KPAD, j = e % KPAD;
-            int m = m0 + mm;
-            ps[mm][j] = (m < NC && j < K) ? phi[(long)m * K + j] : 0.f;
+        // phi' halves for this chunk: rows j < MF_KP of phiT [MF_KP][NC], 4 bf16 per unit.
+        for (int e = tid; e < 2 * MF_KP * (MF_KC / 4); e += 128) {
+            int half = e / (MF_KP * (MF_KC / 4)), rem = e % (MF_KP * (MF_KC / 4));
+            int j = rem / (MF_KC / 4), c4 = (rem % (MF_KC / 4)) * 4;
+            const bf16_t* src = half ? phit_lo : phit_hi;
+            bf16_t* dst = half ? ph_lo : ph_hi;
+            uint2 v = (m0 + c4 < NC) ? *reinterpret_cast<const uint2*>(src + (long)j * NC + m0 + c4) : make_uint2(0u, 0u);
+            *reinterpret_cast<uint2*>(dst + j * MF_XS + c4) = v;
         }
         __syncthreads();
-#pragma unroll 4
-        for (int mm = 0; mm < CF_KC; ++mm) {
-            float a = xs[lane][mm], b = xs[lane + 32][mm];
-            if (warp == 0) { sq0 += a * a; sq1 += b * b; }
+        // Prefetch the next chunk while the tensor cores work on this one.
+        if (m0 + MF_KC < NC) {
 #pragma unroll
-            for (int j = 0; j < KG; ++j) {
-                float f = ps[mm][warp * KG + j];
-                acc0[j] += a * f;
-                acc1[j] += b * f;
+            for (int u = 0; u < MF_UNITS; ++u) {
+                long t = t0 + (tid >> 4) + 8 * u;
+                int m = m0 + MF_KC + ucol;
+                regs[u] = ld_unit(x, t * NC + m, t < T && m < NC);
+            }
+        }
+#pragma unroll
+        for (int s = 0; s < MF_KC / 16; ++s) {
+            const int r0 = (warp * 16 + g) * MF_XS + 16 * s + 2 * q;
+            const int r1 = r0 + 8 * MF_XS;
+            unsigned a0 = *reinterpret_cast<const unsigned*>(xs_hi + r0);
+            unsigned a1 = *reinterpret_cast<const unsigned*>(xs_hi + r1);
+            unsigned a2 = *reinterpret_cast<const unsigned*>(xs_hi + r0 + 8);
+            unsigned a3 = *reinterpret_cast<const unsigned*>(xs_hi + r1 + 8);
+#if !STREAM_BF16
+            unsigned c0 = *reinterpret_cast<const unsigned*>(xs_lo + r0);
+            unsigned c1 = *reinterpret_cast<const unsigned*>(xs_lo + r1);
+            unsigned c2 = *reinterpret_cast<const unsigned*>(xs_lo + r0 + 8);
+            unsigned c3 = *reinterpret_cast<const unsigned*>(xs_lo + r1 + 8);
+#endif
+#pragma unroll
+            for (int nt = 0; nt < MF_NT; ++nt) {
+                const int b = (nt * 8 + g) * MF_XS + 16 * s + 2 * q;
+                unsigned bh0 = *reinterpret_cast<const unsigned*>(ph_hi + b);
+                unsigned bh1 = *reinterpret_cast<const unsigned*>(ph_hi + b + 8);
+                unsigned bl0 = *reinterpret_cast<const unsigned*>(ph_lo + b);
+                unsigned bl1 = *reinterpret_cast<const unsigned*>(ph_lo + b + 8);
+                mma_bf16(acc[nt], a0, a1, a2, a3, bh0, bh1);
+                mma_bf16(acc[nt], a0, a1, a2, a3, bl0, bl1);
+#if !STREAM_BF16
+                mma_bf16(acc[nt], c0, c1, c2, c3, bh0, bh1);
+#endif
             }
         }
         __syncthreads();
     }
+    // Sums of squares: the 16 threads sharing a row set are consecutive lanes.
 #pragma unroll
-    for (int j = 0; j < KG; ++j) { pout[lane][warp * KG + j] = acc0[j]; pout[lane + 32][warp * KG + j] = acc1[j]; }
-    if (warp == 0) { ssq[lane] = sq0; ssq[lane + 32] = sq1; }
+    for (int u = 0; u < MF_UNITS; ++u) {
+#pragma unroll
+        for (int off = 8; off > 0; off >>= 1) sq[u] += __shfl_xor_sync(0xffffffffu, sq[u], off);
+    }
+    if ((tid & 15) == 0) {
+#pragma unroll
+        for (int u = 0; u < MF_UNITS; ++u) ssq_sh[(tid >> 4) + 8 * u] = sq[u];
+    }
+#pragma unroll
+    for (int nt = 0; nt < MF_NT; ++nt) {
+        const int row = warp * 16 + g, col = nt * 8 + 2 * q;
+        pout[row * (MF_KP + 1) + col] = acc[nt][0];
+        pout[row * (MF_KP + 1) + col + 1] = acc[nt][1];
+        pout[(row + 8) * (MF_KP + 1) + col] = acc[nt][2];
+        pout[(row + 8) * (MF_KP + 1) + col + 1] = acc[nt][3];
+    }
     __syncthreads();
-    if (tid < CF_TOK) {
+    if (tid < MF_TOK) {
         long t = t0 + tid;
         if (t < T) {
             const float* alpha = params;      // alpha_pre, alpha_post, alpha_res
             const float* b = params + 3;      // b_pre (N), b_post (N), b_res (N*N)
-            float r = sqrtf(ssq[tid] / (float)NC + rms_eps);
+            float r = sqrtf(ssq_sh[tid] / (float)NC + rms_eps);
             float inv = 1.f / r;
             float p[K];
 #pragma unroll
-            for (int j = 0; j < K; ++j) { p[j] = pout[tid][j]; proj[t * K + j] = p[j]; }
+            for (int j = 0; j < K; ++j) { p[j] = pout[tid * (MF_KP + 1) + j]; proj[t * K + j] = p[j]; }
             rnorm[t] = r;
             float* ct = coef + t * K;
 #pragma unroll
@@ -173,6 +286,22 @@ extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
             for (int j = 0; j < N * N; ++j) ct[2 * N + j] = m[j];
         }
     }
+}
+
+// split_phi: phi'[m, j] = gamma[m]·phi[m, j] as two bf16 halves, transposed:
+// phit_hi[j, m] + phit_lo[j, m] ≈ phi'[m, j]; rows j ≥ K are zero. Also keeps phi' in f32.
+extern "C" __global__ void split_phi(const float* __restrict__ phi, const float* __restrict__ gamma, int C,
+                                     float* __restrict__ folded, bf16_t* __restrict__ phit_hi, bf16_t* __restrict__ phit_lo)
+{
+    const long NC = (long)N * C;
+    long e = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= NC * MF_KP) return;
+    long j = e / NC, m = e % NC;
+    float v = j < K ? phi[m * K + j] * gamma[m] : 0.f;
+    if (j < K) folded[m * K + j] = v;
+    bf16_t hi = f32_to_bf16(v);
+    phit_hi[e] = hi;
+    phit_lo[e] = f32_to_bf16(v - bf16_to_f32(hi));
 }
 
 // ---------------------------------------------------------------------------
@@ -310,6 +439,9 @@ extern "C" __global__ void pre_bwd(const stream_t* __restrict__ x, const stream_
 }
 
 // ---------------------------------------------------------------------------
+#define SK_CK 8
+#define SK_MAX_ITERS 64
+#define SK_MAX_CK (2 * SK_MAX_ITERS / SK_CK)
 // coeff_bwd: one thread per token. From dcoef (∂L/∂H) to
 //   dp[t, j]   = alpha_blk / r · ∂H̃_j           (the gradient of p, scaled)
 //   xs[t]      = −(Σ_j alpha_blk ∂H̃_j p_j) / (r² · N·C · r)   (coefficient of x in ∂x)
@@ -340,8 +472,23 @@ extern "C" __global__ void coeff_bwd(const float* __restrict__ coef, const float
     float l[N * N], g[N * N], in[N * N], outm[N * N];
 #pragma unroll
     for (int j = 0; j < N * N; ++j) { l[j] = alpha[2] * inv * pt[2 * N + j] + b[2 * N + j]; g[j] = gt[2 * N + j]; }
+    // Checkpoints of the iterates every SK_CK half-steps (local memory), so that
+    // recomputing the input of step k costs at most SK_CK - 1 half-steps.
+    float ck[SK_MAX_CK][N * N];
+    sk_exp(l, in);
+    for (int k = 0; k < 2 * iters; ++k) {
+        if (k % SK_CK == 0) {
+#pragma unroll
+            for (int j = 0; j < N * N; ++j) ck[k / SK_CK][j] = in[j];
+        }
+        if ((k & 1) == 0) sk_cols(in, sk_eps); else sk_rows(in, sk_eps);
+    }
     for (int k = 2 * iters - 1; k >= 0; --k) {
-        sk_state(l, k, sk_eps, in);
+#pragma unroll
+        for (int j = 0; j < N * N; ++j) in[j] = ck[k / SK_CK][j];
+        for (int h = (k / SK_CK) * SK_CK; h < k; ++h) {
+            if ((h & 1) == 0) sk_cols(in, sk_eps); else sk_rows(in, sk_eps);
+        }
 #pragma unroll
         for (int j = 0; j < N * N; ++j) outm[j] = in[j];
         if ((k & 1) == 0) {
@@ -400,16 +547,17 @@ extern "C" __global__ void coeff_bwd(const float* __restrict__ coef, const float
 #define DX_CT 32   // keeps N·DX_CT threads × 2K registers within one block's register file
 #endif
 #define DX_TB 16
+#define KP4 ((K + 3) / 4 * 4)
 extern "C" __global__ void __launch_bounds__(N * DX_CT) dx_dphi(
     const stream_t* __restrict__ x, const stream_t* __restrict__ g, const stream_t* __restrict__ dh,
     const float* __restrict__ coef, const float* __restrict__ dp, const float* __restrict__ xsc,
     const float* __restrict__ phi, int T, int C, int chunk,
     stream_t* __restrict__ dx, float* __restrict__ gpart)
 {
-    __shared__ float s_x[DX_TB][N][DX_CT];
-    __shared__ float s_g[DX_TB][N][DX_CT];
-    __shared__ float s_dh[DX_TB][DX_CT];
-    __shared__ float s_dp[DX_TB][K];
+    __shared__ __align__(16) float s_x[DX_TB][N][DX_CT];
+    __shared__ __align__(16) float s_g[DX_TB][N][DX_CT];
+    __shared__ __align__(16) float s_dh[DX_TB][DX_CT];
+    __shared__ __align__(16) float s_dp[DX_TB][KP4];
     __shared__ float s_coef[DX_TB][K];
     __shared__ float s_xs[DX_TB];
     const int tid = threadIdx.x;
@@ -418,27 +566,33 @@ extern "C" __global__ void __launch_bounds__(N * DX_CT) dx_dphi(
     const int c = c0 + cc;
     const bool live = c < C;
     const long m = (long)i * C + c;
-    float f[K], G[K];
+    float f[KP4], G[KP4];
 #pragma unroll
-    for (int j = 0; j < K; ++j) { f[j] = live ? phi[m * K + j] : 0.f; G[j] = 0.f; }
+    for (int j = 0; j < KP4; ++j) { f[j] = (live && j < K) ? phi[m * K + j] : 0.f; G[j] = 0.f; }
     const long tbeg = (long)blockIdx.y * chunk;
     const long tend = min((long)T, tbeg + chunk);
     for (long tb = tbeg; tb < tend; tb += DX_TB) {
         const int nt = (int)min((long)DX_TB, tend - tb);
-        for (int e = tid; e < DX_TB * N * DX_CT; e += blockDim.x) {
-            int tt = e / (N * DX_CT), rem = e % (N * DX_CT), ii = rem / DX_CT, c2 = rem % DX_CT;
+        // x and g tiles in units of 4 channels (C % 4 == 0 and c0 % 4 == 0 keep units whole).
+        for (int e = tid; e < DX_TB * N * (DX_CT / 4); e += blockDim.x) {
+            int tt = e / (N * (DX_CT / 4)), rem = e % (N * (DX_CT / 4)), ii = rem / (DX_CT / 4), c2 = (rem % (DX_CT / 4)) * 4;
             bool ok = tt < nt && c0 + c2 < C;
             long idx = ((tb + tt) * N + ii) * C + c0 + c2;
-            s_x[tt][ii][c2] = ok ? ld(x, idx) : 0.f;
-            s_g[tt][ii][c2] = ok ? ld(g, idx) : 0.f;
+            float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
+            *reinterpret_cast<float4*>(&s_x[tt][ii][c2]) = ok ? ld4(x, idx) : zero;
+            *reinterpret_cast<float4*>(&s_g[tt][ii][c2]) = ok ? ld4(g, idx) : zero;
         }
-        for (int e = tid; e < DX_TB * DX_CT; e += blockDim.x) {
-            int tt = e / DX_CT, c2 = e % DX_CT;
-            s_dh[tt][c2] = (tt < nt && c0 + c2 < C) ? ld(dh, (tb + tt) * C + c0 + c2) : 0.f;
+        for (int e = tid; e < DX_TB * (DX_CT / 4); e += blockDim.x) {
+            int tt = e / (DX_CT / 4), c2 = (e % (DX_CT / 4)) * 4;
+            bool ok = tt < nt && c0 + c2 < C;
+            *reinterpret_cast<float4*>(&s_dh[tt][c2]) = ok ? ld4(dh, (tb + tt) * C + c0 + c2) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+        for (int e = tid; e < DX_TB * KP4; e += blockDim.x) {
+            int tt = e / KP4, j = e % KP4;
+            s_dp[tt][j] = (tt < nt && j < K) ? dp[(tb + tt) * K + j] : 0.f;
         }
         for (int e = tid; e < DX_TB * K; e += blockDim.x) {
             int tt = e / K, j = e % K;
-            s_dp[tt][j] = tt < nt ? dp[(tb + tt) * K + j] : 0.f;
             s_coef[tt][j] = tt < nt ? coef[(tb + tt) * K + j] : 0.f;
         }
         if (tid < DX_TB) s_xs[tid] = tid < nt ? xsc[tb + tid] : 0.f;
@@ -448,11 +602,15 @@ extern "C" __global__ void __launch_bounds__(N * DX_CT) dx_dphi(
             float acc = s_coef[tt][i] * s_dh[tt][cc] + s_xs[tt] * xv;
 #pragma unroll
             for (int o = 0; o < N; ++o) acc += s_coef[tt][2 * N + o * N + i] * s_g[tt][o][cc];
+            const float4* d4 = reinterpret_cast<const float4*>(&s_dp[tt][0]);
 #pragma unroll
-            for (int j = 0; j < K; ++j) {
-                float d = s_dp[tt][j];
-                acc += f[j] * d;
-                G[j] += xv * d;
+            for (int j4 = 0; j4 < KP4 / 4; ++j4) {
+                float4 d = d4[j4];
+                acc += f[4 * j4] * d.x + f[4 * j4 + 1] * d.y + f[4 * j4 + 2] * d.z + f[4 * j4 + 3] * d.w;
+                G[4 * j4] += xv * d.x;
+                G[4 * j4 + 1] += xv * d.y;
+                G[4 * j4 + 2] += xv * d.z;
+                G[4 * j4 + 3] += xv * d.w;
             }
             if (live) st(dx, ((tb + tt) * N + i) * C + c, acc);
         }
@@ -494,15 +652,6 @@ extern "C" __global__ void token_reduce(const float* __restrict__ dtok, int T, f
     for (long t = threadIdx.x; t < T; t += blockDim.x) v[0] += dtok[t * (K + 3) + j];
     block_sum<1>(v, scratch);
     if (threadIdx.x == 0) out[j] = v[0];
-}
-
-// fold_gamma: phi'[m, j] = gamma[m] · phi[m, j].
-extern "C" __global__ void fold_gamma(const float* __restrict__ phi, const float* __restrict__ gamma, int C,
-                                      float* __restrict__ out)
-{
-    long e = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= (long)N * C * K) return;
-    out[e] = phi[e] * gamma[e / K];
 }
 
 // scale: out = s · in (the benchmark's stand-in sublayer F(h) = 1.5 h and its vjp).
