@@ -166,7 +166,10 @@ impl CudaDevice {
             .map_err(|_| CudaError::NoDriver("the CUDA driver could not be initialised".into()))?
             .map_err(|e| match e.0 {
                 // Only "there is no GPU" is a missing driver; any other failure is a real error.
-                E::CUDA_ERROR_NO_DEVICE | E::CUDA_ERROR_INVALID_DEVICE | E::CUDA_ERROR_NOT_INITIALIZED | E::CUDA_ERROR_STUB_LIBRARY => {
+                E::CUDA_ERROR_NO_DEVICE
+                | E::CUDA_ERROR_INVALID_DEVICE
+                | E::CUDA_ERROR_NOT_INITIALIZED
+                | E::CUDA_ERROR_STUB_LIBRARY => {
                     CudaError::NoDriver(format!("device {ordinal}: {e:?}"))
                 }
                 _ => CudaError::Driver(format!("device {ordinal}: {e:?}")),

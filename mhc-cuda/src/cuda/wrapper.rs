@@ -92,6 +92,7 @@ impl<S: StreamElement> CudaSublayer<S> for ScaleSublayer {
 
 struct Kernels {
     coeff_fwd: CudaFunction,
+    coeff_finish: CudaFunction,
     pre_fwd: CudaFunction,
     post_fwd: CudaFunction,
     post_bwd: CudaFunction,
@@ -131,6 +132,7 @@ pub struct MhcCuda<S: StreamElement> {
     dphi: CudaSlice<f32>,
     dgamma: CudaSlice<f32>,
     dparams: CudaSlice<f32>,
+    coef_part: CudaSlice<f32>,
     coef: CudaSlice<f32>,
     proj: CudaSlice<f32>,
     rnorm: CudaSlice<f32>,
@@ -147,6 +149,8 @@ pub struct MhcCuda<S: StreamElement> {
 }
 
 const CF_TOK: usize = 64;
+/// Most split-K slices of the coefficient kernel.
+const MAX_SPLITS: usize = 8;
 
 fn launch_error(kernel: &str, e: cudarc::driver::DriverError) -> CudaError {
     CudaError::Driver(format!("launching {kernel}: {e:?}"))
@@ -157,7 +161,9 @@ fn launch_error(kernel: &str, e: cudarc::driver::DriverError) -> CudaError {
 fn debug_sync(dev: &CudaDevice, kernel: &str) -> CudaResult<()> {
     static SYNC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *SYNC.get_or_init(|| std::env::var_os("MHC_CUDA_SYNC").is_some_and(|v| v == "1")) {
-        dev.stream().synchronize().map_err(|e| CudaError::Driver(format!("kernel {kernel} failed: {e:?}")))?;
+        dev.stream()
+            .synchronize()
+            .map_err(|e| CudaError::Driver(format!("kernel {kernel} failed: {e:?}")))?;
     }
     Ok(())
 }
@@ -193,7 +199,10 @@ impl<S: StreamElement> MhcCuda<S> {
             )));
         }
         if config.sinkhorn.iterations > 64 {
-            return Err(CudaError::Unsupported(format!("{} Sinkhorn–Knopp iterations: at most 64", config.sinkhorn.iterations)));
+            return Err(CudaError::Unsupported(format!(
+                "{} Sinkhorn–Knopp iterations: at most 64",
+                config.sinkhorn.iterations
+            )));
         }
         if c % 4 != 0 {
             return Err(CudaError::Unsupported(format!(
@@ -221,13 +230,17 @@ impl<S: StreamElement> MhcCuda<S> {
             .clamp(1, capacity.div_ceil(256).max(1));
         let f32s = |len: usize| len * 4;
         let bytes = f32s(3 * n * c * k + 2 * n * c + 2 * (3 + k))
-            + f32s(capacity * (4 * k + 2 + (k + 3)))
+            + f32s(
+                capacity * (4 * k + 2 + (k + 3))
+                    + MAX_SPLITS * capacity * (k.next_multiple_of(8) + 1),
+            )
             + 4 * capacity * c * size_of::<S>()
             + f32s(chunks * n * c * k);
         dev.ensure_free(bytes)?;
         let name = |s: &str| -> CudaResult<CudaFunction> { dev.function(n, S::BF16, s) };
         let kernels = Kernels {
             coeff_fwd: name("coeff_fwd")?,
+            coeff_finish: name("coeff_finish")?,
             pre_fwd: name("pre_fwd")?,
             post_fwd: name("post_fwd")?,
             post_bwd: name("post_bwd")?,
@@ -259,6 +272,7 @@ impl<S: StreamElement> MhcCuda<S> {
             dphi: st.alloc_zeros(n * c * k)?,
             dgamma: st.alloc_zeros(n * c)?,
             dparams: st.alloc_zeros(k + 3)?,
+            coef_part: st.alloc_zeros(MAX_SPLITS * capacity * (k.next_multiple_of(8) + 1))?,
             coef: st.alloc_zeros(capacity * k)?,
             proj: st.alloc_zeros(capacity * k)?,
             rnorm: st.alloc_zeros(capacity)?,
@@ -306,15 +320,21 @@ impl<S: StreamElement> MhcCuda<S> {
         let total = (n * c * k.next_multiple_of(8)) as u32;
         let c_i = c as i32;
         let mut b = st.launch_builder(&self.kernels.split_phi);
-        b.arg(&self.phi_raw).arg(&self.gamma).arg(&c_i).arg(&mut self.phi).arg(&mut self.phit_hi).arg(&mut self.phit_lo);
+        b.arg(&self.phi_raw)
+            .arg(&self.gamma)
+            .arg(&c_i)
+            .arg(&mut self.phi)
+            .arg(&mut self.phit_hi)
+            .arg(&mut self.phit_lo);
         // SAFETY: split_phi reads N·C·K of phi_raw and N·C of gamma; writes N·C·K of phi and N·C·KP of each half (as allocated).
-        unsafe { b.launch(cfg((total.div_ceil(256), 1), 256)) }.map_err(|e| launch_error("split_phi", e))?;
+        unsafe { b.launch(cfg((total.div_ceil(256), 1), 256)) }
+            .map_err(|e| launch_error("split_phi", e))?;
         debug_sync(&self.dev, "split_phi")?;
         Ok(())
     }
 
     fn check_tokens(&self, what: &'static str, len: usize, per_token: usize) -> CudaResult<usize> {
-        if len == 0 || len % per_token != 0 {
+        if len == 0 || !len.is_multiple_of(per_token) {
             return Err(CudaError::Shape {
                 what,
                 expected: (len / per_token).max(1) * per_token,
@@ -333,23 +353,49 @@ impl<S: StreamElement> MhcCuda<S> {
 
     fn launch_coefficients(&mut self, x: &CudaSlice<S>, tokens: usize) -> CudaResult<()> {
         let (t, c) = (tokens as i32, self.c as i32);
+        let nc = self.n * self.c;
+        // Split the nC reduction so the grid holds about four blocks per multiprocessor:
+        // more bytes of x in flight than one block per 64 tokens can keep.
+        let chunk = if self.k <= 24 { 128 } else { 64 }; // MF_KC of the kernel
+        let blocks = tokens.div_ceil(CF_TOK);
+        let sm = self.dev.multiprocessors()? as usize;
+        let splits = (4 * sm)
+            .div_ceil(blocks)
+            .clamp(1, MAX_SPLITS)
+            .min(nc.div_ceil(chunk));
+        let span = nc.div_ceil(splits).next_multiple_of(chunk);
+        let splits = nc.div_ceil(span);
+        let (span_i, splits_i) = (span as i32, splits as i32);
         let st = self.dev.stream().clone();
-        let mut b = st.launch_builder(&self.kernels.coeff_fwd);
-        b.arg(x)
-            .arg(&self.phit_hi)
-            .arg(&self.phit_lo)
+        {
+            let mut b = st.launch_builder(&self.kernels.coeff_fwd);
+            b.arg(x)
+                .arg(&self.phit_hi)
+                .arg(&self.phit_lo)
+                .arg(&t)
+                .arg(&c)
+                .arg(&span_i)
+                .arg(&mut self.coef_part);
+            // SAFETY: grid (tokens/64, splits) with splits·span ≥ nC and splits ≤ MAX_SPLITS; x holds tokens·nC
+            // elements (checked by the caller); coef_part holds MAX_SPLITS·capacity·(KP+1) floats.
+            unsafe { b.launch(cfg((blocks as u32, splits as u32), 128)) }
+                .map_err(|e| launch_error("coeff_fwd", e))?;
+            debug_sync(&self.dev, "coeff_fwd")?;
+        }
+        let mut b = st.launch_builder(&self.kernels.coeff_finish);
+        b.arg(&self.coef_part)
+            .arg(&splits_i)
             .arg(&self.params)
             .arg(&t)
-            .arg(&c)
-            .arg(&self.rms_eps)
-            .arg(&self.iterations)
-            .arg(&self.sk_eps);
+            .arg(&c);
+        b.arg(&self.rms_eps).arg(&self.iterations).arg(&self.sk_eps);
         b.arg(&mut self.coef)
             .arg(&mut self.proj)
             .arg(&mut self.rnorm);
-        // SAFETY: x holds tokens·N·C elements (checked by the caller); coef/proj hold capacity·K ≥ tokens·K, rnorm capacity.
-        unsafe { b.launch(cfg((tokens.div_ceil(CF_TOK) as u32, 1), 128)) }.map_err(|e| launch_error("coeff_fwd", e))?;
-        debug_sync(&self.dev, "coeff_fwd")?;
+        // SAFETY: one thread per token (guarded); reads splits·tokens·(KP+1) partials; writes tokens rows.
+        unsafe { b.launch(cfg((tokens.div_ceil(128) as u32, 1), 128)) }
+            .map_err(|e| launch_error("coeff_finish", e))?;
+        debug_sync(&self.dev, "coeff_finish")?;
         Ok(())
     }
 
@@ -461,7 +507,8 @@ impl<S: StreamElement> MhcCuda<S> {
                 .arg(&mut self.dy)
                 .arg(&mut self.dcoef);
             // SAFETY: one block per token; each reads its token's N·C of x and g, C of y, K of coef; writes C of dy and K−N of dcoef.
-            unsafe { b.launch(cfg((tokens as u32, 1), row_block)) }.map_err(|e| launch_error("post_bwd", e))?;
+            unsafe { b.launch(cfg((tokens as u32, 1), row_block)) }
+                .map_err(|e| launch_error("post_bwd", e))?;
             debug_sync(&self.dev, "post_bwd")?;
         }
         sublayer.vjp(&dev, &self.h, &self.dy, &mut self.dh, tokens, c)?;
@@ -473,7 +520,8 @@ impl<S: StreamElement> MhcCuda<S> {
                 .arg(&c_i)
                 .arg(&mut self.dcoef);
             // SAFETY: one block per token; reads N·C of x and C of dh, writes N entries of dcoef.
-            unsafe { b.launch(cfg((tokens as u32, 1), row_block)) }.map_err(|e| launch_error("pre_bwd", e))?;
+            unsafe { b.launch(cfg((tokens as u32, 1), row_block)) }
+                .map_err(|e| launch_error("pre_bwd", e))?;
             debug_sync(&self.dev, "pre_bwd")?;
         }
         {
@@ -491,7 +539,8 @@ impl<S: StreamElement> MhcCuda<S> {
                 .arg(&mut self.xscale)
                 .arg(&mut self.dtok);
             // SAFETY: one thread per token (guarded by t < T); every buffer holds capacity ≥ tokens rows.
-            unsafe { b.launch(cfg((tokens.div_ceil(64) as u32, 1), 64)) }.map_err(|e| launch_error("coeff_bwd", e))?;
+            unsafe { b.launch(cfg((tokens.div_ceil(64) as u32, 1), 64)) }
+                .map_err(|e| launch_error("coeff_bwd", e))?;
             debug_sync(&self.dev, "coeff_bwd")?;
         }
         let ct = if n <= 4 { 64 } else { 32 };
@@ -513,7 +562,8 @@ impl<S: StreamElement> MhcCuda<S> {
                 .arg(grad_x)
                 .arg(&mut self.gpart);
             // SAFETY: grid (C/ct, chunks) with chunks·chunk ≥ tokens and chunks ≤ the allocated gpart chunks; bounds checked in the kernel.
-            unsafe { b.launch(cfg((c.div_ceil(ct) as u32, chunks as u32), (n * ct) as u32)) }.map_err(|e| launch_error("dx_dphi", e))?;
+            unsafe { b.launch(cfg((c.div_ceil(ct) as u32, chunks as u32), (n * ct) as u32)) }
+                .map_err(|e| launch_error("dx_dphi", e))?;
             debug_sync(&self.dev, "dx_dphi")?;
         }
         {
@@ -527,14 +577,16 @@ impl<S: StreamElement> MhcCuda<S> {
                 .arg(&mut self.dphi)
                 .arg(&mut self.dgamma);
             // SAFETY: one thread per m < N·C (guarded); reads chunks·N·C·K of gpart.
-            unsafe { b.launch(cfg(((n * c).div_ceil(256) as u32, 1), 256)) }.map_err(|e| launch_error("dphi_reduce", e))?;
+            unsafe { b.launch(cfg(((n * c).div_ceil(256) as u32, 1), 256)) }
+                .map_err(|e| launch_error("dphi_reduce", e))?;
             debug_sync(&self.dev, "dphi_reduce")?;
         }
         {
             let mut b = st.launch_builder(&self.kernels.token_reduce);
             b.arg(&self.dtok).arg(&t).arg(&mut self.dparams);
             // SAFETY: one block per output j < K + 3; reads tokens·(K+3) of dtok.
-            unsafe { b.launch(cfg(((k + 3) as u32, 1), 256)) }.map_err(|e| launch_error("token_reduce", e))?;
+            unsafe { b.launch(cfg(((k + 3) as u32, 1), 256)) }
+                .map_err(|e| launch_error("token_reduce", e))?;
             debug_sync(&self.dev, "token_reduce")?;
         }
         Ok(())

@@ -105,11 +105,17 @@ __device__ __forceinline__ void sk_state(const float* l, int steps, float eps, f
 // split into hi + lo as well (three products). Block: 4 warps × 16 tokens;
 // the next chunk of x is loaded into registers while the current one computes.
 #define MF_TOK 64
+// Longer chunks keep more bytes of x in flight per thread; n ≥ 5 keeps 64 so the
+// phi' halves fit the 48 KB of static shared memory.
+#if K <= 24
+#define MF_KC 128
+#else
 #define MF_KC 64
+#endif
 #define MF_NT ((K + 7) / 8)
 #define MF_KP (MF_NT * 8)
 #define MF_XS (MF_KC + 8)                 // smem row stride in bf16 (conflict-free fragment loads)
-#define MF_UNITS (MF_TOK * MF_KC / 4 / 128) // 4-element x units per thread per chunk (= 8)
+#define MF_UNITS (MF_TOK * MF_KC / 4 / 128) // 4-element x units per thread per chunk (8 or 16)
 #if STREAM_BF16
 #define MF_XTILES 1
 #else
@@ -138,10 +144,30 @@ __device__ __forceinline__ xunit_t ld_unit(const stream_t* x, long i, bool ok) {
 }
 #endif
 
+// Units (4 bf16) of the phi' halves for columns [m0, m0 + MF_KC) that thread `tid` stages.
+#define PH_TOTAL (2 * MF_KP * (MF_KC / 4))
+#define PH_UNITS ((PH_TOTAL + 127) / 128)
+__device__ __forceinline__ void load_phi_units(const bf16_t* __restrict__ hi, const bf16_t* __restrict__ lo, int NC, int m0,
+                                               int mend, int tid, uint2 (&preg)[PH_UNITS]) {
+#pragma unroll
+    for (int u = 0; u < PH_UNITS; ++u) {
+        int e = tid + 128 * u;
+        uint2 v = make_uint2(0u, 0u);
+        if (e < PH_TOTAL) {
+            int half = e / (MF_KP * (MF_KC / 4)), rem = e % (MF_KP * (MF_KC / 4));
+            int j = rem / (MF_KC / 4), c4 = (rem % (MF_KC / 4)) * 4;
+            if (m0 + c4 < mend) v = *reinterpret_cast<const uint2*>((half ? lo : hi) + (long)j * NC + m0 + c4);
+        }
+        preg[u] = v;
+    }
+}
+
+// Split-K: blockIdx.y takes columns [y·span, (y+1)·span) of x (span a multiple of MF_KC)
+// and writes its partial p and sum of squares to part[y][t][MF_KP + 1]; coeff_finish
+// adds the splits in order and applies the epilogue.
 extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
     const stream_t* __restrict__ x, const bf16_t* __restrict__ phit_hi, const bf16_t* __restrict__ phit_lo,
-    const float* __restrict__ params, int T, int C, float rms_eps, int iters, float sk_eps,
-    float* __restrict__ coef, float* __restrict__ proj, float* __restrict__ rnorm)
+    int T, int C, int span, float* __restrict__ part)
 {
     __shared__ __align__(16) unsigned char smem[MF_SMEM];
     __shared__ float ssq_sh[MF_TOK];
@@ -157,6 +183,8 @@ extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
     const int g = lane >> 2, q = lane & 3;
     const long t0 = (long)blockIdx.x * MF_TOK;
     const int NC = N * C;
+    const int mbeg = blockIdx.y * span;
+    const int mend = min(NC, mbeg + span);
     float acc[MF_NT][4];
 #pragma unroll
     for (int j = 0; j < MF_NT; ++j) { acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f; }
@@ -164,19 +192,24 @@ extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
 #pragma unroll
     for (int u = 0; u < MF_UNITS; ++u) sq[u] = 0.f;
 
-    // Unit u of this thread: row (token) tid/16 + 8u, columns 4·(tid%16) .. +3 of the chunk.
-    const int ucol = (tid & 15) * 4;
+    // Unit u of this thread: row (token) (tid / UPR) + (128 / UPR)·u, columns 4·(tid % UPR) .. +3 of the chunk,
+    // with UPR = MF_KC / 4 units per row.
+#define UPR (MF_KC / 4)
+#define RSTEP (128 / UPR)
+    const int ucol = (tid % UPR) * 4;
+    uint2 preg[PH_UNITS];
+    load_phi_units(phit_hi, phit_lo, NC, mbeg, mend, tid, preg);
     xunit_t regs[MF_UNITS];
 #pragma unroll
     for (int u = 0; u < MF_UNITS; ++u) {
-        long t = t0 + (tid >> 4) + 8 * u;
-        regs[u] = ld_unit(x, t * NC + ucol, t < T && ucol < NC);
+        long t = t0 + tid / UPR + RSTEP * u;
+        regs[u] = ld_unit(x, t * NC + mbeg + ucol, t < T && mbeg + ucol < mend);
     }
-    for (int m0 = 0; m0 < NC; m0 += MF_KC) {
+    for (int m0 = mbeg; m0 < mend; m0 += MF_KC) {
         // Registers → smem (bf16; f32 streams as hi + lo), squares for r.
 #pragma unroll
         for (int u = 0; u < MF_UNITS; ++u) {
-            int row = (tid >> 4) + 8 * u;
+            int row = tid / UPR + RSTEP * u;
 #if STREAM_BF16
             float4 f = make_float4(__uint_as_float(regs[u].x << 16), __uint_as_float(regs[u].x & 0xffff0000u),
                                    __uint_as_float(regs[u].y << 16), __uint_as_float(regs[u].y & 0xffff0000u));
@@ -193,24 +226,26 @@ extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
 #endif
             sq[u] += f.x * f.x + f.y * f.y + f.z * f.z + f.w * f.w;
         }
-        // phi' halves for this chunk: rows j < MF_KP of phiT [MF_KP][NC], 4 bf16 per unit.
-        for (int e = tid; e < 2 * MF_KP * (MF_KC / 4); e += 128) {
-            int half = e / (MF_KP * (MF_KC / 4)), rem = e % (MF_KP * (MF_KC / 4));
-            int j = rem / (MF_KC / 4), c4 = (rem % (MF_KC / 4)) * 4;
-            const bf16_t* src = half ? phit_lo : phit_hi;
-            bf16_t* dst = half ? ph_lo : ph_hi;
-            uint2 v = (m0 + c4 < NC) ? *reinterpret_cast<const uint2*>(src + (long)j * NC + m0 + c4) : make_uint2(0u, 0u);
-            *reinterpret_cast<uint2*>(dst + j * MF_XS + c4) = v;
+        // phi' halves for this chunk (prefetched into registers during the previous chunk).
+#pragma unroll
+        for (int u = 0; u < PH_UNITS; ++u) {
+            int e = tid + 128 * u;
+            if (e < PH_TOTAL) {
+                int half = e / (MF_KP * (MF_KC / 4)), rem = e % (MF_KP * (MF_KC / 4));
+                int j = rem / (MF_KC / 4), c4 = (rem % (MF_KC / 4)) * 4;
+                *reinterpret_cast<uint2*>((half ? ph_lo : ph_hi) + j * MF_XS + c4) = preg[u];
+            }
         }
         __syncthreads();
         // Prefetch the next chunk while the tensor cores work on this one.
-        if (m0 + MF_KC < NC) {
+        if (m0 + MF_KC < mend) {
 #pragma unroll
             for (int u = 0; u < MF_UNITS; ++u) {
-                long t = t0 + (tid >> 4) + 8 * u;
+                long t = t0 + tid / UPR + RSTEP * u;
                 int m = m0 + MF_KC + ucol;
-                regs[u] = ld_unit(x, t * NC + m, t < T && m < NC);
+                regs[u] = ld_unit(x, t * NC + m, t < T && m < mend);
             }
+            load_phi_units(phit_hi, phit_lo, NC, m0 + MF_KC, mend, tid, preg);
         }
 #pragma unroll
         for (int s = 0; s < MF_KC / 16; ++s) {
@@ -242,15 +277,15 @@ extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
         }
         __syncthreads();
     }
-    // Sums of squares: the 16 threads sharing a row set are consecutive lanes.
+    // Sums of squares: the UPR threads sharing a row set are consecutive lanes (UPR is 16 or 32).
 #pragma unroll
     for (int u = 0; u < MF_UNITS; ++u) {
 #pragma unroll
-        for (int off = 8; off > 0; off >>= 1) sq[u] += __shfl_xor_sync(0xffffffffu, sq[u], off);
+        for (int off = UPR / 2; off > 0; off >>= 1) sq[u] += __shfl_xor_sync(0xffffffffu, sq[u], off);
     }
-    if ((tid & 15) == 0) {
+    if (tid % UPR == 0) {
 #pragma unroll
-        for (int u = 0; u < MF_UNITS; ++u) ssq_sh[(tid >> 4) + 8 * u] = sq[u];
+        for (int u = 0; u < MF_UNITS; ++u) ssq_sh[tid / UPR + RSTEP * u] = sq[u];
     }
 #pragma unroll
     for (int nt = 0; nt < MF_NT; ++nt) {
@@ -264,28 +299,51 @@ extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
     if (tid < MF_TOK) {
         long t = t0 + tid;
         if (t < T) {
-            const float* alpha = params;      // alpha_pre, alpha_post, alpha_res
-            const float* b = params + 3;      // b_pre (N), b_post (N), b_res (N*N)
-            float r = sqrtf(ssq_sh[tid] / (float)NC + rms_eps);
-            float inv = 1.f / r;
-            float p[K];
+            float* out = part + ((long)blockIdx.y * T + t) * (MF_KP + 1);
 #pragma unroll
-            for (int j = 0; j < K; ++j) { p[j] = pout[tid * (MF_KP + 1) + j]; proj[t * K + j] = p[j]; }
-            rnorm[t] = r;
-            float* ct = coef + t * K;
-#pragma unroll
-            for (int i = 0; i < N; ++i) {
-                ct[i] = sigmoidf_(alpha[0] * inv * p[i] + b[i]);
-                ct[N + i] = 2.f * sigmoidf_(alpha[1] * inv * p[N + i] + b[N + i]);
-            }
-            float l[N * N], m[N * N];
-#pragma unroll
-            for (int j = 0; j < N * N; ++j) l[j] = alpha[2] * inv * p[2 * N + j] + b[2 * N + j];
-            sk_state(l, 2 * iters, sk_eps, m);
-#pragma unroll
-            for (int j = 0; j < N * N; ++j) ct[2 * N + j] = m[j];
+            for (int jj = 0; jj < MF_KP; ++jj) out[jj] = pout[tid * (MF_KP + 1) + jj];
+            out[MF_KP] = ssq_sh[tid];
         }
     }
+}
+
+// coeff_finish: one thread per token. Adds the split-K partials in order, then
+// r = sqrt(ssq/NC + eps), H̃ = alpha·p/r + b, H_pre = σ, H_post = 2σ, H_res = SK.
+extern "C" __global__ void coeff_finish(const float* __restrict__ part, int splits, const float* __restrict__ params,
+                                        int T, int C, float rms_eps, int iters, float sk_eps,
+                                        float* __restrict__ coef, float* __restrict__ proj, float* __restrict__ rnorm)
+{
+    long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    const float* alpha = params;      // alpha_pre, alpha_post, alpha_res
+    const float* b = params + 3;      // b_pre (N), b_post (N), b_res (N*N)
+    float p[K];
+    float ssq = 0.f;
+#pragma unroll
+    for (int j = 0; j < K; ++j) p[j] = 0.f;
+    for (int y = 0; y < splits; ++y) {
+        const float* in = part + ((long)y * T + t) * (MF_KP + 1);
+#pragma unroll
+        for (int j = 0; j < K; ++j) p[j] += in[j];
+        ssq += in[MF_KP];
+    }
+    float r = sqrtf(ssq / (float)(N * C) + rms_eps);
+    float inv = 1.f / r;
+#pragma unroll
+    for (int j = 0; j < K; ++j) proj[t * K + j] = p[j];
+    rnorm[t] = r;
+    float* ct = coef + t * K;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        ct[i] = sigmoidf_(alpha[0] * inv * p[i] + b[i]);
+        ct[N + i] = 2.f * sigmoidf_(alpha[1] * inv * p[N + i] + b[N + i]);
+    }
+    float l[N * N], m[N * N];
+#pragma unroll
+    for (int j = 0; j < N * N; ++j) l[j] = alpha[2] * inv * p[2 * N + j] + b[2 * N + j];
+    sk_state(l, 2 * iters, sk_eps, m);
+#pragma unroll
+    for (int j = 0; j < N * N; ++j) ct[2 * N + j] = m[j];
 }
 
 // split_phi: phi'[m, j] = gamma[m]·phi[m, j] as two bf16 halves, transposed:
