@@ -306,11 +306,11 @@ fn main() -> std::process::ExitCode {
                 );
             }
             let json = serde_json::to_string_pretty(&report).unwrap_or_default();
-            if let Some(path) = &args.json {
-                if let Err(e) = std::fs::write(path, &json) {
-                    eprintln!("error: {}: {e}", path.display());
-                    return std::process::ExitCode::from(1);
-                }
+            if let Some(path) = &args.json
+                && let Err(e) = std::fs::write(path, &json)
+            {
+                eprintln!("error: {}: {e}", path.display());
+                return std::process::ExitCode::from(1);
             }
             std::process::ExitCode::SUCCESS
         }
