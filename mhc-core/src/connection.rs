@@ -313,6 +313,22 @@ impl<T: Real> ConnectionParams<T> {
         ]
     }
 
+    /// The same parameters in another precision (rounded to nearest when narrowing).
+    pub fn cast<U: Real>(&self) -> ConnectionParams<U> {
+        let c = |v: &[T]| v.iter().map(|x| U::of(x.as_f64())).collect();
+        ConnectionParams {
+            alpha: c(&self.alpha),
+            b_pre: c(&self.b_pre),
+            b_post: c(&self.b_post),
+            b_res: c(&self.b_res),
+            phi: c(&self.phi),
+            gamma: c(&self.gamma),
+            theta_pre: c(&self.theta_pre),
+            theta_post: c(&self.theta_post),
+            theta_res: c(&self.theta_res),
+        }
+    }
+
     /// Sets every element to zero (e.g. before accumulating gradients).
     pub fn fill_zero(&mut self) {
         for (_, t) in self.tensors_mut() {

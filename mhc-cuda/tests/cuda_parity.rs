@@ -71,10 +71,6 @@ fn random_params(config: &ConnectionConfig, rng: &mut Rng) -> ConnectionParams<f
     p
 }
 
-fn to64(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&x| x as f64).collect()
-}
-
 fn check<S: StreamElement>(
     dev: &Arc<CudaDevice>,
     n: usize,
@@ -126,15 +122,7 @@ fn check<S: StreamElement>(
     let grads = gpu.gradients(&config).unwrap();
 
     // Reference: mhc-core in f64 on the same (rounded) inputs.
-    let p64 = ConnectionParams::<f64> {
-        alpha: to64(&params.alpha),
-        b_pre: to64(&params.b_pre),
-        b_post: to64(&params.b_post),
-        b_res: to64(&params.b_res),
-        phi: to64(&params.phi),
-        gamma: to64(&params.gamma),
-        ..ConnectionParams::zeros(&config)
-    };
+    let p64 = params.cast::<f64>();
     let conn = HyperConnection::new(config, p64).unwrap();
     let x64: Vec<f64> = x_host.iter().map(|v| v.to_f32() as f64).collect();
     let g64: Vec<f64> = g_host.iter().map(|v| v.to_f32() as f64).collect();

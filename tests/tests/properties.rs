@@ -159,17 +159,7 @@ proptest! {
         let config = ConnectionConfig::new(scheme, n, c);
         let mut p64 = ConnectionParams::<f64>::init(&config, &InitConfig { alpha: 0.7, projection_std: 0.2, ..InitConfig::default() }, &mut rng);
         p64.b_res.iter_mut().for_each(|b| *b += rng.normal());
-        let p32 = ConnectionParams::<f32> {
-            alpha: p64.alpha.iter().map(|&v| v as f32).collect(),
-            b_pre: p64.b_pre.iter().map(|&v| v as f32).collect(),
-            b_post: p64.b_post.iter().map(|&v| v as f32).collect(),
-            b_res: p64.b_res.iter().map(|&v| v as f32).collect(),
-            phi: p64.phi.iter().map(|&v| v as f32).collect(),
-            gamma: p64.gamma.iter().map(|&v| v as f32).collect(),
-            theta_pre: p64.theta_pre.iter().map(|&v| v as f32).collect(),
-            theta_post: p64.theta_post.iter().map(|&v| v as f32).collect(),
-            theta_res: p64.theta_res.iter().map(|&v| v as f32).collect(),
-        };
+        let p32 = p64.cast::<f32>();
         let x32 = normal_vec::<f32>(&mut rng, tokens * n * c, 1.0);
         let g32 = normal_vec::<f32>(&mut rng, tokens * n * c, 1.0);
         let w32 = normal_vec::<f32>(&mut rng, c * c, 0.5);

@@ -166,16 +166,7 @@ fn parity<S: StreamElement>(
     };
     gpu.forward(&mut sub, &x, &mut out)?;
     gpu.backward(&mut sub, &x, &g, &mut gx)?;
-    let to64 = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
-    let p64 = ConnectionParams::<f64> {
-        alpha: to64(&params.alpha),
-        b_pre: to64(&params.b_pre),
-        b_post: to64(&params.b_post),
-        b_res: to64(&params.b_res),
-        phi: to64(&params.phi),
-        gamma: to64(&params.gamma),
-        ..ConnectionParams::zeros(config)
-    };
+    let p64 = params.cast::<f64>();
     let conn = HyperConnection::new(*config, p64)?;
     let x64: Vec<f64> = x_h.iter().map(|v| v.to_f32() as f64).collect();
     let g64: Vec<f64> = g_h.iter().map(|v| v.to_f32() as f64).collect();
