@@ -21,6 +21,7 @@ cargo test --workspace --locked
 step "mhc-core without std: wasm32-unknown-unknown and thumbv7em-none-eabihf"
 cargo build -p mhc-core --locked --target wasm32-unknown-unknown
 cargo build -p mhc-core --locked --target thumbv7em-none-eabihf
+cargo build -p mhc-core --locked --no-default-features --target thumbv7em-none-eabihf
 
 step "rustdoc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked

@@ -23,6 +23,8 @@
 //! - [`HyperConnection`]: coefficients, forward and backward around any [`Sublayer`].
 //! - [`apply`]: the two memory-bound pieces (pre-aggregate, post/res merge) on their own.
 //! - [`diagnostics`]: Amax gains of one map and of the composite over depth.
+//! - `model` (feature `alloc`, on by default): the reference GPT model with
+//!   residual / HC / mHC streams, its exact backward, AdamW and the embedded data.
 //!
 //! `#![no_std]` + `alloc`; generic over `f32` and `f64` ([`Real`]). Hot paths
 //! allocate nothing: buffers live in a caller-owned [`Workspace`]. Every bad
@@ -70,6 +72,7 @@
 //! # Ok::<(), mhc_core::MhcError>(())
 //! ```
 #![no_std]
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 extern crate alloc;
@@ -80,7 +83,7 @@ pub mod apply;
 mod connection;
 pub mod diagnostics;
 mod error;
-#[cfg(feature = "model")]
+#[cfg(feature = "alloc")]
 pub mod model;
 mod real;
 mod rng;

@@ -237,10 +237,19 @@ impl CudaDevice {
                     let opts = CompileOptions {
                         arch: Some(arch),
                         options: {
-                            let mut o = vec![format!("-DN={n}"), format!("-DSTREAM_BF16={}", u8::from(bf16)), "-std=c++17".into()];
+                            let mut o = vec![
+                                format!("-DN={n}"),
+                                format!("-DSTREAM_BF16={}", u8::from(bf16)),
+                                "-std=c++17".into(),
+                            ];
                             // Extra defines for tuning experiments: the kernels' knobs, e.g. "-DDX_TB=8".
                             if let Ok(extra) = std::env::var("MHC_CUDA_DEFINES") {
-                                o.extend(extra.split_whitespace().filter(|d| d.starts_with("-D")).map(String::from));
+                                o.extend(
+                                    extra
+                                        .split_whitespace()
+                                        .filter(|d| d.starts_with("-D"))
+                                        .map(String::from),
+                                );
                             }
                             o
                         },
