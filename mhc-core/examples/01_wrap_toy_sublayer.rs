@@ -164,7 +164,11 @@ fn train(
     // Composite gain of H_res over the whole depth, over the tokens.
     let h_res: Vec<Vec<f64>> = blocks
         .iter()
-        .map(|b| (0..TOKENS).flat_map(|t| b.ws.h_res(t).to_vec()).collect())
+        .map(|b| {
+            (0..TOKENS)
+                .flat_map(|t| b.ws.h_res(t).unwrap_or_default().to_vec())
+                .collect()
+        })
         .collect();
     let layers: Vec<&[f64]> = h_res.iter().map(|v| v.as_slice()).collect();
     let mut gains = vec![CompositeGain::default(); LAYERS];

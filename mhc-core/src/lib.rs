@@ -66,7 +66,7 @@
 //! conn.backward(&mut Tanh, &x, &grad_out, &mut grad_x, &mut grads, &mut ws)?;
 //!
 //! // H_res of the first token is doubly stochastic (rows exact, columns within the SK residual).
-//! let h_res = ws.h_res(0);
+//! let h_res = ws.h_res(0).expect("token 0 was in the batch");
 //! assert!((h_res[..n].iter().sum::<f32>() - 1.0).abs() < 1e-5);
 //! assert!(grads.phi.iter().any(|g| *g != 0.0));
 //! # Ok::<(), mhc_core::MhcError>(())

@@ -440,6 +440,10 @@ fn bad_input_gives_typed_errors() {
             index: 5
         })
     );
+    // H_res of a token that was not in the batch is None, not a panic.
+    let mut probe = Workspace::new(&config, 2);
+    conn.forward(&mut f, &x, &mut out, &mut probe).unwrap();
+    assert!(probe.h_res(1).is_some() && probe.h_res(2).is_none());
     // Backward before any forward.
     let mut gx = vec![0.0; 16];
     let mut grads = ConnectionParams::zeros(&config);

@@ -107,10 +107,11 @@ impl<T: Real> Workspace<T> {
         &self.coefficients[..self.tokens * (self.n * self.n + 2 * self.n)]
     }
 
-    /// `H_res` of token `t` of the last forward (row-major `n×n`).
-    pub fn h_res(&self, t: usize) -> &[T] {
+    /// `H_res` of token `t` of the last forward (row-major `n×n`), or `None`
+    /// when `t` is not a token of it.
+    pub fn h_res(&self, t: usize) -> Option<&[T]> {
         let k = self.n * self.n + 2 * self.n;
-        &self.coefficients[t * k + 2 * self.n..(t + 1) * k]
+        (t < self.tokens).then(|| &self.coefficients[t * k + 2 * self.n..(t + 1) * k])
     }
 
     /// Sublayer input `h = H_pre·x` of the last forward, `[tokens, C]`.

@@ -641,7 +641,12 @@ impl<T: Real> Model<T> {
                 let mut h = Vec::with_capacity(tokens * nn);
                 let (mut fwd, mut bwd) = (0.0f64, 0.0f64);
                 for t in 0..tokens {
-                    let m: Vec<f64> = ws.h_res(t).iter().map(|v| v.as_f64()).collect();
+                    let m: Vec<f64> = ws
+                        .h_res(t)
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|v| v.as_f64())
+                        .collect();
                     let g = amax_gain_unchecked(&m, n);
                     fwd = fwd.max(g.forward);
                     bwd = bwd.max(g.backward);
