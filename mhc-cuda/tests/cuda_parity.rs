@@ -1,5 +1,5 @@
 //! Parity of the CUDA kernels with mhc-core (its f64 path is the reference),
-//! on random inputs (never zeros), for n ∈ {1, 2, 4, 8}, two widths and both
+//! on random inputs (never zeros), for n ∈ {1, 2, 3, 4, 5, 8}, two widths and both
 //! stream dtypes. Skips with a message when no CUDA driver is present.
 //!
 //! Tolerances (relative L2 error ‖gpu − ref‖ / ‖ref‖, per tensor):
@@ -207,7 +207,7 @@ fn check<S: StreamElement>(
 fn kernels_match_mhc_core_f32() {
     let Some(dev) = device() else { return };
     eprintln!("CUDA device: {}", dev.name());
-    for n in [1usize, 2, 4, 8] {
+    for n in [1usize, 2, 3, 4, 5, 8] {
         for c in [64usize, 260] {
             check::<f32>(&dev, n, c, 77, 1e-4, 10 * n as u64 + c as u64);
         }
@@ -218,7 +218,7 @@ fn kernels_match_mhc_core_f32() {
 #[test]
 fn kernels_match_mhc_core_bf16() {
     let Some(dev) = device() else { return };
-    for n in [1usize, 2, 4, 8] {
+    for n in [1usize, 2, 3, 4, 5, 8] {
         for c in [64usize, 260] {
             check::<half::bf16>(&dev, n, c, 77, 2e-2, 20 * n as u64 + c as u64);
         }
