@@ -109,7 +109,7 @@ pub fn save(
 ) -> Result<(), CheckpointError> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut index = 0;
-    let optimizer = trainer.optimizer.clone();
+    let optimizer = &trainer.optimizer;
     trainer.model.for_each_param(|id, p, _| {
         let name = id.name();
         let shape = tensor_shape(spec, &name, p.len());
