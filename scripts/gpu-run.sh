@@ -8,6 +8,7 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
 echo "== CUDA parity tests"
 .device-bin/cuda_parity --nocapture --test-threads 1 2>&1 | tee "$out/parity.log"
+.device-bin/cuda_model_ops --nocapture 2>&1 | tee -a "$out/parity.log"
 echo "== mhc-bench bf16"
 .device-bin/mhc-bench --dtype bf16 --json "$out/bench_bf16.json" 2>&1 | tee "$out/bench.log"
 if [ "${SKIP_PEERS:-0}" != 1 ]; then

@@ -12,6 +12,7 @@
 
 #![allow(unsafe_code)] // kernel launches and the driver probe are `unsafe` in cudarc; each use says why it is sound
 
+mod model_ops;
 mod wrapper;
 
 use std::collections::HashMap;
@@ -22,10 +23,14 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
+pub use model_ops::ModelKernels;
 pub use wrapper::{CudaSublayer, MhcCuda, ScaleSublayer};
 
-/// The kernels' source, compiled per (n, stream dtype) on first use.
+/// The mHC wrapper kernels' source, compiled per (n, stream dtype) on first use.
 pub const KERNEL_SOURCE: &str = include_str!("kernels/mhc.cu");
+
+/// The model kernels' source (RMSNorm, GELU, cross-entropy, AdamW, sums) for the CUDA trainer.
+pub const MODEL_KERNEL_SOURCE: &str = include_str!("kernels/model.cu");
 
 /// Everything that can go wrong on the CUDA path.
 #[derive(Debug)]
@@ -139,7 +144,7 @@ impl StreamElement for half::bf16 {
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    modules: Mutex<HashMap<(usize, bool), Arc<CudaModule>>>,
+    modules: Mutex<HashMap<String, Arc<CudaModule>>>,
 }
 
 /// Whether the CUDA driver and NVRTC libraries can be loaded (never panics).
@@ -223,48 +228,53 @@ impl CudaDevice {
 
     /// The kernel `name` for `n` streams of the given dtype (compiled once per pair).
     pub(crate) fn function(&self, n: usize, bf16: bool, name: &str) -> CudaResult<CudaFunction> {
-        let module = {
-            let mut modules = self
-                .modules
-                .lock()
-                .map_err(|_| CudaError::Driver("module cache poisoned".into()))?;
-            match modules.get(&(n, bf16)) {
-                Some(m) => m.clone(),
-                None => {
-                    let (major, minor) = self.compute_capability()?;
-                    let arch: &'static str =
-                        Box::leak(format!("compute_{major}{minor}").into_boxed_str());
-                    let opts = CompileOptions {
-                        arch: Some(arch),
-                        options: {
-                            let mut o = vec![
-                                format!("-DN={n}"),
-                                format!("-DSTREAM_BF16={}", u8::from(bf16)),
-                                "-std=c++17".into(),
-                            ];
-                            // Extra defines for tuning experiments: the kernels' knobs, e.g. "-DDX_TB=8".
-                            if let Ok(extra) = std::env::var("MHC_CUDA_DEFINES") {
-                                o.extend(
-                                    extra
-                                        .split_whitespace()
-                                        .filter(|d| d.starts_with("-D"))
-                                        .map(String::from),
-                                );
-                            }
-                            o
-                        },
-                        fmad: Some(true),
-                        ..Default::default()
-                    };
-                    let ptx = compile_ptx_with_opts(KERNEL_SOURCE, opts)
-                        .map_err(|e| CudaError::Compile(format!("{e:?}")))?;
-                    let m = self.ctx.load_module(ptx)?;
-                    modules.insert((n, bf16), m.clone());
-                    m
-                }
-            }
-        };
+        let defines = vec![
+            format!("-DN={n}"),
+            format!("-DSTREAM_BF16={}", u8::from(bf16)),
+        ];
+        let module = self.module(&format!("mhc/{n}/{bf16}"), KERNEL_SOURCE, defines)?;
         Ok(module.load_function(name)?)
+    }
+
+    /// `source` compiled with NVRTC for this device (once per `key`), with
+    /// `defines` and any `-D` options of the `MHC_CUDA_DEFINES` variable
+    /// (tuning experiments, e.g. `"-DDX_MINB=2"`).
+    pub(crate) fn module(
+        &self,
+        key: &str,
+        source: &str,
+        defines: Vec<String>,
+    ) -> CudaResult<Arc<CudaModule>> {
+        let mut modules = self
+            .modules
+            .lock()
+            .map_err(|_| CudaError::Driver("module cache poisoned".into()))?;
+        if let Some(m) = modules.get(key) {
+            return Ok(m.clone());
+        }
+        let (major, minor) = self.compute_capability()?;
+        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+        let mut options = defines;
+        options.push("-std=c++17".into());
+        if let Ok(extra) = std::env::var("MHC_CUDA_DEFINES") {
+            options.extend(
+                extra
+                    .split_whitespace()
+                    .filter(|d| d.starts_with("-D"))
+                    .map(String::from),
+            );
+        }
+        let opts = CompileOptions {
+            arch: Some(arch),
+            options,
+            fmad: Some(true),
+            ..Default::default()
+        };
+        let ptx = compile_ptx_with_opts(source, opts)
+            .map_err(|e| CudaError::Compile(format!("{e:?}")))?;
+        let m = self.ctx.load_module(ptx)?;
+        modules.insert(key.to_string(), m.clone());
+        Ok(m)
     }
 
     fn compute_capability(&self) -> CudaResult<(i32, i32)> {

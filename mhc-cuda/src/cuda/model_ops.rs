@@ -1,0 +1,296 @@
+//! GPU twins of the reference model's dense operations
+//! ([`mhc_core::model::ops`], [`mhc_core::model::optim`]): RMSNorm, GELU,
+//! softmax cross-entropy, AdamW and a deterministic sum of squares — the first
+//! building blocks of the CUDA trainer, each parity-tested against the core.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, LaunchConfig, PushKernelArg};
+use mhc_core::model::optim::AdamWConfig;
+
+use super::{CudaDevice, CudaError, CudaResult, MODEL_KERNEL_SOURCE};
+
+/// The model kernels, compiled for one device.
+pub struct ModelKernels {
+    dev: Arc<CudaDevice>,
+    module: Arc<CudaModule>,
+}
+
+fn check(what: &'static str, len: usize, expected: usize) -> CudaResult<()> {
+    if len < expected {
+        Err(CudaError::Shape {
+            what,
+            expected,
+            got: len,
+        })
+    } else {
+        Ok(())
+    }
+}
+
+fn row_block(width: usize) -> u32 {
+    (width.next_multiple_of(32)).clamp(32, 256) as u32
+}
+
+impl ModelKernels {
+    /// Compiles the kernels (once per device).
+    pub fn new(dev: Arc<CudaDevice>) -> CudaResult<Self> {
+        let module = dev.module("model", MODEL_KERNEL_SOURCE, Vec::new())?;
+        Ok(Self { dev, module })
+    }
+
+    fn f(&self, name: &str) -> CudaResult<CudaFunction> {
+        Ok(self.module.load_function(name)?)
+    }
+
+    fn grid(&self, len: usize) -> CudaResult<u32> {
+        Ok((len.div_ceil(256) as u32).clamp(1, self.dev.multiprocessors()? * 8))
+    }
+
+    /// `y = RMSNorm(x)·w` over rows of width `c`; `inv_rms[r] = 1/rms`.
+    pub fn rmsnorm(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        rows: usize,
+        c: usize,
+        eps: f32,
+        y: &mut CudaSlice<f32>,
+        inv_rms: &mut CudaSlice<f32>,
+    ) -> CudaResult<()> {
+        check("rmsnorm x", x.len(), rows * c)?;
+        check("rmsnorm w", w.len(), c)?;
+        check("rmsnorm y", y.len(), rows * c)?;
+        check("rmsnorm inv_rms", inv_rms.len(), rows)?;
+        let f = self.f("rmsnorm_fwd")?;
+        let c_i = c as i32;
+        let mut b = self.dev.stream().launch_builder(&f);
+        b.arg(x).arg(w).arg(&c_i).arg(&eps).arg(y).arg(inv_rms);
+        // SAFETY: one block per row < rows; every buffer was checked to hold rows·c (or c, rows) elements.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (row_block(c), 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }?;
+        Ok(())
+    }
+
+    /// Backward of [`Self::rmsnorm`]: overwrites `dx`, **adds** to `dw`.
+    pub fn rmsnorm_backward(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        inv_rms: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        rows: usize,
+        c: usize,
+        dx: &mut CudaSlice<f32>,
+        dw: &mut CudaSlice<f32>,
+    ) -> CudaResult<()> {
+        for (what, len, want) in [
+            ("x", x.len(), rows * c),
+            ("dy", dy.len(), rows * c),
+            ("dx", dx.len(), rows * c),
+            ("w", w.len(), c),
+            ("dw", dw.len(), c),
+            ("inv_rms", inv_rms.len(), rows),
+        ] {
+            check(what, len, want)?;
+        }
+        let c_i = c as i32;
+        let r_i = rows as i32;
+        let st = self.dev.stream();
+        let f = self.f("rmsnorm_bwd_dx")?;
+        let mut b = st.launch_builder(&f);
+        b.arg(x).arg(w).arg(inv_rms).arg(dy).arg(&c_i).arg(dx);
+        // SAFETY: one block per row; sizes checked above.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (row_block(c), 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }?;
+        let f = self.f("rmsnorm_bwd_dw")?;
+        let mut b = st.launch_builder(&f);
+        b.arg(x).arg(inv_rms).arg(dy).arg(&r_i).arg(&c_i).arg(dw);
+        // SAFETY: one thread per column < c (guarded); sizes checked above.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (c.div_ceil(128) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }?;
+        Ok(())
+    }
+
+    fn elementwise(
+        &self,
+        name: &str,
+        a: &CudaSlice<f32>,
+        b2: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+    ) -> CudaResult<()> {
+        let len = a.len();
+        check("elementwise output", out.len(), len)?;
+        if let Some(b2) = b2 {
+            check("elementwise second input", b2.len(), len)?;
+        }
+        let f = self.f(name)?;
+        let len_i = len as i64;
+        let grid = self.grid(len)?;
+        let mut b = self.dev.stream().launch_builder(&f);
+        b.arg(a);
+        if let Some(b2) = b2 {
+            b.arg(b2);
+        }
+        b.arg(&len_i).arg(out);
+        // SAFETY: grid-stride over len elements; every buffer holds at least len.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (grid, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }?;
+        Ok(())
+    }
+
+    /// `a = GELU(u)` (tanh approximation), element-wise.
+    pub fn gelu(&self, u: &CudaSlice<f32>, a: &mut CudaSlice<f32>) -> CudaResult<()> {
+        self.elementwise("gelu_fwd", u, None, a)
+    }
+
+    /// `du = da · GELU′(u)`.
+    pub fn gelu_backward(
+        &self,
+        u: &CudaSlice<f32>,
+        da: &CudaSlice<f32>,
+        du: &mut CudaSlice<f32>,
+    ) -> CudaResult<()> {
+        self.elementwise("gelu_bwd", u, Some(da), du)
+    }
+
+    /// Softmax cross-entropy of `logits [rows, vocab]` against `targets`:
+    /// per-row losses into `loss`, and `logits` overwritten with the gradient
+    /// of the mean loss. Targets must be `< vocab` (checked on the host copy).
+    pub fn cross_entropy(
+        &self,
+        logits: &mut CudaSlice<f32>,
+        targets: &CudaSlice<u32>,
+        rows: usize,
+        vocab: usize,
+        loss: &mut CudaSlice<f32>,
+    ) -> CudaResult<()> {
+        check("logits", logits.len(), rows * vocab)?;
+        check("targets", targets.len(), rows)?;
+        check("loss", loss.len(), rows)?;
+        let host: Vec<u32> = self.dev.stream().clone_dtoh(targets)?;
+        if let Some(&t) = host[..rows].iter().find(|&&t| t as usize >= vocab) {
+            return Err(CudaError::Core(mhc_core::MhcError::TokenOutOfRange {
+                token: t,
+                vocab,
+            }));
+        }
+        let f = self.f("cross_entropy")?;
+        let (r_i, v_i) = (rows as i32, vocab as i32);
+        let mut b = self.dev.stream().launch_builder(&f);
+        b.arg(logits).arg(targets).arg(&r_i).arg(&v_i).arg(loss);
+        // SAFETY: one block per row; targets < vocab (checked); sizes checked above.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (row_block(vocab), 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }?;
+        Ok(())
+    }
+
+    /// One AdamW update (step `step ≥ 1`, as after [`mhc_core::model::optim::AdamW::begin_step`]),
+    /// gradient scaled by `grad_scale` (global-norm clipping).
+    pub fn adamw(
+        &self,
+        w: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        config: &AdamWConfig,
+        lr: f64,
+        step: u64,
+        decay: bool,
+        grad_scale: f32,
+    ) -> CudaResult<()> {
+        let len = w.len();
+        for (what, l) in [
+            ("grad", g.len()),
+            ("first moment", m.len()),
+            ("second moment", v.len()),
+        ] {
+            check(what, l, len)?;
+        }
+        let t = step.max(1) as f64;
+        let inv_bc1 = (1.0 / (1.0 - config.beta1.powf(t))) as f32;
+        let inv_bc2 = (1.0 / (1.0 - config.beta2.powf(t))) as f32;
+        let shrink = if decay {
+            (1.0 - lr * config.weight_decay) as f32
+        } else {
+            1.0
+        };
+        let (lr32, b1, b2, eps) = (
+            lr as f32,
+            config.beta1 as f32,
+            config.beta2 as f32,
+            config.eps as f32,
+        );
+        let f = self.f("adamw")?;
+        let len_i = len as i64;
+        let grid = self.grid(len)?;
+        let mut b = self.dev.stream().launch_builder(&f);
+        b.arg(w)
+            .arg(g)
+            .arg(m)
+            .arg(v)
+            .arg(&len_i)
+            .arg(&lr32)
+            .arg(&b1)
+            .arg(&b2)
+            .arg(&eps)
+            .arg(&shrink)
+            .arg(&inv_bc1)
+            .arg(&inv_bc2)
+            .arg(&grad_scale);
+        // SAFETY: grid-stride over len elements; all four buffers hold at least len (checked).
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (grid, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }?;
+        Ok(())
+    }
+
+    /// `Σ x²` in a fixed order (block partials summed on the host in order).
+    pub fn sum_squares(&self, x: &CudaSlice<f32>) -> CudaResult<f64> {
+        let grid = self.grid(x.len())?;
+        let st = self.dev.stream();
+        let mut partial: CudaSlice<f32> = st.alloc_zeros(grid as usize)?;
+        let f = self.f("sum_squares")?;
+        let len_i = x.len() as i64;
+        let mut b = st.launch_builder(&f);
+        b.arg(x).arg(&len_i).arg(&mut partial);
+        // SAFETY: grid-stride over x.len(); one partial per block (grid entries allocated).
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (grid, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }?;
+        Ok(st.clone_dtoh(&partial)?.iter().map(|&p| p as f64).sum())
+    }
+}

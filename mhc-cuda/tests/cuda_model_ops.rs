@@ -1,0 +1,164 @@
+//! Parity of the CUDA model kernels with mhc-core's reference operations, on
+//! random inputs (never zeros). Skips with a message when no CUDA driver is
+//! present. Tolerance: relative L2 error ≤ 1e-5 (f32 on both sides; the
+//! reductions differ only in summation order). Outputs are poisoned first.
+
+use std::sync::Arc;
+
+use mhc_core::Rng;
+use mhc_core::model::ops;
+use mhc_core::model::optim::{AdamW, AdamWConfig};
+use mhc_cuda::cuda::{CudaDevice, CudaError, ModelKernels};
+
+fn device() -> Option<Arc<CudaDevice>> {
+    match CudaDevice::new(0) {
+        Ok(d) => Some(Arc::new(d)),
+        Err(CudaError::NoDriver(m)) => {
+            eprintln!("skipping CUDA model-ops test: {m}");
+            None
+        }
+        Err(e) => panic!("CUDA present but unusable: {e}"),
+    }
+}
+
+fn randn(rng: &mut Rng, len: usize, std: f64) -> Vec<f32> {
+    (0..len).map(|_| (rng.normal() * std) as f32).collect()
+}
+
+fn rel_l2(what: &str, gpu: &[f32], reference: &[f32], tol: f64) {
+    assert_eq!(gpu.len(), reference.len(), "{what}: length");
+    assert!(
+        gpu.iter().all(|v| v.is_finite()),
+        "{what}: non-finite or unwritten element"
+    );
+    let num: f64 = gpu
+        .iter()
+        .zip(reference)
+        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+        .sum();
+    let den: f64 = reference
+        .iter()
+        .map(|&b| (b as f64).powi(2))
+        .sum::<f64>()
+        .max(1e-30);
+    let err = (num / den).sqrt();
+    assert!(err <= tol, "{what}: relative L2 error {err:.3e} > {tol:e}");
+}
+
+#[test]
+fn model_kernels_match_mhc_core() {
+    let Some(dev) = device() else { return };
+    let k = ModelKernels::new(dev.clone()).unwrap();
+    let st = dev.stream().clone();
+    let mut rng = Rng::new(5);
+    for (rows, c) in [(7usize, 64usize), (33, 260), (128, 768)] {
+        // RMSNorm forward and backward.
+        let x = randn(&mut rng, rows * c, 1.5);
+        let w: Vec<f32> = (0..c).map(|_| 1.0 + 0.2 * rng.normal() as f32).collect();
+        let dy = randn(&mut rng, rows * c, 1.0);
+        let (mut y_ref, mut inv_ref) = (vec![0.0f32; rows * c], vec![0.0f32; rows]);
+        ops::rmsnorm(&x, &w, 1e-6, &mut y_ref, &mut inv_ref);
+        let (mut dx_ref, mut dw_ref) = (vec![0.0f32; rows * c], vec![0.0f32; c]);
+        ops::rmsnorm_backward(&x, &w, &inv_ref, &dy, &mut dx_ref, &mut dw_ref);
+        let (xd, wd, dyd) = (
+            st.clone_htod(&x).unwrap(),
+            st.clone_htod(&w).unwrap(),
+            st.clone_htod(&dy).unwrap(),
+        );
+        let mut yd = st.clone_htod(&vec![f32::NAN; rows * c]).unwrap();
+        let mut invd = st.clone_htod(&vec![f32::NAN; rows]).unwrap();
+        k.rmsnorm(&xd, &wd, rows, c, 1e-6, &mut yd, &mut invd)
+            .unwrap();
+        rel_l2("rmsnorm y", &st.clone_dtoh(&yd).unwrap(), &y_ref, 1e-5);
+        rel_l2(
+            "rmsnorm 1/rms",
+            &st.clone_dtoh(&invd).unwrap(),
+            &inv_ref,
+            1e-5,
+        );
+        let mut dxd = st.clone_htod(&vec![f32::NAN; rows * c]).unwrap();
+        let mut dwd = st.clone_htod(&vec![0.0f32; c]).unwrap();
+        k.rmsnorm_backward(&xd, &wd, &invd, &dyd, rows, c, &mut dxd, &mut dwd)
+            .unwrap();
+        rel_l2("rmsnorm dx", &st.clone_dtoh(&dxd).unwrap(), &dx_ref, 1e-5);
+        rel_l2("rmsnorm dw", &st.clone_dtoh(&dwd).unwrap(), &dw_ref, 1e-5);
+
+        // GELU forward and backward.
+        let u = randn(&mut rng, rows * c, 2.0);
+        let da = randn(&mut rng, rows * c, 1.0);
+        let a_ref: Vec<f32> = u.iter().map(|&v| ops::gelu(v)).collect();
+        let du_ref: Vec<f32> = u
+            .iter()
+            .zip(&da)
+            .map(|(&v, &g)| g * ops::gelu_grad(v))
+            .collect();
+        let (ud, dad) = (st.clone_htod(&u).unwrap(), st.clone_htod(&da).unwrap());
+        let mut ad = st.clone_htod(&vec![f32::NAN; rows * c]).unwrap();
+        let mut dud = st.clone_htod(&vec![f32::NAN; rows * c]).unwrap();
+        k.gelu(&ud, &mut ad).unwrap();
+        k.gelu_backward(&ud, &dad, &mut dud).unwrap();
+        rel_l2("gelu", &st.clone_dtoh(&ad).unwrap(), &a_ref, 1e-5);
+        rel_l2(
+            "gelu backward",
+            &st.clone_dtoh(&dud).unwrap(),
+            &du_ref,
+            1e-5,
+        );
+
+        // Cross-entropy (vocab = c here) and its gradient.
+        let logits = randn(&mut rng, rows * c, 3.0);
+        let targets: Vec<u32> = (0..rows).map(|_| rng.below(c as u64) as u32).collect();
+        let mut grad_ref = logits.clone();
+        let loss_ref = ops::cross_entropy(&mut grad_ref, &targets, c);
+        let mut ld = st.clone_htod(&logits).unwrap();
+        let td = st.clone_htod(&targets).unwrap();
+        let mut lossd = st.clone_htod(&vec![f32::NAN; rows]).unwrap();
+        k.cross_entropy(&mut ld, &td, rows, c, &mut lossd).unwrap();
+        let rows_loss: Vec<f32> = st.clone_dtoh(&lossd).unwrap();
+        let mean = rows_loss.iter().map(|&v| v as f64).sum::<f64>() / rows as f64;
+        assert!(
+            (mean - loss_ref as f64).abs() <= 1e-5 * (loss_ref as f64).abs().max(1.0),
+            "loss {mean} vs {loss_ref}"
+        );
+        rel_l2(
+            "cross-entropy gradient",
+            &st.clone_dtoh(&ld).unwrap(),
+            &grad_ref,
+            1e-5,
+        );
+        let bad = st.clone_htod(&vec![c as u32; rows]).unwrap();
+        assert!(matches!(
+            k.cross_entropy(&mut ld, &bad, rows, c, &mut lossd),
+            Err(CudaError::Core(_))
+        ));
+
+        // AdamW, three steps with decay and clipping scale, against the core's optimiser.
+        let cfg = AdamWConfig::default();
+        let mut w_ref = randn(&mut rng, rows * c, 0.5);
+        let mut opt = AdamW::<f32>::new(cfg, [w_ref.len()]);
+        let mut wd2 = st.clone_htod(&w_ref).unwrap();
+        let mut md = st.alloc_zeros::<f32>(w_ref.len()).unwrap();
+        let mut vd = st.alloc_zeros::<f32>(w_ref.len()).unwrap();
+        for step in 1..=3u64 {
+            let g = randn(&mut rng, w_ref.len(), 1.0);
+            let scale = 0.7f32;
+            let scaled: Vec<f32> = g.iter().map(|v| v * scale).collect();
+            opt.begin_step();
+            opt.update(0, &mut w_ref, &scaled, 1e-2, true);
+            let gd = st.clone_htod(&g).unwrap();
+            k.adamw(
+                &mut wd2, &gd, &mut md, &mut vd, &cfg, 1e-2, step, true, scale,
+            )
+            .unwrap();
+        }
+        rel_l2("adamw weights", &st.clone_dtoh(&wd2).unwrap(), &w_ref, 1e-5);
+
+        // Sum of squares.
+        let ss = k.sum_squares(&xd).unwrap();
+        let ss_ref: f64 = x.iter().map(|&v| (v as f64).powi(2)).sum();
+        assert!(
+            (ss - ss_ref).abs() <= 1e-5 * ss_ref,
+            "sum of squares {ss} vs {ss_ref}"
+        );
+    }
+}
