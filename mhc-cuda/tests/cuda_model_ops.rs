@@ -8,7 +8,7 @@ use std::sync::Arc;
 use mhc_core::Rng;
 use mhc_core::model::ops;
 use mhc_core::model::optim::{AdamW, AdamWConfig};
-use mhc_cuda::cuda::{CudaDevice, CudaError, ModelKernels};
+use mhc_cuda::cuda::{CudaDevice, CudaError, MatMul, ModelKernels};
 
 fn device() -> Option<Arc<CudaDevice>> {
     match CudaDevice::new(0) {
@@ -160,5 +160,58 @@ fn model_kernels_match_mhc_core() {
             (ss - ss_ref).abs() <= 1e-5 * ss_ref,
             "sum of squares {ss} vs {ss_ref}"
         );
+    }
+}
+
+#[test]
+fn cublas_matmuls_match_mhc_core() {
+    let Some(dev) = device() else { return };
+    let mm = MatMul::new(&dev).unwrap();
+    let st = dev.stream().clone();
+    let mut rng = Rng::new(8);
+    for (m, k, n) in [(5usize, 7usize, 3usize), (64, 48, 192), (130, 64, 256)] {
+        let a = randn(&mut rng, m * k, 1.0);
+        let b = randn(&mut rng, k * n, 1.0);
+        let g = randn(&mut rng, m * n, 1.0);
+        let mut out_ref = vec![0.0f32; m * n];
+        ops::matmul(&a, &b, &mut out_ref, m, k, n);
+        let mut ga_ref = vec![0.0f32; m * k];
+        ops::matmul_grad_a(&g, &b, &mut ga_ref, m, k, n);
+        let gb_init = randn(&mut rng, k * n, 0.1);
+        let mut gb_ref = gb_init.clone();
+        ops::matmul_grad_b(&a, &g, &mut gb_ref, m, k, n);
+        let (ad, bd, gd) = (
+            st.clone_htod(&a).unwrap(),
+            st.clone_htod(&b).unwrap(),
+            st.clone_htod(&g).unwrap(),
+        );
+        let mut od = st.clone_htod(&vec![f32::NAN; m * n]).unwrap();
+        let mut gad = st.clone_htod(&vec![f32::NAN; m * k]).unwrap();
+        let mut gbd = st.clone_htod(&gb_init).unwrap();
+        mm.matmul(&ad, &bd, &mut od, m, k, n).unwrap();
+        mm.matmul_grad_a(&gd, &bd, &mut gad, m, k, n).unwrap();
+        mm.matmul_grad_b(&ad, &gd, &mut gbd, m, k, n).unwrap();
+        rel_l2(
+            &format!("matmul {m}x{k}x{n}"),
+            &st.clone_dtoh(&od).unwrap(),
+            &out_ref,
+            1e-5,
+        );
+        rel_l2(
+            &format!("matmul grad_a {m}x{k}x{n}"),
+            &st.clone_dtoh(&gad).unwrap(),
+            &ga_ref,
+            1e-5,
+        );
+        rel_l2(
+            &format!("matmul grad_b (accumulating) {m}x{k}x{n}"),
+            &st.clone_dtoh(&gbd).unwrap(),
+            &gb_ref,
+            1e-5,
+        );
+        assert!(matches!(
+            mm.matmul(&ad, &bd, &mut gad, m, k, n + 1),
+            Err(CudaError::Shape { .. })
+        ));
     }
 }

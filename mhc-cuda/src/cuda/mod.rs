@@ -23,7 +23,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
-pub use model_ops::ModelKernels;
+pub use model_ops::{MatMul, ModelKernels};
 pub use wrapper::{CudaSublayer, MhcCuda, ScaleSublayer};
 
 /// The mHC wrapper kernels' source, compiled per (n, stream dtype) on first use.

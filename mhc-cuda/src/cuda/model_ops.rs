@@ -294,3 +294,129 @@ impl ModelKernels {
         Ok(st.clone_dtoh(&partial)?.iter().map(|&p| p as f64).sum())
     }
 }
+
+/// Row-major f32 matrix products on cuBLAS (full f32, no TF32), the GPU twins
+/// of [`mhc_core::model::ops::matmul`], `matmul_grad_a` and `matmul_grad_b`.
+pub struct MatMul {
+    blas: cudarc::cublas::CudaBlas,
+}
+
+impl MatMul {
+    /// A cuBLAS handle on the device's stream, or [`CudaError::NoDriver`] without libcublas.
+    pub fn new(dev: &CudaDevice) -> CudaResult<Self> {
+        // SAFETY: only tries to dlopen libcublas and reports whether that worked.
+        let present =
+            std::panic::catch_unwind(|| unsafe { cudarc::cublas::sys::is_culib_present() })
+                .unwrap_or(false);
+        if !present {
+            return Err(CudaError::NoDriver(
+                "libcublas.so not found (CUDA 13's cuBLAS is needed for the trainer's GEMMs)"
+                    .into(),
+            ));
+        }
+        let blas = cudarc::cublas::CudaBlas::new(dev.stream().clone())
+            .map_err(|e| CudaError::Driver(format!("cuBLAS: {e}")))?;
+        Ok(Self { blas })
+    }
+
+    fn gemm(
+        &self,
+        cfg: cudarc::cublas::GemmConfig<f32>,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        c: &mut CudaSlice<f32>,
+    ) -> CudaResult<()> {
+        use cudarc::cublas::Gemm;
+        // SAFETY: the callers check that a, b and c hold the m·k, k·n and m·n elements the configuration addresses.
+        unsafe { self.blas.gemm(cfg, a, b, c) }
+            .map_err(|e| CudaError::Driver(format!("cuBLAS sgemm: {e}")))
+    }
+
+    /// `out[m, n] = a[m, k] · b[k, n]`.
+    pub fn matmul(
+        &self,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> CudaResult<()> {
+        use cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N;
+        check("matmul a", a.len(), m * k)?;
+        check("matmul b", b.len(), k * n)?;
+        check("matmul out", out.len(), m * n)?;
+        // Row-major out = a·b is column-major outᵀ = bᵀ·aᵀ.
+        let cfg = cudarc::cublas::GemmConfig {
+            transa: CUBLAS_OP_N,
+            transb: CUBLAS_OP_N,
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha: 1.0,
+            lda: n as i32,
+            ldb: k as i32,
+            beta: 0.0,
+            ldc: n as i32,
+        };
+        self.gemm(cfg, b, a, out)
+    }
+
+    /// `grad_a[m, k] = grad_out[m, n] · b[k, n]ᵀ` (overwrites).
+    pub fn matmul_grad_a(
+        &self,
+        grad_out: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        grad_a: &mut CudaSlice<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> CudaResult<()> {
+        use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        check("grad_out", grad_out.len(), m * n)?;
+        check("b", b.len(), k * n)?;
+        check("grad_a", grad_a.len(), m * k)?;
+        let cfg = cudarc::cublas::GemmConfig {
+            transa: CUBLAS_OP_T,
+            transb: CUBLAS_OP_N,
+            m: k as i32,
+            n: m as i32,
+            k: n as i32,
+            alpha: 1.0,
+            lda: n as i32,
+            ldb: n as i32,
+            beta: 0.0,
+            ldc: k as i32,
+        };
+        self.gemm(cfg, b, grad_out, grad_a)
+    }
+
+    /// `grad_b[k, n] += a[m, k]ᵀ · grad_out[m, n]` (accumulates).
+    pub fn matmul_grad_b(
+        &self,
+        a: &CudaSlice<f32>,
+        grad_out: &CudaSlice<f32>,
+        grad_b: &mut CudaSlice<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> CudaResult<()> {
+        use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        check("a", a.len(), m * k)?;
+        check("grad_out", grad_out.len(), m * n)?;
+        check("grad_b", grad_b.len(), k * n)?;
+        let cfg = cudarc::cublas::GemmConfig {
+            transa: CUBLAS_OP_N,
+            transb: CUBLAS_OP_T,
+            m: n as i32,
+            n: k as i32,
+            k: m as i32,
+            alpha: 1.0,
+            lda: n as i32,
+            ldb: k as i32,
+            beta: 1.0,
+            ldc: n as i32,
+        };
+        self.gemm(cfg, grad_out, a, grad_b)
+    }
+}
