@@ -215,3 +215,216 @@ fn cublas_matmuls_match_mhc_core() {
         ));
     }
 }
+
+#[test]
+fn attention_sublayer_matches_mhc_core() {
+    use mhc_core::model::blocks::SeqShape;
+    use mhc_core::model::{Model, ModelConfig};
+    use mhc_core::{Scheme, Sublayer};
+    let Some(dev) = device() else { return };
+    let k = ModelKernels::new(dev.clone()).unwrap();
+    let mm = MatMul::new(&dev).unwrap();
+    let st = dev.stream().clone();
+    for (batch, seq, heads, c) in [(2usize, 9usize, 2usize, 16usize), (3, 40, 4, 64)] {
+        let cfg = ModelConfig {
+            vocab: 11,
+            width: c,
+            layers: 1,
+            heads,
+            context: seq,
+            streams: 1,
+            scheme: Scheme::Residual,
+            sinkhorn_iterations: 20,
+        };
+        let model = Model::<f32>::new(cfg, batch * seq, 3).unwrap();
+        let mut attn = model.blocks[0].attn.clone();
+        let mut rng = Rng::new(11);
+        attn.wqkv.value = randn(&mut rng, c * 3 * c, 0.3);
+        attn.wo.value = randn(&mut rng, c * c, 0.3);
+        attn.norm.value = (0..c).map(|_| 1.0 + 0.2 * rng.normal() as f32).collect();
+        attn.shape = SeqShape { batch, seq };
+        let rows = batch * seq;
+        let h = randn(&mut rng, rows * c, 1.0);
+        let dy = randn(&mut rng, rows * c, 1.0);
+        let mut y_ref = vec![0.0f32; rows * c];
+        attn.forward(&h, &mut y_ref).unwrap();
+        let mut dh_ref = vec![0.0f32; rows * c];
+        attn.vjp(&h, &dy, &mut dh_ref).unwrap();
+
+        // The same sublayer on the GPU: RMSNorm → W_qkv → attention → W_o, and back.
+        let hd = st.clone_htod(&h).unwrap();
+        let (normd, wqkvd, wod) = (
+            st.clone_htod(&attn.norm.value).unwrap(),
+            st.clone_htod(&attn.wqkv.value).unwrap(),
+            st.clone_htod(&attn.wo.value).unwrap(),
+        );
+        let mut normed = st.alloc_zeros::<f32>(rows * c).unwrap();
+        let mut inv = st.alloc_zeros::<f32>(rows).unwrap();
+        let mut qkv = st.alloc_zeros::<f32>(rows * 3 * c).unwrap();
+        let mut probs = st.alloc_zeros::<f32>(batch * heads * seq * seq).unwrap();
+        let mut o = st.clone_htod(&vec![f32::NAN; rows * c]).unwrap();
+        let mut y = st.clone_htod(&vec![f32::NAN; rows * c]).unwrap();
+        k.rmsnorm(&hd, &normd, rows, c, 1e-6, &mut normed, &mut inv)
+            .unwrap();
+        mm.matmul(&normed, &wqkvd, &mut qkv, rows, c, 3 * c)
+            .unwrap();
+        k.attention(&qkv, batch, seq, heads, c / heads, &mut probs, &mut o)
+            .unwrap();
+        mm.matmul(&o, &wod, &mut y, rows, c, c).unwrap();
+        rel_l2(
+            "attention sublayer output",
+            &st.clone_dtoh(&y).unwrap(),
+            &y_ref,
+            1e-5,
+        );
+
+        let dyd = st.clone_htod(&dy).unwrap();
+        let mut dwo = st.alloc_zeros::<f32>(c * c).unwrap();
+        let mut d_o = st.alloc_zeros::<f32>(rows * c).unwrap();
+        let mut delta = st.alloc_zeros::<f32>(batch * heads * seq).unwrap();
+        let mut dqkv = st.clone_htod(&vec![f32::NAN; rows * 3 * c]).unwrap();
+        let mut dwqkv = st.alloc_zeros::<f32>(c * 3 * c).unwrap();
+        let mut dnormed = st.alloc_zeros::<f32>(rows * c).unwrap();
+        let mut dh = st.clone_htod(&vec![f32::NAN; rows * c]).unwrap();
+        let mut dnorm = st.alloc_zeros::<f32>(c).unwrap();
+        mm.matmul_grad_b(&o, &dyd, &mut dwo, rows, c, c).unwrap();
+        mm.matmul_grad_a(&dyd, &wod, &mut d_o, rows, c, c).unwrap();
+        k.attention_backward(
+            &qkv,
+            &probs,
+            &o,
+            &d_o,
+            batch,
+            seq,
+            heads,
+            c / heads,
+            &mut delta,
+            &mut dqkv,
+        )
+        .unwrap();
+        mm.matmul_grad_b(&normed, &dqkv, &mut dwqkv, rows, c, 3 * c)
+            .unwrap();
+        mm.matmul_grad_a(&dqkv, &wqkvd, &mut dnormed, rows, c, 3 * c)
+            .unwrap();
+        k.rmsnorm_backward(&hd, &normd, &inv, &dnormed, rows, c, &mut dh, &mut dnorm)
+            .unwrap();
+        rel_l2(
+            "attention sublayer grad of input",
+            &st.clone_dtoh(&dh).unwrap(),
+            &dh_ref,
+            1e-5,
+        );
+        rel_l2(
+            "grad of W_o",
+            &st.clone_dtoh(&dwo).unwrap(),
+            &attn.wo.grad,
+            1e-5,
+        );
+        rel_l2(
+            "grad of W_qkv",
+            &st.clone_dtoh(&dwqkv).unwrap(),
+            &attn.wqkv.grad,
+            1e-5,
+        );
+        rel_l2(
+            "grad of the norm weight",
+            &st.clone_dtoh(&dnorm).unwrap(),
+            &attn.norm.grad,
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn embedding_and_stream_mean_match_their_definition() {
+    let Some(dev) = device() else { return };
+    let k = ModelKernels::new(dev.clone()).unwrap();
+    let st = dev.stream().clone();
+    let mut rng = Rng::new(21);
+    let (batch, seq, streams, c, vocab) = (3usize, 7usize, 4usize, 12usize, 9usize);
+    let rows = batch * seq;
+    let tokens: Vec<u32> = (0..rows).map(|_| rng.below(vocab as u64) as u32).collect();
+    let e = randn(&mut rng, vocab * c, 1.0);
+    let p = randn(&mut rng, seq * c, 1.0);
+    let mut x_ref = vec![0.0f32; rows * streams * c];
+    for r in 0..rows {
+        for s in 0..streams {
+            for j in 0..c {
+                x_ref[(r * streams + s) * c + j] =
+                    e[tokens[r] as usize * c + j] + p[(r % seq) * c + j];
+            }
+        }
+    }
+    let (td, ed, pd) = (
+        st.clone_htod(&tokens).unwrap(),
+        st.clone_htod(&e).unwrap(),
+        st.clone_htod(&p).unwrap(),
+    );
+    let mut xd = st.clone_htod(&vec![f32::NAN; rows * streams * c]).unwrap();
+    k.embed(&td, &ed, &pd, rows, seq, streams, c, &mut xd)
+        .unwrap();
+    rel_l2("embedding", &st.clone_dtoh(&xd).unwrap(), &x_ref, 1e-6);
+    // Backward: every stream's gradient flows to the token's and the position's row.
+    let dx = randn(&mut rng, rows * streams * c, 1.0);
+    let (mut de_ref, mut dp_ref) = (vec![0.0f32; vocab * c], vec![0.0f32; seq * c]);
+    for r in 0..rows {
+        for s in 0..streams {
+            for j in 0..c {
+                de_ref[tokens[r] as usize * c + j] += dx[(r * streams + s) * c + j];
+                dp_ref[(r % seq) * c + j] += dx[(r * streams + s) * c + j];
+            }
+        }
+    }
+    let dxd = st.clone_htod(&dx).unwrap();
+    let mut ded = st.alloc_zeros::<f32>(vocab * c).unwrap();
+    let mut dpd = st.alloc_zeros::<f32>(seq * c).unwrap();
+    k.embed_backward(&dxd, &tokens, batch, seq, streams, c, &mut ded, &mut dpd)
+        .unwrap();
+    rel_l2(
+        "grad of token embedding",
+        &st.clone_dtoh(&ded).unwrap(),
+        &de_ref,
+        1e-6,
+    );
+    rel_l2(
+        "grad of position embedding",
+        &st.clone_dtoh(&dpd).unwrap(),
+        &dp_ref,
+        1e-6,
+    );
+    // Mean over streams and its backward.
+    let z_ref: Vec<f32> = (0..rows * c)
+        .map(|i| {
+            (0..streams)
+                .map(|s| x_ref[((i / c) * streams + s) * c + i % c])
+                .sum::<f32>()
+                / streams as f32
+        })
+        .collect();
+    let mut zd = st.clone_htod(&vec![f32::NAN; rows * c]).unwrap();
+    k.streams_mean(&xd, rows, streams, c, &mut zd, false)
+        .unwrap();
+    rel_l2(
+        "mean over streams",
+        &st.clone_dtoh(&zd).unwrap(),
+        &z_ref,
+        1e-6,
+    );
+    let mut back = st.clone_htod(&vec![f32::NAN; rows * streams * c]).unwrap();
+    k.streams_mean(&zd, rows, streams, c, &mut back, true)
+        .unwrap();
+    let back_ref: Vec<f32> = (0..rows * streams * c)
+        .map(|i| z_ref[(i / (streams * c)) * c + i % c] / streams as f32)
+        .collect();
+    rel_l2(
+        "mean over streams, backward",
+        &st.clone_dtoh(&back).unwrap(),
+        &back_ref,
+        1e-6,
+    );
+    let bad = st.clone_htod(&vec![vocab as u32; rows]).unwrap();
+    assert!(matches!(
+        k.embed(&bad, &ed, &pd, rows, seq, streams, c, &mut xd),
+        Err(CudaError::Core(_))
+    ));
+}

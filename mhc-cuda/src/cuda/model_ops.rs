@@ -274,6 +274,260 @@ impl ModelKernels {
         Ok(())
     }
 
+    fn warps_launch(&self, name: &str, items: usize) -> CudaResult<(CudaFunction, LaunchConfig)> {
+        let f = self.f(name)?;
+        let cfg = LaunchConfig {
+            grid_dim: (items.div_ceil(4).max(1) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        Ok((f, cfg))
+    }
+
+    /// Causal multi-head attention of `qkv [batch·seq, 3C]` (C = heads·head_dim):
+    /// `out [batch·seq, C]`, and the probabilities `probs [batch, heads, seq, seq]` kept for the backward.
+    pub fn attention(
+        &self,
+        qkv: &CudaSlice<f32>,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+        probs: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+    ) -> CudaResult<()> {
+        let c = heads * head_dim;
+        check("qkv", qkv.len(), batch * seq * 3 * c)?;
+        check("probs", probs.len(), batch * heads * seq * seq)?;
+        check("attention output", out.len(), batch * seq * c)?;
+        let (f, cfg) = self.warps_launch("attn_fwd", batch * heads * seq)?;
+        let (b_i, s_i, h_i, d_i) = (batch as i32, seq as i32, heads as i32, head_dim as i32);
+        let mut b = self.dev.stream().launch_builder(&f);
+        b.arg(qkv)
+            .arg(&b_i)
+            .arg(&s_i)
+            .arg(&h_i)
+            .arg(&d_i)
+            .arg(probs)
+            .arg(out);
+        // SAFETY: one warp per (b, h, t) < batch·heads·seq (guarded); sizes checked above.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Backward of [`Self::attention`]: overwrites `dqkv [batch·seq, 3C]`; `delta [batch·heads·seq]` is scratch.
+    pub fn attention_backward(
+        &self,
+        qkv: &CudaSlice<f32>,
+        probs: &CudaSlice<f32>,
+        out: &CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+        delta: &mut CudaSlice<f32>,
+        dqkv: &mut CudaSlice<f32>,
+    ) -> CudaResult<()> {
+        let c = heads * head_dim;
+        check("qkv", qkv.len(), batch * seq * 3 * c)?;
+        check("probs", probs.len(), batch * heads * seq * seq)?;
+        check("attention output", out.len(), batch * seq * c)?;
+        check("grad of attention output", dout.len(), batch * seq * c)?;
+        check("delta", delta.len(), batch * heads * seq)?;
+        check("grad of qkv", dqkv.len(), batch * seq * 3 * c)?;
+        let (b_i, s_i, h_i, d_i) = (batch as i32, seq as i32, heads as i32, head_dim as i32);
+        let st = self.dev.stream();
+        let (f, cfg) = self.warps_launch("attn_bwd_q", batch * heads * seq)?;
+        let mut b = st.launch_builder(&f);
+        b.arg(qkv)
+            .arg(probs)
+            .arg(out)
+            .arg(dout)
+            .arg(&b_i)
+            .arg(&s_i)
+            .arg(&h_i)
+            .arg(&d_i)
+            .arg(&mut *delta)
+            .arg(&mut *dqkv);
+        // SAFETY: one warp per query (guarded); sizes checked above.
+        unsafe { b.launch(cfg) }?;
+        let (f, cfg) = self.warps_launch("attn_bwd_kv", batch * heads * seq)?;
+        let mut b = st.launch_builder(&f);
+        b.arg(qkv)
+            .arg(probs)
+            .arg(dout)
+            .arg(&*delta)
+            .arg(&b_i)
+            .arg(&s_i)
+            .arg(&h_i)
+            .arg(&d_i)
+            .arg(dqkv);
+        // SAFETY: one warp per key (guarded); reads the delta written above on the same stream.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `x0 [rows, streams, C]`: token plus position embedding, copied to every stream (position = row mod seq).
+    pub fn embed(
+        &self,
+        tokens: &CudaSlice<u32>,
+        e: &CudaSlice<f32>,
+        p: &CudaSlice<f32>,
+        rows: usize,
+        seq: usize,
+        streams: usize,
+        c: usize,
+        x0: &mut CudaSlice<f32>,
+    ) -> CudaResult<()> {
+        check("tokens", tokens.len(), rows)?;
+        check("position embedding", p.len(), seq * c)?;
+        check("stream state", x0.len(), rows * streams * c)?;
+        let vocab = e.len() / c.max(1);
+        let host: Vec<u32> = self.dev.stream().clone_dtoh(tokens)?;
+        if let Some(&t) = host[..rows].iter().find(|&&t| t as usize >= vocab) {
+            return Err(CudaError::Core(mhc_core::MhcError::TokenOutOfRange {
+                token: t,
+                vocab,
+            }));
+        }
+        let f = self.f("embed_fwd")?;
+        let (r_i, s_i, n_i, c_i) = (rows as i64, seq as i32, streams as i32, c as i32);
+        let grid = self.grid(rows * streams * c)?;
+        let mut b = self.dev.stream().launch_builder(&f);
+        b.arg(tokens)
+            .arg(e)
+            .arg(p)
+            .arg(&r_i)
+            .arg(&s_i)
+            .arg(&n_i)
+            .arg(&c_i)
+            .arg(x0);
+        // SAFETY: tokens < vocab (checked), so every gather is inside E; sizes checked above.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (grid, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }?;
+        Ok(())
+    }
+
+    /// Backward of [`Self::embed`]: **adds** to `de [vocab, C]` and `dp [seq, C]`. `tokens` is the
+    /// batch's host copy (rows in order), from which a per-token row list makes the sums deterministic.
+    pub fn embed_backward(
+        &self,
+        dx0: &CudaSlice<f32>,
+        tokens: &[u32],
+        batch: usize,
+        seq: usize,
+        streams: usize,
+        c: usize,
+        de: &mut CudaSlice<f32>,
+        dp: &mut CudaSlice<f32>,
+    ) -> CudaResult<()> {
+        let rows = batch * seq;
+        check("tokens", tokens.len(), rows)?;
+        check("grad of stream state", dx0.len(), rows * streams * c)?;
+        check("grad of position embedding", dp.len(), seq * c)?;
+        let vocab = de.len() / c.max(1);
+        let mut start = vec![0u32; vocab + 1];
+        for &t in &tokens[..rows] {
+            if t as usize >= vocab {
+                return Err(CudaError::Core(mhc_core::MhcError::TokenOutOfRange {
+                    token: t,
+                    vocab,
+                }));
+            }
+            start[t as usize + 1] += 1;
+        }
+        for v in 0..vocab {
+            start[v + 1] += start[v];
+        }
+        let mut fill = start.clone();
+        let mut list = vec![0u32; rows];
+        for (r, &t) in tokens[..rows].iter().enumerate() {
+            list[fill[t as usize] as usize] = r as u32;
+            fill[t as usize] += 1;
+        }
+        let st = self.dev.stream();
+        let (start_d, list_d) = (st.clone_htod(&start)?, st.clone_htod(&list)?);
+        let (v_i, n_i, c_i, b_i, s_i) = (
+            vocab as i32,
+            streams as i32,
+            c as i32,
+            batch as i32,
+            seq as i32,
+        );
+        let f = self.f("embed_bwd_tokens")?;
+        let mut b = st.launch_builder(&f);
+        b.arg(dx0)
+            .arg(&start_d)
+            .arg(&list_d)
+            .arg(&v_i)
+            .arg(&n_i)
+            .arg(&c_i)
+            .arg(de);
+        // SAFETY: one thread per (v, c) < vocab·C (guarded); the row list indexes rows < batch·seq.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: ((vocab * c).div_ceil(256) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }?;
+        let f = self.f("embed_bwd_positions")?;
+        let mut b = st.launch_builder(&f);
+        b.arg(dx0).arg(&b_i).arg(&s_i).arg(&n_i).arg(&c_i).arg(dp);
+        // SAFETY: one thread per (p, c) < seq·C (guarded); sizes checked above.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: ((seq * c).div_ceil(256) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }?;
+        Ok(())
+    }
+
+    /// `z [rows, C]` = mean over the streams of `x [rows, streams, C]`, or (backward) `dx = dz / streams` per stream.
+    pub fn streams_mean(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        streams: usize,
+        c: usize,
+        z: &mut CudaSlice<f32>,
+        backward: bool,
+    ) -> CudaResult<()> {
+        let (big, small) = if backward {
+            (z.len(), x.len())
+        } else {
+            (x.len(), z.len())
+        };
+        check("stream state", big, rows * streams * c)?;
+        check("reduced state", small, rows * c)?;
+        let f = self.f(if backward {
+            "streams_mean_bwd"
+        } else {
+            "streams_mean"
+        })?;
+        let (r_i, n_i, c_i) = (rows as i64, streams as i32, c as i32);
+        let grid = self.grid(rows * streams * c)?;
+        let mut b = self.dev.stream().launch_builder(&f);
+        b.arg(x).arg(&r_i).arg(&n_i).arg(&c_i).arg(z);
+        // SAFETY: grid-stride over the checked sizes.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (grid, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }?;
+        Ok(())
+    }
+
     /// `Σ x²` in a fixed order (block partials summed on the host in order).
     pub fn sum_squares(&self, x: &CudaSlice<f32>) -> CudaResult<f64> {
         let grid = self.grid(x.len())?;

@@ -143,3 +143,169 @@ extern "C" __global__ void sum_squares(const float* __restrict__ x, long len, fl
     s = block_sum_all(s, scratch);
     if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
+
+// ---------------------------------------------------------------------------
+// Causal multi-head attention on qkv [B·S, 3C] (columns q | k | v; head h owns
+// columns h·D .. (h+1)·D of each), scale 1/sqrt(D). Probabilities are kept,
+// [B, H, S, S] (zero above the diagonal), for the backward.
+
+// attn_fwd: one warp per (b, h, query t). Lanes take keys u ≡ lane (mod 32).
+extern "C" __global__ void attn_fwd(const float* __restrict__ qkv, int B, int S, int H, int D,
+                                    float* __restrict__ probs, float* __restrict__ out)
+{
+    const int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
+    const long q_id = (long)blockIdx.x * warps + (threadIdx.x >> 5);
+    if (q_id >= (long)B * H * S) return;
+    const int t = (int)(q_id % S), h = (int)((q_id / S) % H), b = (int)(q_id / ((long)S * H));
+    const int C = H * D;
+    const float scale = rsqrtf((float)D);
+    const float* q = qkv + ((long)b * S + t) * 3 * C + h * D;
+    float* p = probs + (((long)b * H + h) * S + t) * S;
+    float mx = __int_as_float(0xff800000);
+    for (int u = lane; u <= t; u += 32) {
+        const float* k = qkv + ((long)b * S + u) * 3 * C + C + h * D;
+        float s = 0.f;
+        for (int j = 0; j < D; ++j) s += q[j] * k[j];
+        s *= scale;
+        p[u] = s;
+        mx = fmaxf(mx, s);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    float sum = 0.f;
+    for (int u = lane; u <= t; u += 32) {
+        float e = expf(p[u] - mx);
+        p[u] = e;
+        sum += e;
+    }
+    sum = warp_sum(sum);
+    const float inv = 1.f / sum;
+    for (int u = lane; u < S; u += 32) p[u] = u <= t ? p[u] * inv : 0.f;
+    __syncwarp();
+    for (int j = lane; j < D; j += 32) {
+        float o = 0.f;
+        for (int u = 0; u <= t; ++u) o += p[u] * qkv[((long)b * S + u) * 3 * C + 2 * C + h * D + j];
+        out[((long)b * S + t) * C + h * D + j] = o;
+    }
+}
+
+// attn_bwd_q: one warp per (b, h, t). delta[t] = dO_t · O_t, and
+// dq_t = scale Σ_{u ≤ t} p_tu (dO_t·v_u − delta_t) k_u (written into dqkv's q columns).
+extern "C" __global__ void attn_bwd_q(const float* __restrict__ qkv, const float* __restrict__ probs,
+                                      const float* __restrict__ out, const float* __restrict__ dout,
+                                      int B, int S, int H, int D, float* __restrict__ delta, float* __restrict__ dqkv)
+{
+    const int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
+    const long q_id = (long)blockIdx.x * warps + (threadIdx.x >> 5);
+    if (q_id >= (long)B * H * S) return;
+    const int t = (int)(q_id % S), h = (int)((q_id / S) % H), b = (int)(q_id / ((long)S * H));
+    const int C = H * D;
+    const float scale = rsqrtf((float)D);
+    const float* dO = dout + ((long)b * S + t) * C + h * D;
+    const float* O = out + ((long)b * S + t) * C + h * D;
+    float d = 0.f;
+    for (int j = lane; j < D; j += 32) d += dO[j] * O[j];
+    d = warp_sum(d);
+    if (lane == 0) delta[q_id] = d;
+    const float* p = probs + (((long)b * H + h) * S + t) * S;
+    for (int j = lane; j < D; j += 32) {
+        float acc = 0.f;
+        for (int u = 0; u <= t; ++u) {
+            const float* v = qkv + ((long)b * S + u) * 3 * C + 2 * C + h * D;
+            float dp = 0.f;
+            for (int jj = 0; jj < D; ++jj) dp += dO[jj] * v[jj];
+            acc += p[u] * (dp - d) * qkv[((long)b * S + u) * 3 * C + C + h * D + j];
+        }
+        dqkv[((long)b * S + t) * 3 * C + h * D + j] = scale * acc;
+    }
+}
+
+// attn_bwd_kv: one warp per (b, h, key u):
+// dk_u = scale Σ_{t ≥ u} p_tu (dO_t·v_u − delta_t) q_t,  dv_u = Σ_{t ≥ u} p_tu dO_t.
+extern "C" __global__ void attn_bwd_kv(const float* __restrict__ qkv, const float* __restrict__ probs,
+                                       const float* __restrict__ dout, const float* __restrict__ delta,
+                                       int B, int S, int H, int D, float* __restrict__ dqkv)
+{
+    const int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
+    const long k_id = (long)blockIdx.x * warps + (threadIdx.x >> 5);
+    if (k_id >= (long)B * H * S) return;
+    const int u = (int)(k_id % S), h = (int)((k_id / S) % H), b = (int)(k_id / ((long)S * H));
+    const int C = H * D;
+    const float scale = rsqrtf((float)D);
+    const float* v = qkv + ((long)b * S + u) * 3 * C + 2 * C + h * D;
+    for (int j = lane; j < D; j += 32) {
+        float dk = 0.f, dv = 0.f;
+        for (int t = u; t < S; ++t) {
+            const float ptu = probs[(((long)b * H + h) * S + t) * S + u];
+            const float* dO = dout + ((long)b * S + t) * C + h * D;
+            float dp = 0.f;
+            for (int jj = 0; jj < D; ++jj) dp += dO[jj] * v[jj];
+            dk += ptu * (dp - delta[((long)b * H + h) * S + t]) * qkv[((long)b * S + t) * 3 * C + h * D + j];
+            dv += ptu * dO[j];
+        }
+        dqkv[((long)b * S + u) * 3 * C + C + h * D + j] = scale * dk;
+        dqkv[((long)b * S + u) * 3 * C + 2 * C + h * D + j] = dv;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Embedding and streams. x0[r, s, c] = E[tok_r, c] + P[r mod S, c] for every stream s.
+extern "C" __global__ void embed_fwd(const unsigned int* __restrict__ tokens, const float* __restrict__ E,
+                                     const float* __restrict__ P, long R, int S, int NS, int C, float* __restrict__ x0)
+{
+    for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < R * NS * C; e += (long)gridDim.x * blockDim.x) {
+        long r = e / ((long)NS * C);
+        int c = (int)(e % C);
+        x0[e] = E[(long)tokens[r] * C + c] + P[(r % S) * C + c];
+    }
+}
+
+// dE[v, c] += Σ_{r in rows_of[v]} Σ_s dx0[r, s, c] with a CSR list of the rows of each token
+// (row_start [V+1], rows [R], built on the host in row order: deterministic).
+extern "C" __global__ void embed_bwd_tokens(const float* __restrict__ dx0, const unsigned int* __restrict__ row_start,
+                                            const unsigned int* __restrict__ rows, int V, int NS, int C, float* __restrict__ dE)
+{
+    long e = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (long)V * C) return;
+    int v = (int)(e / C), c = (int)(e % C);
+    float s = 0.f;
+    for (unsigned int i = row_start[v]; i < row_start[v + 1]; ++i) {
+        long r = rows[i];
+        for (int st = 0; st < NS; ++st) s += dx0[(r * NS + st) * C + c];
+    }
+    dE[e] += s;
+}
+
+// dP[p, c] += Σ_b Σ_s dx0[b·S + p, s, c].
+extern "C" __global__ void embed_bwd_positions(const float* __restrict__ dx0, int B, int S, int NS, int C, float* __restrict__ dP)
+{
+    long e = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (long)S * C) return;
+    int p = (int)(e / C), c = (int)(e % C);
+    float s = 0.f;
+    for (int b = 0; b < B; ++b)
+        for (int st = 0; st < NS; ++st) s += dx0[(((long)b * S + p) * NS + st) * C + c];
+    dP[e] += s;
+}
+
+// z[r, c] = mean_s x[r, s, c]
+extern "C" __global__ void streams_mean(const float* __restrict__ x, long R, int NS, int C, float* __restrict__ z)
+{
+    for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < R * C; e += (long)gridDim.x * blockDim.x) {
+        long r = e / C;
+        int c = (int)(e % C);
+        float s = 0.f;
+        for (int st = 0; st < NS; ++st) s += x[(r * NS + st) * C + c];
+        z[e] = s / (float)NS;
+    }
+}
+
+// dx[r, s, c] = dz[r, c] / NS
+extern "C" __global__ void streams_mean_bwd(const float* __restrict__ dz, long R, int NS, int C, float* __restrict__ dx)
+{
+    for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < R * NS * C; e += (long)gridDim.x * blockDim.x) {
+        long r = e / ((long)NS * C);
+        int c = (int)(e % C);
+        dx[e] = dz[r * C + c] / (float)NS;
+    }
+}
