@@ -12,6 +12,7 @@
 
 #![allow(unsafe_code)] // kernel launches and the driver probe are `unsafe` in cudarc; each use says why it is sound
 
+mod model;
 mod model_ops;
 mod wrapper;
 
@@ -23,6 +24,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
+pub use model::{DeviceParam, GpuStepStats, GpuTrainer};
 pub use model_ops::{MatMul, ModelKernels};
 pub use wrapper::{CudaSublayer, MhcCuda, ScaleSublayer};
 

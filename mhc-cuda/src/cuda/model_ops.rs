@@ -528,6 +528,16 @@ impl ModelKernels {
         Ok(())
     }
 
+    /// `out = a + b`, element-wise.
+    pub fn add(
+        &self,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+    ) -> CudaResult<()> {
+        self.elementwise("add", a, Some(b), out)
+    }
+
     /// `Σ x²` in a fixed order (block partials summed on the host in order).
     pub fn sum_squares(&self, x: &CudaSlice<f32>) -> CudaResult<f64> {
         let grid = self.grid(x.len())?;

@@ -309,3 +309,9 @@ extern "C" __global__ void streams_mean_bwd(const float* __restrict__ dz, long R
         dx[e] = dz[r * C + c] / (float)NS;
     }
 }
+
+// out = a + b (the residual connection's merge, and gradient sums).
+extern "C" __global__ void add(const float* __restrict__ a, const float* __restrict__ b, long len, float* __restrict__ out)
+{
+    for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < len; e += (long)gridDim.x * blockDim.x) out[e] = a[e] + b[e];
+}

@@ -1,0 +1,720 @@
+//! The reference model on the GPU (f32): the same architecture, parameters
+//! and update as [`mhc_core::model::Trainer`], built from the parity-tested
+//! kernels of [`super::ModelKernels`], cuBLAS ([`super::MatMul`]) and the fused
+//! mHC wrapper ([`super::MhcCuda`]). One training step matches the CPU
+//! reference (`tests/cuda_trainer.rs`). Schemes: residual and mHC (dynamic);
+//! HC has no GPU path yet and gives [`CudaError::Unsupported`].
+//!
+//! Dense parameters, their gradients and AdamW moments live on the device;
+//! the small connection parameters (φ, γ, b, α) are updated on the host with
+//! the core's AdamW and uploaded, so both devices apply the same arithmetic.
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+use mhc_core::model::optim::{AdamW, Schedule};
+use mhc_core::model::{ModelConfig, TrainConfig, Trainer};
+use mhc_core::{ConnectionParams, Scheme};
+
+use super::{CudaDevice, CudaError, CudaResult, CudaSublayer, MatMul, MhcCuda, ModelKernels};
+
+/// A dense tensor on the device with its gradient and AdamW moments.
+pub struct DeviceParam {
+    /// Values.
+    pub value: CudaSlice<f32>,
+    /// Gradient of the last step.
+    pub grad: CudaSlice<f32>,
+    m: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    decay: bool,
+}
+
+impl DeviceParam {
+    fn upload(dev: &CudaDevice, host: &[f32], decay: bool) -> CudaResult<Self> {
+        let st = dev.stream();
+        Ok(Self {
+            value: st.clone_htod(host)?,
+            grad: st.alloc_zeros(host.len())?,
+            m: st.alloc_zeros(host.len())?,
+            v: st.alloc_zeros(host.len())?,
+            decay,
+        })
+    }
+}
+
+struct Ctx {
+    k: ModelKernels,
+    mm: MatMul,
+}
+
+/// RMSNorm → causal attention sublayer on the GPU.
+struct GpuAttention {
+    ctx: Arc<Ctx>,
+    norm: DeviceParam,
+    wqkv: DeviceParam,
+    wo: DeviceParam,
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    normed: CudaSlice<f32>,
+    inv: CudaSlice<f32>,
+    qkv: CudaSlice<f32>,
+    probs: CudaSlice<f32>,
+    o: CudaSlice<f32>,
+    d_o: CudaSlice<f32>,
+    delta: CudaSlice<f32>,
+    dqkv: CudaSlice<f32>,
+    dnormed: CudaSlice<f32>,
+}
+
+impl CudaSublayer<f32> for GpuAttention {
+    fn forward(
+        &mut self,
+        _: &CudaDevice,
+        h: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        rows: usize,
+        c: usize,
+    ) -> CudaResult<()> {
+        let Ctx { k, mm } = &*self.ctx;
+        k.rmsnorm(
+            h,
+            &self.norm.value,
+            rows,
+            c,
+            1e-6,
+            &mut self.normed,
+            &mut self.inv,
+        )?;
+        mm.matmul(
+            &self.normed,
+            &self.wqkv.value,
+            &mut self.qkv,
+            rows,
+            c,
+            3 * c,
+        )?;
+        k.attention(
+            &self.qkv,
+            self.batch,
+            self.seq,
+            self.heads,
+            c / self.heads,
+            &mut self.probs,
+            &mut self.o,
+        )?;
+        mm.matmul(&self.o, &self.wo.value, y, rows, c, c)
+    }
+    fn vjp(
+        &mut self,
+        _: &CudaDevice,
+        h: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dh: &mut CudaSlice<f32>,
+        rows: usize,
+        c: usize,
+    ) -> CudaResult<()> {
+        let Ctx { k, mm } = &*self.ctx;
+        mm.matmul_grad_b(&self.o, dy, &mut self.wo.grad, rows, c, c)?;
+        mm.matmul_grad_a(dy, &self.wo.value, &mut self.d_o, rows, c, c)?;
+        k.attention_backward(
+            &self.qkv,
+            &self.probs,
+            &self.o,
+            &self.d_o,
+            self.batch,
+            self.seq,
+            self.heads,
+            c / self.heads,
+            &mut self.delta,
+            &mut self.dqkv,
+        )?;
+        mm.matmul_grad_b(
+            &self.normed,
+            &self.dqkv,
+            &mut self.wqkv.grad,
+            rows,
+            c,
+            3 * c,
+        )?;
+        mm.matmul_grad_a(
+            &self.dqkv,
+            &self.wqkv.value,
+            &mut self.dnormed,
+            rows,
+            c,
+            3 * c,
+        )?;
+        k.rmsnorm_backward(
+            h,
+            &self.norm.value,
+            &self.inv,
+            &self.dnormed,
+            rows,
+            c,
+            dh,
+            &mut self.norm.grad,
+        )
+    }
+}
+
+/// RMSNorm → GELU MLP sublayer on the GPU.
+struct GpuMlp {
+    ctx: Arc<Ctx>,
+    norm: DeviceParam,
+    w1: DeviceParam,
+    w2: DeviceParam,
+    normed: CudaSlice<f32>,
+    inv: CudaSlice<f32>,
+    pre: CudaSlice<f32>,
+    act: CudaSlice<f32>,
+    dact: CudaSlice<f32>,
+    dpre: CudaSlice<f32>,
+    dnormed: CudaSlice<f32>,
+}
+
+impl CudaSublayer<f32> for GpuMlp {
+    fn forward(
+        &mut self,
+        _: &CudaDevice,
+        h: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        rows: usize,
+        c: usize,
+    ) -> CudaResult<()> {
+        let Ctx { k, mm } = &*self.ctx;
+        k.rmsnorm(
+            h,
+            &self.norm.value,
+            rows,
+            c,
+            1e-6,
+            &mut self.normed,
+            &mut self.inv,
+        )?;
+        mm.matmul(&self.normed, &self.w1.value, &mut self.pre, rows, c, 4 * c)?;
+        k.gelu(&self.pre, &mut self.act)?;
+        mm.matmul(&self.act, &self.w2.value, y, rows, 4 * c, c)
+    }
+    fn vjp(
+        &mut self,
+        _: &CudaDevice,
+        h: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dh: &mut CudaSlice<f32>,
+        rows: usize,
+        c: usize,
+    ) -> CudaResult<()> {
+        let Ctx { k, mm } = &*self.ctx;
+        mm.matmul_grad_b(&self.act, dy, &mut self.w2.grad, rows, 4 * c, c)?;
+        mm.matmul_grad_a(dy, &self.w2.value, &mut self.dact, rows, 4 * c, c)?;
+        k.gelu_backward(&self.pre, &self.dact, &mut self.dpre)?;
+        mm.matmul_grad_b(&self.normed, &self.dpre, &mut self.w1.grad, rows, c, 4 * c)?;
+        mm.matmul_grad_a(
+            &self.dpre,
+            &self.w1.value,
+            &mut self.dnormed,
+            rows,
+            c,
+            4 * c,
+        )?;
+        k.rmsnorm_backward(
+            h,
+            &self.norm.value,
+            &self.inv,
+            &self.dnormed,
+            rows,
+            c,
+            dh,
+            &mut self.norm.grad,
+        )
+    }
+}
+
+/// A wrapped sublayer's connection on the GPU.
+enum Connection {
+    /// `x' = x + F(x)`.
+    Residual {
+        y: CudaSlice<f32>,
+        dh: CudaSlice<f32>,
+    },
+    /// The fused mHC wrapper; its parameters' host copy and AdamW moments (per tensor).
+    Mhc {
+        wrapper: Box<MhcCuda<f32>>,
+        params: ConnectionParams<f32>,
+    },
+}
+
+struct GpuBlock {
+    attn: GpuAttention,
+    attn_conn: Connection,
+    mlp: GpuMlp,
+    mlp_conn: Connection,
+}
+
+/// The model and its optimiser state on one GPU, for a fixed batch shape.
+pub struct GpuTrainer {
+    dev: Arc<CudaDevice>,
+    ctx: Arc<Ctx>,
+    config: ModelConfig,
+    train: TrainConfig,
+    batch: usize,
+    token_embedding: DeviceParam,
+    position_embedding: DeviceParam,
+    blocks: Vec<GpuBlock>,
+    final_norm: DeviceParam,
+    head: DeviceParam,
+    /// Host AdamW for the connection tensors (indexed like the core's parameter order).
+    host_optimizer: AdamW<f32>,
+    step: u64,
+    states: Vec<CudaSlice<f32>>,
+    grad_a: CudaSlice<f32>,
+    grad_b: CudaSlice<f32>,
+    tokens_dev: CudaSlice<u32>,
+    targets_dev: CudaSlice<u32>,
+    reduced: CudaSlice<f32>,
+    normed: CudaSlice<f32>,
+    inv: CudaSlice<f32>,
+    logits: CudaSlice<f32>,
+    loss_rows: CudaSlice<f32>,
+    d_normed: CudaSlice<f32>,
+    d_reduced: CudaSlice<f32>,
+}
+
+/// Statistics of one GPU step (as [`mhc_core::model::StepStats`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GpuStepStats {
+    /// Mean cross-entropy of the batch before the update.
+    pub loss: f64,
+    /// Global gradient L2 norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+}
+
+impl GpuTrainer {
+    /// Copies a CPU trainer's model (weights, not optimiser moments: a fresh run) to the GPU.
+    pub fn from_cpu(dev: Arc<CudaDevice>, cpu: &mut Trainer<f32>) -> CudaResult<Self> {
+        let config = *cpu.model.config();
+        if config.scheme == Scheme::HcDynamic
+            || config.scheme == Scheme::HcStatic
+            || config.scheme == Scheme::MhcStatic
+        {
+            return Err(CudaError::Unsupported(format!(
+                "scheme {} has no GPU path yet (residual and mhc do)",
+                config.scheme
+            )));
+        }
+        let train = cpu.config;
+        let batch = train.batch;
+        let (c, n, v, ctxlen) = (config.width, config.streams, config.vocab, config.context);
+        let rows = batch * ctxlen;
+        let ctx = Arc::new(Ctx {
+            k: ModelKernels::new(dev.clone())?,
+            mm: MatMul::new(&dev)?,
+        });
+        let st = dev.stream().clone();
+        let zeros = |len: usize| -> CudaResult<CudaSlice<f32>> { Ok(st.alloc_zeros(len)?) };
+        let conn_cfg = config.connection();
+        let mut blocks = Vec::new();
+        for b in &cpu.model.blocks {
+            let attn = GpuAttention {
+                ctx: ctx.clone(),
+                norm: DeviceParam::upload(&dev, &b.attn.norm.value, false)?,
+                wqkv: DeviceParam::upload(&dev, &b.attn.wqkv.value, true)?,
+                wo: DeviceParam::upload(&dev, &b.attn.wo.value, true)?,
+                batch,
+                seq: ctxlen,
+                heads: config.heads,
+                normed: zeros(rows * c)?,
+                inv: zeros(rows)?,
+                qkv: zeros(rows * 3 * c)?,
+                probs: zeros(batch * config.heads * ctxlen * ctxlen)?,
+                o: zeros(rows * c)?,
+                d_o: zeros(rows * c)?,
+                delta: zeros(batch * config.heads * ctxlen)?,
+                dqkv: zeros(rows * 3 * c)?,
+                dnormed: zeros(rows * c)?,
+            };
+            let mlp = GpuMlp {
+                ctx: ctx.clone(),
+                norm: DeviceParam::upload(&dev, &b.mlp.norm.value, false)?,
+                w1: DeviceParam::upload(&dev, &b.mlp.w1.value, true)?,
+                w2: DeviceParam::upload(&dev, &b.mlp.w2.value, true)?,
+                normed: zeros(rows * c)?,
+                inv: zeros(rows)?,
+                pre: zeros(rows * 4 * c)?,
+                act: zeros(rows * 4 * c)?,
+                dact: zeros(rows * 4 * c)?,
+                dpre: zeros(rows * 4 * c)?,
+                dnormed: zeros(rows * c)?,
+            };
+            let conn = |p: &ConnectionParams<f32>| -> CudaResult<Connection> {
+                Ok(match config.scheme {
+                    Scheme::Residual => Connection::Residual {
+                        y: zeros(rows * c)?,
+                        dh: zeros(rows * c)?,
+                    },
+                    _ => Connection::Mhc {
+                        wrapper: Box::new(MhcCuda::new(dev.clone(), &conn_cfg, p, rows, false)?),
+                        params: p.clone(),
+                    },
+                })
+            };
+            blocks.push(GpuBlock {
+                attn,
+                attn_conn: conn(&b.attn_conn.params)?,
+                mlp,
+                mlp_conn: conn(&b.mlp_conn.params)?,
+            });
+        }
+        let mut lens = Vec::new();
+        cpu.model.for_each_param(|_, p, _| lens.push(p.len()));
+        let state_len = rows * n * c;
+        Ok(Self {
+            token_embedding: DeviceParam::upload(&dev, &cpu.model.token_embedding.value, true)?,
+            position_embedding: DeviceParam::upload(
+                &dev,
+                &cpu.model.position_embedding.value,
+                true,
+            )?,
+            final_norm: DeviceParam::upload(&dev, &cpu.model.final_norm.value, false)?,
+            head: DeviceParam::upload(&dev, &cpu.model.head.value, true)?,
+            blocks,
+            host_optimizer: AdamW::new(train.adamw, lens),
+            step: 0,
+            states: (0..=config.sublayers())
+                .map(|_| zeros(state_len))
+                .collect::<CudaResult<_>>()?,
+            grad_a: zeros(state_len)?,
+            grad_b: zeros(state_len)?,
+            tokens_dev: st.alloc_zeros(rows)?,
+            targets_dev: st.alloc_zeros(rows)?,
+            reduced: zeros(rows * c)?,
+            normed: zeros(rows * c)?,
+            inv: zeros(rows)?,
+            logits: zeros(rows * v)?,
+            loss_rows: zeros(rows)?,
+            d_normed: zeros(rows * c)?,
+            d_reduced: zeros(rows * c)?,
+            dev,
+            ctx,
+            config,
+            train,
+            batch,
+        })
+    }
+
+    /// One AdamW step on `tokens [batch, context + 1]` (the same batch the CPU trainer would sample).
+    pub fn step(&mut self, tokens: &[u32]) -> CudaResult<GpuStepStats> {
+        let (c, n, v, seq) = (
+            self.config.width,
+            self.config.streams,
+            self.config.vocab,
+            self.config.context,
+        );
+        let rows = self.batch * seq;
+        if tokens.len() != self.batch * (seq + 1) {
+            return Err(CudaError::Shape {
+                what: "token batch [batch, context + 1]",
+                expected: self.batch * (seq + 1),
+                got: tokens.len(),
+            });
+        }
+        let (mut inputs, mut targets) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+        for row in tokens.chunks_exact(seq + 1) {
+            inputs.extend_from_slice(&row[..seq]);
+            targets.extend_from_slice(&row[1..]);
+        }
+        let st = self.dev.stream().clone();
+        st.memcpy_htod(&inputs, &mut self.tokens_dev)?;
+        st.memcpy_htod(&targets, &mut self.targets_dev)?;
+        let dev = self.dev.clone();
+        let ctx = self.ctx.clone();
+        let Ctx { k, mm } = &*ctx;
+        // Zero the dense gradients.
+        self.for_each_dense(|p| Ok(st.memset_zeros(&mut p.grad)?))?;
+        // Forward.
+        k.embed(
+            &self.tokens_dev,
+            &self.token_embedding.value,
+            &self.position_embedding.value,
+            rows,
+            seq,
+            n,
+            c,
+            &mut self.states[0],
+        )?;
+        for (l, b) in self.blocks.iter_mut().enumerate() {
+            for half in 0..2 {
+                let s = 2 * l + half;
+                let (done, rest) = self.states.split_at_mut(s + 1);
+                let (x, out) = (&done[s], &mut rest[0]);
+                let (sub, conn): (&mut dyn CudaSublayer<f32>, &mut Connection) = if half == 0 {
+                    (&mut b.attn, &mut b.attn_conn)
+                } else {
+                    (&mut b.mlp, &mut b.mlp_conn)
+                };
+                match conn {
+                    Connection::Residual { y, .. } => {
+                        sub.forward(&dev, x, y, rows, c)?;
+                        k.add(x, y, out)?;
+                    }
+                    Connection::Mhc { wrapper, .. } => wrapper.forward(sub, x, out)?,
+                }
+            }
+        }
+        let last = &self.states[self.config.sublayers()];
+        k.streams_mean(last, rows, n, c, &mut self.reduced, false)?;
+        k.rmsnorm(
+            &self.reduced,
+            &self.final_norm.value,
+            rows,
+            c,
+            1e-6,
+            &mut self.normed,
+            &mut self.inv,
+        )?;
+        mm.matmul(&self.normed, &self.head.value, &mut self.logits, rows, c, v)?;
+        k.cross_entropy(
+            &mut self.logits,
+            &self.targets_dev,
+            rows,
+            v,
+            &mut self.loss_rows,
+        )?;
+        let loss = st
+            .clone_dtoh(&self.loss_rows)?
+            .iter()
+            .map(|&x| x as f64)
+            .sum::<f64>()
+            / rows as f64;
+        if !loss.is_finite() {
+            return Err(CudaError::Core(mhc_core::MhcError::NonFinite {
+                what: "loss",
+                index: 0,
+            }));
+        }
+        // Backward.
+        mm.matmul_grad_b(&self.normed, &self.logits, &mut self.head.grad, rows, c, v)?;
+        mm.matmul_grad_a(
+            &self.logits,
+            &self.head.value,
+            &mut self.d_normed,
+            rows,
+            c,
+            v,
+        )?;
+        k.rmsnorm_backward(
+            &self.reduced,
+            &self.final_norm.value,
+            &self.inv,
+            &self.d_normed,
+            rows,
+            c,
+            &mut self.d_reduced,
+            &mut self.final_norm.grad,
+        )?;
+        k.streams_mean(&self.d_reduced, rows, n, c, &mut self.grad_a, true)?;
+        for (l, b) in self.blocks.iter_mut().enumerate().rev() {
+            for half in (0..2).rev() {
+                let s = 2 * l + half;
+                let x = &self.states[s];
+                let (sub, conn): (&mut dyn CudaSublayer<f32>, &mut Connection) = if half == 0 {
+                    (&mut b.attn, &mut b.attn_conn)
+                } else {
+                    (&mut b.mlp, &mut b.mlp_conn)
+                };
+                match conn {
+                    Connection::Residual { dh, .. } => {
+                        sub.vjp(&dev, x, &self.grad_a, dh, rows, c)?;
+                        k.add(&self.grad_a, dh, &mut self.grad_b)?;
+                    }
+                    Connection::Mhc { wrapper, .. } => {
+                        wrapper.backward(sub, x, &self.grad_a, &mut self.grad_b)?
+                    }
+                }
+                std::mem::swap(&mut self.grad_a, &mut self.grad_b);
+            }
+        }
+        k.embed_backward(
+            &self.grad_a,
+            &inputs,
+            self.batch,
+            seq,
+            n,
+            c,
+            &mut self.token_embedding.grad,
+            &mut self.position_embedding.grad,
+        )?;
+        // Global gradient norm (dense on the device, connections on the host), clipping, AdamW.
+        let conn_grads: Vec<Option<ConnectionParams<f32>>> = self
+            .blocks
+            .iter()
+            .flat_map(|b| [&b.attn_conn, &b.mlp_conn])
+            .map(|conn| match conn {
+                Connection::Residual { .. } => Ok(None),
+                Connection::Mhc { wrapper, .. } => {
+                    wrapper.gradients(&self.config.connection()).map(Some)
+                }
+            })
+            .collect::<CudaResult<_>>()?;
+        let mut sq = 0.0f64;
+        self.for_each_dense(|p| {
+            sq += k.sum_squares(&p.grad)?;
+            Ok(())
+        })?;
+        for g in conn_grads.iter().flatten() {
+            for (_, t) in g.tensors() {
+                sq += t.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+            }
+        }
+        let grad_norm = sq.sqrt();
+        if !grad_norm.is_finite() {
+            return Err(CudaError::Core(mhc_core::MhcError::NonFinite {
+                what: "gradient",
+                index: 0,
+            }));
+        }
+        let schedule: Schedule = self.train.schedule;
+        let lr = schedule.lr(self.step);
+        let clip = self.train.clip;
+        let scale = if clip > 0.0 && grad_norm > clip {
+            (clip / grad_norm) as f32
+        } else {
+            1.0
+        };
+        self.step += 1;
+        self.host_optimizer.begin_step();
+        let (step, adamw) = (self.step, self.train.adamw);
+        // Walk the parameters in the core's order: dense ones on the device, connection tensors on the host.
+        let mut index = 0usize;
+        let dense = |p: &mut DeviceParam, index: &mut usize| -> CudaResult<()> {
+            k.adamw(
+                &mut p.value,
+                &p.grad,
+                &mut p.m,
+                &mut p.v,
+                &adamw,
+                lr,
+                step,
+                p.decay,
+                scale,
+            )?;
+            *index += 1;
+            Ok(())
+        };
+        dense(&mut self.token_embedding, &mut index)?;
+        dense(&mut self.position_embedding, &mut index)?;
+        let mut grads_iter = conn_grads.into_iter();
+        for b in self.blocks.iter_mut() {
+            for half in 0..2 {
+                let (sub_params, conn): ([&mut DeviceParam; 3], &mut Connection) = if half == 0 {
+                    (
+                        [&mut b.attn.norm, &mut b.attn.wqkv, &mut b.attn.wo],
+                        &mut b.attn_conn,
+                    )
+                } else {
+                    (
+                        [&mut b.mlp.norm, &mut b.mlp.w1, &mut b.mlp.w2],
+                        &mut b.mlp_conn,
+                    )
+                };
+                for p in sub_params {
+                    dense(p, &mut index)?;
+                }
+                let grads = grads_iter.next().flatten();
+                if let (Connection::Mhc { wrapper, params }, Some(mut g)) = (conn, grads) {
+                    for ((_, p), (_, gt)) in params.tensors_mut().into_iter().zip(g.tensors_mut()) {
+                        if p.is_empty() {
+                            continue;
+                        }
+                        gt.iter_mut().for_each(|x| *x *= scale);
+                        self.host_optimizer.update(index, p, gt, lr, false);
+                        index += 1;
+                    }
+                    wrapper.set_params(params)?;
+                }
+            }
+        }
+        dense(&mut self.final_norm, &mut index)?;
+        dense(&mut self.head, &mut index)?;
+        Ok(GpuStepStats {
+            loss,
+            grad_norm,
+            lr,
+        })
+    }
+
+    fn for_each_dense(
+        &mut self,
+        mut f: impl FnMut(&mut DeviceParam) -> CudaResult<()>,
+    ) -> CudaResult<()> {
+        f(&mut self.token_embedding)?;
+        f(&mut self.position_embedding)?;
+        for b in self.blocks.iter_mut() {
+            for p in [
+                &mut b.attn.norm,
+                &mut b.attn.wqkv,
+                &mut b.attn.wo,
+                &mut b.mlp.norm,
+                &mut b.mlp.w1,
+                &mut b.mlp.w2,
+            ] {
+                f(p)?;
+            }
+        }
+        f(&mut self.final_norm)?;
+        f(&mut self.head)
+    }
+
+    /// Every parameter, downloaded, in the core's order with the core's names (for comparisons and checkpoints).
+    pub fn parameters(&self) -> CudaResult<Vec<(String, Vec<f32>)>> {
+        let st = self.dev.stream();
+        let mut out = vec![
+            (
+                "token_embedding".to_string(),
+                st.clone_dtoh(&self.token_embedding.value)?,
+            ),
+            (
+                "position_embedding".to_string(),
+                st.clone_dtoh(&self.position_embedding.value)?,
+            ),
+        ];
+        for (l, b) in self.blocks.iter().enumerate() {
+            for (prefix, dense, conn) in [
+                (
+                    "attn",
+                    [&b.attn.norm, &b.attn.wqkv, &b.attn.wo],
+                    &b.attn_conn,
+                ),
+                ("mlp", [&b.mlp.norm, &b.mlp.w1, &b.mlp.w2], &b.mlp_conn),
+            ] {
+                let names = if prefix == "attn" {
+                    ["norm", "wqkv", "wo"]
+                } else {
+                    ["norm", "w1", "w2"]
+                };
+                for (name, p) in names.iter().zip(dense) {
+                    out.push((
+                        format!("blocks.{l}.{prefix}.{name}"),
+                        st.clone_dtoh(&p.value)?,
+                    ));
+                }
+                if let Connection::Mhc { params, .. } = conn {
+                    for (name, t) in params.tensors() {
+                        if !t.is_empty() {
+                            out.push((format!("blocks.{l}.{prefix}.conn.{name}"), t.to_vec()));
+                        }
+                    }
+                }
+            }
+        }
+        out.push((
+            "final_norm".to_string(),
+            st.clone_dtoh(&self.final_norm.value)?,
+        ));
+        out.push(("head".to_string(), st.clone_dtoh(&self.head.value)?));
+        Ok(out)
+    }
+}
