@@ -8,7 +8,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mhc_core::MhcError;
 use mhc_core::model::Trainer;
 
+use std::sync::Arc;
+
 use crate::checkpoint::{self, CheckpointError};
+use crate::cuda::{CudaDevice, CudaError, GpuTrainer};
 use crate::data::Corpus;
 use crate::metrics::{MetricsError, MetricsRecord, MetricsWriter};
 use crate::spec::RunSpec;
@@ -43,6 +46,8 @@ pub enum RunError {
     Core(MhcError),
     /// A folder could not be created.
     Io(PathBuf, std::io::Error),
+    /// The CUDA path failed.
+    Cuda(CudaError),
 }
 
 impl std::fmt::Display for RunError {
@@ -72,6 +77,7 @@ impl std::fmt::Display for RunError {
             }
             Self::Core(e) => write!(f, "{e}"),
             Self::Io(path, e) => write!(f, "{}: {e}", path.display()),
+            Self::Cuda(e) => write!(f, "{e}"),
         }
     }
 }
@@ -120,7 +126,8 @@ pub fn progress_bar(total: u64, prefix: &str) -> ProgressBar {
 }
 
 /// Trains `spec` on `corpus` in `dir` (created if needed), from scratch or
-/// from `dir`'s checkpoint, for at most `stop_after` steps in this invocation.
+/// from `dir`'s checkpoint, for at most `stop_after` steps in this invocation,
+/// on the CPU reference or, given a device, on the GPU ([`GpuTrainer`]).
 pub fn run(
     spec: &RunSpec,
     corpus: &Corpus,
@@ -128,6 +135,7 @@ pub fn run(
     resume: bool,
     stop_after: Option<u64>,
     pb: &ProgressBar,
+    cuda: Option<Arc<CudaDevice>>,
 ) -> Result<RunOutcome, RunError> {
     spec.validate().map_err(RunError::Config)?;
     std::fs::create_dir_all(dir).map_err(|e| RunError::Io(dir.to_path_buf(), e))?;
@@ -149,6 +157,11 @@ pub fn run(
             .map_err(RunError::Checkpoint)?;
         last_good = Some((ckpt_path.clone(), loaded.step));
     }
+    let mut gpu = match cuda {
+        Some(dev) => Some(GpuTrainer::from_cpu(dev, &mut trainer).map_err(RunError::Cuda)?),
+        None => None,
+    };
+    let mut tokens = vec![0u32; spec.batch * (spec.context + 1)];
     let mut metrics = MetricsWriter::create(dir, resume).map_err(RunError::Metrics)?;
     let tokens_per_step = (spec.batch * spec.context) as u64;
     let start_step = trainer.step_count();
@@ -160,9 +173,13 @@ pub fn run(
     let (mut loss_sum, mut loss_count) = (0.0, 0u64);
     let mut last = None;
     let mut done_here = 0;
-    while trainer.step_count() < spec.steps && stop_after.is_none_or(|s| done_here < s) {
-        let step = trainer.step_count() + 1;
-        let stats = match trainer.step(&corpus.train) {
+    while start_step + done_here < spec.steps && stop_after.is_none_or(|s| done_here < s) {
+        let step = start_step + done_here + 1;
+        let result = match gpu.as_mut() {
+            None => trainer.step(&corpus.train),
+            Some(g) => gpu_step(g, &mut trainer, &corpus.train, &mut tokens),
+        };
+        let stats = match result {
             Ok(s) => s,
             Err(MhcError::NonFinite { what, .. }) => {
                 return Err(RunError::Diverged {
@@ -179,13 +196,19 @@ pub fn run(
         loss_count += 1;
         let finished = step == spec.steps || stop_after.is_some_and(|s| done_here == s);
         if step % spec.log_every == 0 || finished {
-            let gains = trainer.model.gain_report().map_err(RunError::Core)?;
+            let gains = match gpu.as_ref() {
+                None => trainer.model.gain_report().map_err(RunError::Core)?,
+                Some(g) => g.gain_report().map_err(RunError::Cuda)?,
+            };
             let val_loss = if step % spec.eval_every == 0 || finished {
-                Some(
-                    trainer
+                Some(match gpu.as_mut() {
+                    None => trainer
                         .evaluate(&corpus.validation, spec.eval_batches, VALIDATION_SEED)
                         .map_err(RunError::Core)?,
-                )
+                    Some(g) => g
+                        .evaluate(&corpus.validation, spec.eval_batches, VALIDATION_SEED)
+                        .map_err(RunError::Cuda)?,
+                })
             } else {
                 None
             };
@@ -236,20 +259,44 @@ pub fn run(
             interval_start = Instant::now();
         }
         if step % spec.checkpoint_every == 0 || finished {
+            if let Some(g) = gpu.as_mut() {
+                g.sync_to_cpu(&mut trainer).map_err(RunError::Cuda)?;
+            }
             checkpoint::save(&ckpt_path, &mut trainer, spec).map_err(RunError::Checkpoint)?;
             last_good = Some((ckpt_path.clone(), step));
         }
         pb.set_position(step);
     }
     pb.finish();
-    let steps_here = trainer.step_count() - start_step;
+    let steps_here = done_here;
     Ok(RunOutcome {
         scheme: spec.scheme.clone(),
         streams: spec.streams,
-        steps: trainer.step_count(),
+        steps: start_step + done_here,
         last,
         tokens_per_s: (steps_here * tokens_per_step) as f64
             / started.elapsed().as_secs_f64().max(1e-9),
         dir: dir.to_path_buf(),
     })
+}
+
+/// One step on the GPU with the batch the CPU trainer would draw (its RNG
+/// advances the same way, so checkpoints and resume behave alike).
+fn gpu_step(
+    gpu: &mut GpuTrainer,
+    trainer: &mut Trainer<f32>,
+    data: &[u8],
+    tokens: &mut [u32],
+) -> Result<mhc_core::model::StepStats, MhcError> {
+    let (batch, context) = (trainer.config.batch, trainer.model.config().context);
+    mhc_core::model::data::sample_batch(data, batch, context, &mut trainer.rng, tokens)?;
+    match gpu.step(tokens) {
+        Ok(s) => Ok(mhc_core::model::StepStats {
+            loss: s.loss,
+            grad_norm: s.grad_norm,
+            lr: s.lr,
+        }),
+        Err(CudaError::Core(e)) => Err(e),
+        Err(e) => Err(MhcError::Sublayer(format!("CUDA: {e}"))),
+    }
 }

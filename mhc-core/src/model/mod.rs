@@ -629,36 +629,45 @@ impl<T: Real> Model<T> {
     /// Amax gains of every `H_res` of the last forward and their composite over depth.
     pub fn gain_report(&self) -> Result<GainReport> {
         let n = self.config.streams;
-        let nn = n * n;
         let tokens = self.shape.batch * self.shape.seq;
         if tokens == 0 {
             return Err(MhcError::BackwardBeforeForward);
         }
-        let mut per_layer: Vec<Vec<f64>> = Vec::with_capacity(self.config.sublayers());
+        let per_layer: Vec<Vec<f64>> = self
+            .blocks
+            .iter()
+            .flat_map(|b| [&b.attn_ws, &b.mlp_ws])
+            .map(|ws| {
+                (0..tokens)
+                    .flat_map(|t| ws.h_res(t).unwrap_or_default().iter().map(|v| v.as_f64()))
+                    .collect()
+            })
+            .collect();
+        GainReport::from_h_res(&per_layer, n, self.config.scheme.is_manifold_constrained())
+    }
+}
+
+impl GainReport {
+    /// The report of per-layer `H_res` matrices: `per_layer[l]` holds layer `l`'s
+    /// `[tokens, n, n]` (any backend's coefficients); `sk` adds the SK residual.
+    pub fn from_h_res(per_layer: &[Vec<f64>], n: usize, sk: bool) -> Result<Self> {
+        if n == 0 {
+            return Err(MhcError::ZeroStreams);
+        }
+        let nn = n * n;
         let mut report = GainReport::default();
-        for b in &self.blocks {
-            for ws in [&b.attn_ws, &b.mlp_ws] {
-                let mut h = Vec::with_capacity(tokens * nn);
-                let (mut fwd, mut bwd) = (0.0f64, 0.0f64);
-                for t in 0..tokens {
-                    let m: Vec<f64> = ws
-                        .h_res(t)
-                        .unwrap_or_default()
-                        .iter()
-                        .map(|v| v.as_f64())
-                        .collect();
-                    let g = amax_gain_unchecked(&m, n);
-                    fwd = fwd.max(g.forward);
-                    bwd = bwd.max(g.backward);
-                    if self.config.scheme.is_manifold_constrained() {
-                        report.sk_residual = report.sk_residual.max(column_residual(&m, n));
-                    }
-                    h.extend_from_slice(&m);
+        for h in per_layer {
+            let (mut fwd, mut bwd) = (0.0f64, 0.0f64);
+            for m in h.chunks_exact(nn) {
+                let g = amax_gain_unchecked(m, n);
+                fwd = fwd.max(g.forward);
+                bwd = bwd.max(g.backward);
+                if sk {
+                    report.sk_residual = report.sk_residual.max(column_residual(m, n));
                 }
-                report.amax_fwd.push(fwd);
-                report.amax_bwd.push(bwd);
-                per_layer.push(h);
             }
+            report.amax_fwd.push(fwd);
+            report.amax_bwd.push(bwd);
         }
         let layers: Vec<&[f64]> = per_layer.iter().map(|v| v.as_slice()).collect();
         report.composite = vec![CompositeGain::default(); layers.len()];

@@ -15,7 +15,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::MultiProgress;
 use mhc_core::Rng;
 use mhc_core::model::Model;
+use std::sync::Arc;
+
 use mhc_cuda::checkpoint;
+use mhc_cuda::cuda::{CudaDevice, CudaError};
 use mhc_cuda::data::{Corpus, load_text};
 use mhc_cuda::metrics::read_jsonl;
 use mhc_cuda::plot::plot_runs;
@@ -44,11 +47,11 @@ enum Command {
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Device {
-    /// CUDA when a driver is found, else the CPU (today: always the CPU).
+    /// CUDA when a driver is found (for residual and mhc), else the CPU.
     Auto,
     /// The mhc-core reference on the CPU.
     Cpu,
-    /// NVIDIA GPU (arrives with the CUDA trainer).
+    /// NVIDIA GPU (residual and mhc; hc runs on the CPU).
     Cuda,
 }
 
@@ -141,6 +144,9 @@ struct SampleArgs {
     seed: u64,
 }
 
+/// Schemes the CUDA trainer runs (the others run on the CPU reference).
+const GPU_SCHEMES: [&str; 2] = ["residual", "mhc"];
+
 /// An error that ends the program: its message and exit code.
 struct Fatal(String, u8);
 
@@ -210,11 +216,6 @@ fn load_corpus(spec: &RunSpec) -> Result<Corpus, Fatal> {
 }
 
 fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
-    if args.device == Device::Cuda {
-        return Err(bad_input(
-            "--device cuda: the CUDA trainer is not built yet (it comes with the mhc-cuda kernels); use --device cpu",
-        ));
-    }
     let schemes: Vec<String> = if args.compare {
         if args.scheme.is_some() {
             return Err(bad_input(
@@ -260,19 +261,46 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
         }
     }
     let corpus = load_corpus(&specs[0])?;
+    // The GPU, when asked for (or found, with auto); schemes without a GPU path run on the CPU.
+    let gpu: Option<Arc<CudaDevice>> = match args.device {
+        Device::Cpu => None,
+        Device::Auto | Device::Cuda => match CudaDevice::new(0) {
+            Ok(d) => Some(Arc::new(d)),
+            Err(CudaError::NoDriver(_)) if args.device == Device::Auto => None,
+            Err(e) => return Err(bad_input(format!("--device cuda: {e}; use --device cpu"))),
+        },
+    };
+    let on_gpu = |spec: &RunSpec| gpu.is_some() && GPU_SCHEMES.contains(&spec.scheme.as_str());
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
+    let (gpu_runs, cpu_runs): (Vec<&RunSpec>, Vec<&RunSpec>) =
+        specs.iter().partition(|s| on_gpu(s));
+    let names = |v: &[&RunSpec]| {
+        v.iter()
+            .map(|s| s.scheme.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut line = Vec::new();
+    if let Some(d) = &gpu
+        && !gpu_runs.is_empty()
+    {
+        line.push(format!("cuda ({}, f32) for {}", d.name(), names(&gpu_runs)));
+    }
+    if !cpu_runs.is_empty() {
+        let why = match (&gpu, args.device) {
+            (Some(_), _) => " (no GPU path for this scheme yet)",
+            (None, Device::Auto) => " (no CUDA driver found)",
+            _ => "",
+        };
+        line.push(format!(
+            "cpu (mhc-core reference model, f32, {threads} thread(s)) for {}{why}",
+            names(&cpu_runs)
+        ));
+    }
+    println!("device: {}", line.join("; "));
     let first = &specs[0];
-    println!(
-        "device: cpu (mhc-core reference model, f32; {} run(s) on {threads} thread(s)){}",
-        specs.len(),
-        if args.device == Device::Auto {
-            " — no CUDA trainer in this build yet"
-        } else {
-            ""
-        }
-    );
     println!(
         "data: {} ({} train / {} validation bytes) | model: {} blocks ({} wrapped sublayers), C = {}, {} heads, context {} | batch {} | {} steps | out: {}",
         corpus.name,
@@ -288,23 +316,49 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
         out.display()
     );
     let multi = MultiProgress::new();
+    let run_one = |spec: &RunSpec, device: Option<Arc<CudaDevice>>| {
+        let pb = multi.add(train::progress_bar(spec.steps, &spec.scheme));
+        train::run(
+            spec,
+            &corpus,
+            &out.join(&spec.scheme),
+            args.resume,
+            args.stop_after,
+            &pb,
+            device,
+        )
+    };
+    // CPU runs in parallel threads; GPU runs one after another on one thread (one device).
     let outcomes: Vec<Result<RunOutcome, RunError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = specs
+        let run_one = &run_one;
+        let cpu_handles: Vec<_> = cpu_runs
+            .iter()
+            .map(|&spec| scope.spawn(move || run_one(spec, None)))
+            .collect();
+        let gpu_handle = scope.spawn(|| {
+            gpu_runs
+                .iter()
+                .map(|&spec| run_one(spec, gpu.clone()))
+                .collect::<Vec<_>>()
+        });
+        let panicked = || Err(RunError::Config("a training thread panicked".into()));
+        let mut cpu_results = cpu_handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| panicked()));
+        let mut gpu_results = gpu_handle
+            .join()
+            .unwrap_or_else(|_| gpu_runs.iter().map(|_| panicked()).collect())
+            .into_iter();
+        // Back in the order of `specs`.
+        specs
             .iter()
             .map(|spec| {
-                let pb = multi.add(train::progress_bar(spec.steps, &spec.scheme));
-                let dir = out.join(&spec.scheme);
-                let corpus = &corpus;
-                scope.spawn(move || {
-                    train::run(spec, corpus, &dir, args.resume, args.stop_after, &pb)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(RunError::Config("a training thread panicked".into())))
+                let next = if on_gpu(spec) {
+                    gpu_results.next()
+                } else {
+                    cpu_results.next()
+                };
+                next.unwrap_or_else(panicked)
             })
             .collect()
     });

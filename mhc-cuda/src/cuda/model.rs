@@ -293,7 +293,7 @@ pub struct GpuStepStats {
 }
 
 impl GpuTrainer {
-    /// Copies a CPU trainer's model (weights, not optimiser moments: a fresh run) to the GPU.
+    /// Copies a CPU trainer's model and AdamW state (moments, step) to the GPU.
     pub fn from_cpu(dev: Arc<CudaDevice>, cpu: &mut Trainer<f32>) -> CudaResult<Self> {
         let config = *cpu.model.config();
         if config.scheme == Scheme::HcDynamic
@@ -403,10 +403,15 @@ impl GpuTrainer {
             train,
             batch,
         })
+        .and_then(|mut me: Self| {
+            me.load_optimizer(cpu)?;
+            Ok(me)
+        })
     }
 
-    /// One AdamW step on `tokens [batch, context + 1]` (the same batch the CPU trainer would sample).
-    pub fn step(&mut self, tokens: &[u32]) -> CudaResult<GpuStepStats> {
+    /// Forward of `tokens [batch, context + 1]` to the mean cross-entropy; keeps
+    /// what the backward needs and returns the host copy of the input tokens.
+    fn forward(&mut self, tokens: &[u32]) -> CudaResult<(f64, Vec<u32>)> {
         let (c, n, v, seq) = (
             self.config.width,
             self.config.streams,
@@ -432,9 +437,6 @@ impl GpuTrainer {
         let dev = self.dev.clone();
         let ctx = self.ctx.clone();
         let Ctx { k, mm } = &*ctx;
-        // Zero the dense gradients.
-        self.for_each_dense(|p| Ok(st.memset_zeros(&mut p.grad)?))?;
-        // Forward.
         k.embed(
             &self.tokens_dev,
             &self.token_embedding.value,
@@ -495,6 +497,39 @@ impl GpuTrainer {
                 index: 0,
             }));
         }
+        Ok((loss, inputs))
+    }
+
+    /// Mean loss over `batches` fixed windows of `data` (the same windows as
+    /// [`mhc_core::model::Trainer::evaluate`] with the same `seed`).
+    pub fn evaluate(&mut self, data: &[u8], batches: usize, seed: u64) -> CudaResult<f64> {
+        let seq = self.config.context;
+        let mut rng = mhc_core::Rng::new(seed);
+        let mut tokens = vec![0u32; self.batch * (seq + 1)];
+        let mut total = 0.0;
+        for _ in 0..batches.max(1) {
+            mhc_core::model::data::sample_batch(data, self.batch, seq, &mut rng, &mut tokens)?;
+            total += self.forward(&tokens)?.0;
+        }
+        Ok(total / batches.max(1) as f64)
+    }
+
+    /// One AdamW step on `tokens [batch, context + 1]` (the same batch the CPU trainer would sample).
+    pub fn step(&mut self, tokens: &[u32]) -> CudaResult<GpuStepStats> {
+        let (c, n, v, seq) = (
+            self.config.width,
+            self.config.streams,
+            self.config.vocab,
+            self.config.context,
+        );
+        let rows = self.batch * seq;
+        let st = self.dev.stream().clone();
+        // Zero the dense gradients, then the forward.
+        self.for_each_dense(|p| Ok(st.memset_zeros(&mut p.grad)?))?;
+        let (loss, inputs) = self.forward(tokens)?;
+        let dev = self.dev.clone();
+        let ctx = self.ctx.clone();
+        let Ctx { k, mm } = &*ctx;
         // Backward.
         mm.matmul_grad_b(&self.normed, &self.logits, &mut self.head.grad, rows, c, v)?;
         mm.matmul_grad_a(
@@ -644,6 +679,102 @@ impl GpuTrainer {
             grad_norm,
             lr,
         })
+    }
+
+    /// The dense parameters with their index in the core's parameter order.
+    fn dense_indexed(&mut self) -> Vec<(usize, &mut DeviceParam)> {
+        let conn_count = |c: &Connection| match c {
+            Connection::Residual { .. } => 0,
+            Connection::Mhc { params, .. } => params
+                .tensors()
+                .iter()
+                .filter(|(_, t)| !t.is_empty())
+                .count(),
+        };
+        let mut out: Vec<(usize, &mut DeviceParam)> = Vec::new();
+        let mut index = 0;
+        out.push((index, &mut self.token_embedding));
+        index += 1;
+        out.push((index, &mut self.position_embedding));
+        index += 1;
+        for b in self.blocks.iter_mut() {
+            let (a, m) = (conn_count(&b.attn_conn), conn_count(&b.mlp_conn));
+            for p in [&mut b.attn.norm, &mut b.attn.wqkv, &mut b.attn.wo] {
+                out.push((index, p));
+                index += 1;
+            }
+            index += a;
+            for p in [&mut b.mlp.norm, &mut b.mlp.w1, &mut b.mlp.w2] {
+                out.push((index, p));
+                index += 1;
+            }
+            index += m;
+        }
+        out.push((index, &mut self.final_norm));
+        out.push((index + 1, &mut self.head));
+        out
+    }
+
+    /// Uploads a CPU trainer's AdamW state (moments and step), e.g. after loading a checkpoint.
+    pub fn load_optimizer(&mut self, cpu: &Trainer<f32>) -> CudaResult<()> {
+        let st = self.dev.stream().clone();
+        for (index, p) in self.dense_indexed() {
+            st.memcpy_htod(&cpu.optimizer.m[index], &mut p.m)?;
+            st.memcpy_htod(&cpu.optimizer.v[index], &mut p.v)?;
+        }
+        self.host_optimizer = cpu.optimizer.clone();
+        self.step = cpu.optimizer.step;
+        Ok(())
+    }
+
+    /// Copies weights, AdamW moments and the step count into `cpu` (for checkpoints and sampling).
+    pub fn sync_to_cpu(&mut self, cpu: &mut Trainer<f32>) -> CudaResult<()> {
+        let params = self.parameters()?;
+        let mut i = 0;
+        cpu.model.for_each_param(|_, p, _| {
+            p.copy_from_slice(&params[i].1);
+            i += 1;
+        });
+        let mut optimizer = self.host_optimizer.clone();
+        optimizer.step = self.step;
+        let st = self.dev.stream().clone();
+        for (index, p) in self.dense_indexed() {
+            optimizer.m[index] = st.clone_dtoh(&p.m)?;
+            optimizer.v[index] = st.clone_dtoh(&p.v)?;
+        }
+        cpu.optimizer = optimizer;
+        Ok(())
+    }
+
+    /// Amax gains of every `H_res` of the last forward (as [`mhc_core::model::Model::gain_report`]).
+    pub fn gain_report(&self) -> CudaResult<mhc_core::model::GainReport> {
+        let (n, rows) = (self.config.streams, self.batch * self.config.context);
+        let k = self.config.connection().coefficient_len();
+        let per_layer = self
+            .blocks
+            .iter()
+            .flat_map(|b| [&b.attn_conn, &b.mlp_conn])
+            .map(|conn| match conn {
+                Connection::Residual { .. } => Ok(vec![1.0f64; rows]),
+                Connection::Mhc { wrapper, .. } => {
+                    let coef = wrapper.coefficients_host()?;
+                    Ok(coef
+                        .chunks_exact(k)
+                        .flat_map(|row| row[2 * n..].iter().map(|&v| v as f64))
+                        .collect())
+                }
+            })
+            .collect::<CudaResult<Vec<_>>>()?;
+        Ok(mhc_core::model::GainReport::from_h_res(
+            &per_layer,
+            n,
+            self.config.scheme.is_manifold_constrained(),
+        )?)
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.dev
     }
 
     fn for_each_dense(
