@@ -46,6 +46,89 @@ struct Args {
     /// Also write the results here as JSON.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Instead of the wrapper, time GPT training steps (residual and mHC n = 4, f32,
+    /// random tokens) at this width; with --layers, --heads, --batch, --context, --vocab.
+    #[arg(long)]
+    train_width: Option<usize>,
+    /// Blocks of the --train-width model.
+    #[arg(long, default_value_t = 12)]
+    layers: usize,
+    /// Heads of the --train-width model.
+    #[arg(long, default_value_t = 12)]
+    heads: usize,
+    /// Sequences per step of the --train-width model.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Context of the --train-width model.
+    #[arg(long, default_value_t = 1024)]
+    context: usize,
+    /// Vocabulary of the --train-width model.
+    #[arg(long, default_value_t = 8192)]
+    vocab: usize,
+}
+
+/// Times training steps of the GPU model for residual and mHC (random tokens).
+fn bench_train(dev: &Arc<CudaDevice>, args: &Args, width: usize) -> Result<(), CudaError> {
+    use mhc_core::model::optim::{AdamWConfig, Schedule};
+    use mhc_core::model::{ModelConfig, TrainConfig, Trainer};
+    use mhc_cuda::cuda::GpuTrainer;
+    println!(
+        "| scheme | d | layers | batch × context | vocab | step ms | tokens/s | GPU memory allocated GiB |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (scheme, n) in [(Scheme::Residual, 1), (Scheme::MhcDynamic, args.n)] {
+        let model = ModelConfig {
+            vocab: args.vocab,
+            width,
+            layers: args.layers,
+            heads: args.heads,
+            context: args.context,
+            streams: n,
+            scheme,
+            sinkhorn_iterations: 20,
+        };
+        let train = TrainConfig {
+            batch: args.batch,
+            schedule: Schedule {
+                max_lr: 3e-4,
+                min_lr: 3e-5,
+                warmup: 10,
+                total: 1000,
+            },
+            adamw: AdamWConfig::default(),
+            clip: 1.0,
+            seed: 0,
+        };
+        let mut cpu = Trainer::<f32>::new(model, train)?;
+        let (free_before, _) = dev.memory()?;
+        let mut gpu = GpuTrainer::from_cpu(dev.clone(), &mut cpu)?;
+        drop(cpu);
+        let mut rng = Rng::new(1);
+        let tokens: Vec<u32> = (0..args.batch * (args.context + 1))
+            .map(|_| rng.below(args.vocab as u64) as u32)
+            .collect();
+        for _ in 0..2 {
+            gpu.step(&tokens)?;
+        }
+        let (free_after, _) = dev.memory()?;
+        let steps = args.reps.clamp(3, 10);
+        let start = std::time::Instant::now();
+        for _ in 0..steps {
+            gpu.step(&tokens)?; // each step ends with a host copy of the loss: synchronous
+        }
+        let ms = start.elapsed().as_secs_f64() * 1e3 / steps as f64;
+        let tokens_per_s = (args.batch * args.context) as f64 / (ms / 1e3);
+        println!(
+            "| {scheme} | {width} | {} | {} × {} | {} | {ms:.1} | {:.0}k | {:.1} |",
+            args.layers,
+            args.batch,
+            args.context,
+            args.vocab,
+            tokens_per_s / 1e3,
+            free_before.saturating_sub(free_after) as f64 / (1u64 << 30) as f64
+        );
+    }
+    Ok(())
 }
 
 #[derive(Serialize)]
@@ -253,6 +336,15 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if let Some(width) = args.train_width {
+        return match bench_train(&dev, &args, width) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::ExitCode::from(1)
+            }
+        };
+    }
     let run = || -> Result<Report, CudaError> {
         let bandwidth = copy_bandwidth(&dev)?;
         let rows = match args.dtype.as_str() {

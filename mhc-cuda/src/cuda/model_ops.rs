@@ -297,6 +297,11 @@ impl ModelKernels {
         out: &mut CudaSlice<f32>,
     ) -> CudaResult<()> {
         let c = heads * head_dim;
+        if head_dim == 0 || head_dim > 128 {
+            return Err(CudaError::Unsupported(format!(
+                "head dimension {head_dim}: the attention kernels take 1..=128"
+            )));
+        }
         check("qkv", qkv.len(), batch * seq * 3 * c)?;
         check("probs", probs.len(), batch * heads * seq * seq)?;
         check("attention output", out.len(), batch * seq * c)?;
@@ -330,6 +335,11 @@ impl ModelKernels {
         dqkv: &mut CudaSlice<f32>,
     ) -> CudaResult<()> {
         let c = heads * head_dim;
+        if head_dim == 0 || head_dim > 128 {
+            return Err(CudaError::Unsupported(format!(
+                "head dimension {head_dim}: the attention kernels take 1..=128"
+            )));
+        }
         check("qkv", qkv.len(), batch * seq * 3 * c)?;
         check("probs", probs.len(), batch * heads * seq * seq)?;
         check("attention output", out.len(), batch * seq * c)?;

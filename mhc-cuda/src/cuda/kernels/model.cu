@@ -208,16 +208,23 @@ extern "C" __global__ void attn_bwd_q(const float* __restrict__ qkv, const float
     d = warp_sum(d);
     if (lane == 0) delta[q_id] = d;
     const float* p = probs + (((long)b * H + h) * S + t) * S;
-    for (int j = lane; j < D; j += 32) {
-        float acc = 0.f;
-        for (int u = 0; u <= t; ++u) {
-            const float* v = qkv + ((long)b * S + u) * 3 * C + 2 * C + h * D;
-            float dp = 0.f;
-            for (int jj = 0; jj < D; ++jj) dp += dO[jj] * v[jj];
-            acc += p[u] * (dp - d) * qkv[((long)b * S + u) * 3 * C + C + h * D + j];
-        }
-        dqkv[((long)b * S + t) * 3 * C + h * D + j] = scale * acc;
+    // Lanes own the output columns j ≡ lane (mod 32), at most 4 per lane (D ≤ 128);
+    // each dO_t·v_u is one warp-wide reduction shared by all lanes.
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int u = 0; u <= t; ++u) {
+        const float* v = qkv + ((long)b * S + u) * 3 * C + 2 * C + h * D;
+        float dp = 0.f;
+        for (int jj = lane; jj < D; jj += 32) dp += dO[jj] * v[jj];
+        dp = warp_sum(dp);
+        const float w = p[u] * (dp - d);
+        const float* k = qkv + ((long)b * S + u) * 3 * C + C + h * D;
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+            if (lane + 32 * r < D) acc[r] += w * k[lane + 32 * r];
     }
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+        if (lane + 32 * r < D) dqkv[((long)b * S + t) * 3 * C + h * D + lane + 32 * r] = scale * acc[r];
 }
 
 // attn_bwd_kv: one warp per (b, h, key u):
@@ -233,18 +240,29 @@ extern "C" __global__ void attn_bwd_kv(const float* __restrict__ qkv, const floa
     const int C = H * D;
     const float scale = rsqrtf((float)D);
     const float* v = qkv + ((long)b * S + u) * 3 * C + 2 * C + h * D;
-    for (int j = lane; j < D; j += 32) {
-        float dk = 0.f, dv = 0.f;
-        for (int t = u; t < S; ++t) {
-            const float ptu = probs[(((long)b * H + h) * S + t) * S + u];
-            const float* dO = dout + ((long)b * S + t) * C + h * D;
-            float dp = 0.f;
-            for (int jj = 0; jj < D; ++jj) dp += dO[jj] * v[jj];
-            dk += ptu * (dp - delta[((long)b * H + h) * S + t]) * qkv[((long)b * S + t) * 3 * C + h * D + j];
-            dv += ptu * dO[j];
+    float dk[4] = {0.f, 0.f, 0.f, 0.f}, dv[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int t = u; t < S; ++t) {
+        const float ptu = probs[(((long)b * H + h) * S + t) * S + u];
+        const float* dO = dout + ((long)b * S + t) * C + h * D;
+        float dp = 0.f;
+        for (int jj = lane; jj < D; jj += 32) dp += dO[jj] * v[jj];
+        dp = warp_sum(dp);
+        const float w = ptu * (dp - delta[((long)b * H + h) * S + t]);
+        const float* q = qkv + ((long)b * S + t) * 3 * C + h * D;
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            if (lane + 32 * r < D) {
+                dk[r] += w * q[lane + 32 * r];
+                dv[r] += ptu * dO[lane + 32 * r];
+            }
         }
-        dqkv[((long)b * S + u) * 3 * C + C + h * D + j] = scale * dk;
-        dqkv[((long)b * S + u) * 3 * C + 2 * C + h * D + j] = dv;
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        if (lane + 32 * r < D) {
+            dqkv[((long)b * S + u) * 3 * C + C + h * D + lane + 32 * r] = scale * dk[r];
+            dqkv[((long)b * S + u) * 3 * C + 2 * C + h * D + lane + 32 * r] = dv[r];
+        }
     }
 }
 
