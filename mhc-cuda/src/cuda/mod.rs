@@ -2,6 +2,9 @@
 //! run time with NVRTC through `cudarc`; no CUDA is needed to build), a safe
 //! API over device buffers, and typed errors.
 //!
+//! Every kernel is compiled for one `n` (a `-DN=` define), so each expansion
+//! rate — the paper's n = 4 included — gets its own fully unrolled code.
+//!
 //! Nothing here panics when no GPU is present: [`CudaDevice::new`] probes for
 //! the driver and NVRTC libraries first and returns [`CudaError::NoDriver`].
 //!
