@@ -8,10 +8,12 @@ cargo build --release -p mhc-cuda --bin mhc-bench --bin mhc-train
 cp target/release/mhc-bench target/release/mhc-train .device-bin/
 for t in cuda_parity cuda_model_ops cuda_trainer; do
   bin=$(cargo test --release -p mhc-cuda --test "$t" --no-run --message-format=json 2>/dev/null \
-        | python3 -c 'import json,sys
+        | T="$t" python3 -c 'import json,os,sys
 for l in sys.stdin:
     m=json.loads(l)
-    if m.get("reason")=="compiler-artifact" and m.get("executable"): print(m["executable"])' | tail -n 1)
+    t=m.get("target",{})
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and t.get("kind")==["test"] and t.get("name")==os.environ["T"]: print(m["executable"])' | tail -n 1)
+  [ -n "$bin" ] || { echo "no test binary found for $t" >&2; exit 1; }
   cp "$bin" ".device-bin/$t"
 done
 strip .device-bin/*

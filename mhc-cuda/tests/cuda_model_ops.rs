@@ -225,7 +225,12 @@ fn attention_sublayer_matches_mhc_core() {
     let k = ModelKernels::new(dev.clone()).unwrap();
     let mm = MatMul::new(&dev).unwrap();
     let st = dev.stream().clone();
-    for (batch, seq, heads, c) in [(2usize, 9usize, 2usize, 16usize), (3, 40, 4, 64)] {
+    for (batch, seq, heads, c) in [
+        (2usize, 9usize, 2usize, 16usize),
+        (3, 40, 4, 64),
+        (2, 70, 2, 128),
+        (1, 33, 1, 128),
+    ] {
         let cfg = ModelConfig {
             vocab: 11,
             width: c,

@@ -274,11 +274,18 @@ impl ModelKernels {
         Ok(())
     }
 
-    fn warps_launch(&self, name: &str, items: usize) -> CudaResult<(CudaFunction, LaunchConfig)> {
+    /// Attention kernels: blocks of 8 warps (8 queries or keys) per (batch, head).
+    fn attention_launch(
+        &self,
+        name: &str,
+        batch: usize,
+        heads: usize,
+        seq: usize,
+    ) -> CudaResult<(CudaFunction, LaunchConfig)> {
         let f = self.f(name)?;
         let cfg = LaunchConfig {
-            grid_dim: (items.div_ceil(4).max(1) as u32, 1, 1),
-            block_dim: (128, 1, 1),
+            grid_dim: (seq.div_ceil(8) as u32, (batch * heads) as u32, 1),
+            block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         Ok((f, cfg))
@@ -305,7 +312,7 @@ impl ModelKernels {
         check("qkv", qkv.len(), batch * seq * 3 * c)?;
         check("probs", probs.len(), batch * heads * seq * seq)?;
         check("attention output", out.len(), batch * seq * c)?;
-        let (f, cfg) = self.warps_launch("attn_fwd", batch * heads * seq)?;
+        let (f, cfg) = self.attention_launch("attn_fwd", batch, heads, seq)?;
         let (b_i, s_i, h_i, d_i) = (batch as i32, seq as i32, heads as i32, head_dim as i32);
         let mut b = self.dev.stream().launch_builder(&f);
         b.arg(qkv)
@@ -315,7 +322,7 @@ impl ModelKernels {
             .arg(&d_i)
             .arg(probs)
             .arg(out);
-        // SAFETY: one warp per (b, h, t) < batch·heads·seq (guarded); sizes checked above.
+        // SAFETY: grid (seq/8, batch·heads), one warp per query (guarded t < seq); head_dim ≤ 128; sizes checked above.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
@@ -348,7 +355,7 @@ impl ModelKernels {
         check("grad of qkv", dqkv.len(), batch * seq * 3 * c)?;
         let (b_i, s_i, h_i, d_i) = (batch as i32, seq as i32, heads as i32, head_dim as i32);
         let st = self.dev.stream();
-        let (f, cfg) = self.warps_launch("attn_bwd_q", batch * heads * seq)?;
+        let (f, cfg) = self.attention_launch("attn_bwd_q", batch, heads, seq)?;
         let mut b = st.launch_builder(&f);
         b.arg(qkv)
             .arg(probs)
@@ -362,7 +369,7 @@ impl ModelKernels {
             .arg(&mut *dqkv);
         // SAFETY: one warp per query (guarded); sizes checked above.
         unsafe { b.launch(cfg) }?;
-        let (f, cfg) = self.warps_launch("attn_bwd_kv", batch * heads * seq)?;
+        let (f, cfg) = self.attention_launch("attn_bwd_kv", batch, heads, seq)?;
         let mut b = st.launch_builder(&f);
         b.arg(qkv)
             .arg(probs)

@@ -149,119 +149,207 @@ extern "C" __global__ void sum_squares(const float* __restrict__ x, long len, fl
 // columns h·D .. (h+1)·D of each), scale 1/sqrt(D). Probabilities are kept,
 // [B, H, S, S] (zero above the diagonal), for the backward.
 
-// attn_fwd: one warp per (b, h, query t). Lanes take keys u ≡ lane (mod 32).
-extern "C" __global__ void attn_fwd(const float* __restrict__ qkv, int B, int S, int H, int D,
-                                    float* __restrict__ probs, float* __restrict__ out)
+// Blocks of 8 warps share 32-row tiles of K, V (forward) or Q, dO (backward)
+// in shared memory; D ≤ 128 (rows padded by one float: conflict-free).
+#define AT_W 8
+#define AT_T 32
+#define AT_D 128
+
+// attn_fwd: grid (ceil(S/8), B·H); warp w takes query t = 8·blockIdx.x + w.
+// Pass 1 writes scaled scores into probs and finds the row max; pass 2 sums
+// and normalises; pass 3 accumulates O = P·V (lanes own output columns).
+extern "C" __global__ void __launch_bounds__(32 * AT_W) attn_fwd(const float* __restrict__ qkv, int B, int S, int H, int D,
+                                                               float* __restrict__ probs, float* __restrict__ out)
 {
-    const int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
-    const long q_id = (long)blockIdx.x * warps + (threadIdx.x >> 5);
-    if (q_id >= (long)B * H * S) return;
-    const int t = (int)(q_id % S), h = (int)((q_id / S) % H), b = (int)(q_id / ((long)S * H));
+    __shared__ float tile[AT_T][AT_D + 1];
+    __shared__ float qs[AT_W][AT_D];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
     const int C = H * D;
+    const int t = blockIdx.x * AT_W + w;
+    const int t_last = min(S - 1, (int)blockIdx.x * AT_W + AT_W - 1);
     const float scale = rsqrtf((float)D);
-    const float* q = qkv + ((long)b * S + t) * 3 * C + h * D;
-    float* p = probs + (((long)b * H + h) * S + t) * S;
+    const bool live = t < S;
+    for (int j = lane; j < D; j += 32) qs[w][j] = live ? qkv[((long)b * S + t) * 3 * C + h * D + j] : 0.f;
+    float* p = probs + ((long)bh * S + (live ? t : 0)) * S;
     float mx = __int_as_float(0xff800000);
-    for (int u = lane; u <= t; u += 32) {
-        const float* k = qkv + ((long)b * S + u) * 3 * C + C + h * D;
-        float s = 0.f;
-        for (int j = 0; j < D; ++j) s += q[j] * k[j];
-        s *= scale;
-        p[u] = s;
-        mx = fmaxf(mx, s);
+    for (int u0 = 0; u0 <= t_last; u0 += AT_T) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < AT_T * D; e += blockDim.x) {
+            int r = e / D, j = e % D, u = u0 + r;
+            tile[r][j] = u < S ? qkv[((long)b * S + u) * 3 * C + C + h * D + j] : 0.f;
+        }
+        __syncthreads();
+        const int u = u0 + lane;
+        if (live && u <= t) {
+            float sc = 0.f;
+            for (int j = 0; j < D; ++j) sc += qs[w][j] * tile[lane][j];
+            sc *= scale;
+            p[u] = sc;
+            mx = fmaxf(mx, sc);
+        }
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
     float sum = 0.f;
-    for (int u = lane; u <= t; u += 32) {
-        float e = expf(p[u] - mx);
-        p[u] = e;
-        sum += e;
+    if (live) {
+        __syncwarp();
+        for (int u = lane; u <= t; u += 32) {
+            float e = expf(p[u] - mx);
+            p[u] = e;
+            sum += e;
+        }
     }
     sum = warp_sum(sum);
-    const float inv = 1.f / sum;
-    for (int u = lane; u < S; u += 32) p[u] = u <= t ? p[u] * inv : 0.f;
-    __syncwarp();
-    for (int j = lane; j < D; j += 32) {
-        float o = 0.f;
-        for (int u = 0; u <= t; ++u) o += p[u] * qkv[((long)b * S + u) * 3 * C + 2 * C + h * D + j];
-        out[((long)b * S + t) * C + h * D + j] = o;
+    if (live) {
+        const float inv = 1.f / sum;
+        for (int u = lane; u < S; u += 32) p[u] = u <= t ? p[u] * inv : 0.f;
+        __syncwarp();
+    }
+    float o[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int u0 = 0; u0 <= t_last; u0 += AT_T) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < AT_T * D; e += blockDim.x) {
+            int r = e / D, j = e % D, u = u0 + r;
+            tile[r][j] = u < S ? qkv[((long)b * S + u) * 3 * C + 2 * C + h * D + j] : 0.f;
+        }
+        __syncthreads();
+        const float pu = (live && u0 + lane <= t) ? p[u0 + lane] : 0.f;
+        const int n = live ? min(AT_T, t - u0 + 1) : 0;
+        for (int r = 0; r < n; ++r) {
+            const float pr = __shfl_sync(0xffffffffu, pu, r);
+#pragma unroll
+            for (int c = 0; c < 4; ++c)
+                if (lane + 32 * c < D) o[c] += pr * tile[r][lane + 32 * c];
+        }
+    }
+    if (live) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+            if (lane + 32 * c < D) out[((long)b * S + t) * C + h * D + lane + 32 * c] = o[c];
     }
 }
 
-// attn_bwd_q: one warp per (b, h, t). delta[t] = dO_t · O_t, and
-// dq_t = scale Σ_{u ≤ t} p_tu (dO_t·v_u − delta_t) k_u (written into dqkv's q columns).
-extern "C" __global__ void attn_bwd_q(const float* __restrict__ qkv, const float* __restrict__ probs,
-                                      const float* __restrict__ out, const float* __restrict__ dout,
-                                      int B, int S, int H, int D, float* __restrict__ delta, float* __restrict__ dqkv)
+// attn_bwd_q: grid (ceil(S/8), B·H); warp w takes query t. delta_t = dO_t·O_t;
+// dq_t = scale Σ_{u ≤ t} p_tu (dO_t·v_u − delta_t) k_u. K and V tiles are shared.
+extern "C" __global__ void __launch_bounds__(32 * AT_W) attn_bwd_q(const float* __restrict__ qkv, const float* __restrict__ probs,
+                                                                 const float* __restrict__ out, const float* __restrict__ dout,
+                                                                 int B, int S, int H, int D, float* __restrict__ delta,
+                                                                 float* __restrict__ dqkv)
 {
-    const int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
-    const long q_id = (long)blockIdx.x * warps + (threadIdx.x >> 5);
-    if (q_id >= (long)B * H * S) return;
-    const int t = (int)(q_id % S), h = (int)((q_id / S) % H), b = (int)(q_id / ((long)S * H));
+    __shared__ float ktile[AT_T][AT_D + 1];
+    __shared__ float vtile[AT_T][AT_D + 1];
+    __shared__ float dos[AT_W][AT_D];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
     const int C = H * D;
+    const int t = blockIdx.x * AT_W + w;
+    const int t_last = min(S - 1, (int)blockIdx.x * AT_W + AT_W - 1);
     const float scale = rsqrtf((float)D);
-    const float* dO = dout + ((long)b * S + t) * C + h * D;
-    const float* O = out + ((long)b * S + t) * C + h * D;
+    const bool live = t < S;
     float d = 0.f;
-    for (int j = lane; j < D; j += 32) d += dO[j] * O[j];
-    d = warp_sum(d);
-    if (lane == 0) delta[q_id] = d;
-    const float* p = probs + (((long)b * H + h) * S + t) * S;
-    // Lanes own the output columns j ≡ lane (mod 32), at most 4 per lane (D ≤ 128);
-    // each dO_t·v_u is one warp-wide reduction shared by all lanes.
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int u = 0; u <= t; ++u) {
-        const float* v = qkv + ((long)b * S + u) * 3 * C + 2 * C + h * D;
-        float dp = 0.f;
-        for (int jj = lane; jj < D; jj += 32) dp += dO[jj] * v[jj];
-        dp = warp_sum(dp);
-        const float w = p[u] * (dp - d);
-        const float* k = qkv + ((long)b * S + u) * 3 * C + C + h * D;
-#pragma unroll
-        for (int r = 0; r < 4; ++r)
-            if (lane + 32 * r < D) acc[r] += w * k[lane + 32 * r];
+    for (int j = lane; j < D; j += 32) {
+        float g = live ? dout[((long)b * S + t) * C + h * D + j] : 0.f;
+        dos[w][j] = g;
+        d += g * (live ? out[((long)b * S + t) * C + h * D + j] : 0.f);
     }
+    d = warp_sum(d);
+    if (live && lane == 0) delta[(long)bh * S + t] = d;
+    const float* p = probs + ((long)bh * S + (live ? t : 0)) * S;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int u0 = 0; u0 <= t_last; u0 += AT_T) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < AT_T * D; e += blockDim.x) {
+            int r = e / D, j = e % D, u = u0 + r;
+            bool ok = u < S;
+            ktile[r][j] = ok ? qkv[((long)b * S + u) * 3 * C + C + h * D + j] : 0.f;
+            vtile[r][j] = ok ? qkv[((long)b * S + u) * 3 * C + 2 * C + h * D + j] : 0.f;
+        }
+        __syncthreads();
+        float wu = 0.f;
+        if (live && u0 + lane <= t) {
+            float dp = 0.f;
+            for (int j = 0; j < D; ++j) dp += dos[w][j] * vtile[lane][j];
+            wu = p[u0 + lane] * (dp - d);
+        }
+        const int n = live ? min(AT_T, t - u0 + 1) : 0;
+        for (int r = 0; r < n; ++r) {
+            const float wr = __shfl_sync(0xffffffffu, wu, r);
 #pragma unroll
-    for (int r = 0; r < 4; ++r)
-        if (lane + 32 * r < D) dqkv[((long)b * S + t) * 3 * C + h * D + lane + 32 * r] = scale * acc[r];
+            for (int c = 0; c < 4; ++c)
+                if (lane + 32 * c < D) acc[c] += wr * ktile[r][lane + 32 * c];
+        }
+    }
+    if (live) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+            if (lane + 32 * c < D) dqkv[((long)b * S + t) * 3 * C + h * D + lane + 32 * c] = scale * acc[c];
+    }
 }
 
-// attn_bwd_kv: one warp per (b, h, key u):
+// attn_bwd_kv: grid (ceil(S/8), B·H); warp w takes key u = 8·blockIdx.x + w.
 // dk_u = scale Σ_{t ≥ u} p_tu (dO_t·v_u − delta_t) q_t,  dv_u = Σ_{t ≥ u} p_tu dO_t.
-extern "C" __global__ void attn_bwd_kv(const float* __restrict__ qkv, const float* __restrict__ probs,
-                                       const float* __restrict__ dout, const float* __restrict__ delta,
-                                       int B, int S, int H, int D, float* __restrict__ dqkv)
+// Q and dO tiles (32 queries) and the matching probabilities are shared.
+extern "C" __global__ void __launch_bounds__(32 * AT_W) attn_bwd_kv(const float* __restrict__ qkv, const float* __restrict__ probs,
+                                                                  const float* __restrict__ dout, const float* __restrict__ delta,
+                                                                  int B, int S, int H, int D, float* __restrict__ dqkv)
 {
-    const int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
-    const long k_id = (long)blockIdx.x * warps + (threadIdx.x >> 5);
-    if (k_id >= (long)B * H * S) return;
-    const int u = (int)(k_id % S), h = (int)((k_id / S) % H), b = (int)(k_id / ((long)S * H));
+    __shared__ float qtile[AT_T][AT_D + 1];
+    __shared__ float gtile[AT_T][AT_D + 1];
+    __shared__ float vs[AT_W][AT_D];
+    __shared__ float ptile[AT_T][AT_W + 1];
+    __shared__ float dtile[AT_T];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
     const int C = H * D;
+    const int u_first = blockIdx.x * AT_W;
+    const int u = u_first + w;
     const float scale = rsqrtf((float)D);
-    const float* v = qkv + ((long)b * S + u) * 3 * C + 2 * C + h * D;
+    const bool live = u < S;
+    for (int j = lane; j < D; j += 32) vs[w][j] = live ? qkv[((long)b * S + u) * 3 * C + 2 * C + h * D + j] : 0.f;
     float dk[4] = {0.f, 0.f, 0.f, 0.f}, dv[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int t = u; t < S; ++t) {
-        const float ptu = probs[(((long)b * H + h) * S + t) * S + u];
-        const float* dO = dout + ((long)b * S + t) * C + h * D;
-        float dp = 0.f;
-        for (int jj = lane; jj < D; jj += 32) dp += dO[jj] * v[jj];
-        dp = warp_sum(dp);
-        const float w = ptu * (dp - delta[((long)b * H + h) * S + t]);
-        const float* q = qkv + ((long)b * S + t) * 3 * C + h * D;
+    for (int t0 = u_first; t0 < S; t0 += AT_T) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < AT_T * D; e += blockDim.x) {
+            int r = e / D, j = e % D, t = t0 + r;
+            bool ok = t < S;
+            qtile[r][j] = ok ? qkv[((long)b * S + t) * 3 * C + h * D + j] : 0.f;
+            gtile[r][j] = ok ? dout[((long)b * S + t) * C + h * D + j] : 0.f;
+        }
+        for (int e = threadIdx.x; e < AT_T * AT_W; e += blockDim.x) {
+            int r = e / AT_W, k = e % AT_W, t = t0 + r, uu = u_first + k;
+            ptile[r][k] = (t < S && uu < S) ? probs[((long)bh * S + t) * S + uu] : 0.f;
+        }
+        for (int e = threadIdx.x; e < AT_T; e += blockDim.x) dtile[e] = t0 + e < S ? delta[(long)bh * S + t0 + e] : 0.f;
+        __syncthreads();
+        float wt = 0.f, pt = 0.f;
+        const int t = t0 + lane;
+        if (live && t < S && t >= u) {
+            float dp = 0.f;
+            for (int j = 0; j < D; ++j) dp += gtile[lane][j] * vs[w][j];
+            pt = ptile[lane][w];
+            wt = pt * (dp - dtile[lane]);
+        }
+        const int n = live ? min(AT_T, S - t0) : 0;
+        for (int r = 0; r < n; ++r) {
+            const float wr = __shfl_sync(0xffffffffu, wt, r);
+            const float pr = __shfl_sync(0xffffffffu, pt, r);
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            if (lane + 32 * r < D) {
-                dk[r] += w * q[lane + 32 * r];
-                dv[r] += ptu * dO[lane + 32 * r];
+            for (int c = 0; c < 4; ++c) {
+                if (lane + 32 * c < D) {
+                    dk[c] += wr * qtile[r][lane + 32 * c];
+                    dv[c] += pr * gtile[r][lane + 32 * c];
+                }
             }
         }
     }
+    if (live) {
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-        if (lane + 32 * r < D) {
-            dqkv[((long)b * S + u) * 3 * C + C + h * D + lane + 32 * r] = scale * dk[r];
-            dqkv[((long)b * S + u) * 3 * C + 2 * C + h * D + lane + 32 * r] = dv[r];
+        for (int c = 0; c < 4; ++c) {
+            if (lane + 32 * c < D) {
+                dqkv[((long)b * S + u) * 3 * C + C + h * D + lane + 32 * c] = scale * dk[c];
+                dqkv[((long)b * S + u) * 3 * C + 2 * C + h * D + lane + 32 * c] = dv[c];
+            }
         }
     }
 }
