@@ -369,3 +369,30 @@ fn compare_prints_the_device_and_a_table() {
     let err = stderr_of(mhc_train().args(["--device", "cuda"]), 2);
     assert!(err.contains("cpu"), "{err}");
 }
+
+#[test]
+fn auto_device_says_which_device_each_run_uses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = text_file(tmp.path());
+    let out = tmp.path().join("auto");
+    let assert = mhc_train()
+        .args(SMALL)
+        .args(["--steps", "2", "--device", "auto"])
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .success();
+    let stdout = String::from_utf8_lossy(&assert.get_output().stdout).into_owned();
+    let first = stdout.lines().next().unwrap_or_default().to_string();
+    match mhc_cuda::cuda::CudaDevice::new(0) {
+        Err(mhc_cuda::cuda::CudaError::NoDriver(_)) => {
+            assert!(
+                first.starts_with("device: cpu") && first.contains("no CUDA driver found"),
+                "{first}"
+            )
+        }
+        _ => assert!(first.starts_with("device: cuda"), "{first}"),
+    }
+}
