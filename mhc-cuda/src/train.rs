@@ -11,7 +11,7 @@ use mhc_core::model::Trainer;
 use std::sync::Arc;
 
 use crate::checkpoint::{self, CheckpointError};
-use crate::cuda::{CudaDevice, CudaError, GpuTrainer};
+use crate::cuda::{CudaDevice, CudaError, GemmPrecision, GpuTrainer};
 use crate::data::Corpus;
 use crate::metrics::{MetricsError, MetricsRecord, MetricsWriter};
 use crate::spec::RunSpec;
@@ -112,6 +112,8 @@ pub struct RunOutcome {
     pub dir: PathBuf,
 }
 
+const GIB: f64 = (1u64 << 30) as f64;
+
 /// A progress bar styled for training (hidden when stderr is not a terminal).
 pub fn progress_bar(total: u64, prefix: &str) -> ProgressBar {
     let pb = ProgressBar::new(total);
@@ -135,7 +137,7 @@ pub fn run(
     resume: bool,
     stop_after: Option<u64>,
     pb: &ProgressBar,
-    cuda: Option<Arc<CudaDevice>>,
+    cuda: Option<(Arc<CudaDevice>, GemmPrecision)>,
 ) -> Result<RunOutcome, RunError> {
     spec.validate().map_err(RunError::Config)?;
     std::fs::create_dir_all(dir).map_err(|e| RunError::Io(dir.to_path_buf(), e))?;
@@ -158,7 +160,9 @@ pub fn run(
         last_good = Some((ckpt_path.clone(), loaded.step));
     }
     let mut gpu = match cuda {
-        Some(dev) => Some(GpuTrainer::from_cpu(dev, &mut trainer).map_err(RunError::Cuda)?),
+        Some((dev, precision)) => {
+            Some(GpuTrainer::from_cpu_with(dev, &mut trainer, precision).map_err(RunError::Cuda)?)
+        }
         None => None,
     };
     let mut tokens = vec![0u32; spec.batch * (spec.context + 1)];
@@ -232,8 +236,19 @@ pub fn run(
                 composite_bwd_max: gains.composite.iter().map(|g| g.backward_max).collect(),
             };
             metrics.write(&record).map_err(RunError::Metrics)?;
+            let memory = gpu
+                .as_ref()
+                .and_then(|g| g.device().memory().ok())
+                .map(|(free, total)| {
+                    format!(
+                        " | GPU {:.1}/{:.0} GiB",
+                        (total - free) as f64 / GIB,
+                        total as f64 / GIB
+                    )
+                })
+                .unwrap_or_default();
             pb.set_message(format!(
-                "loss {:.3}{} | {:.1}k tok/s",
+                "loss {:.3}{} | {:.1}k tok/s{memory}",
                 record.train_loss,
                 record
                     .val_loss

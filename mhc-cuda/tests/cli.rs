@@ -366,6 +366,18 @@ fn compare_prints_the_device_and_a_table() {
     for scheme in ["| residual | 1 |", "| hc | 4 |", "| mhc | 4 |"] {
         assert!(stdout.contains(scheme), "{scheme} in {stdout}");
     }
+    // `plot` redraws the figures of the runs in a folder (e.g. trained by separate processes).
+    let plots = out.join("plots");
+    std::fs::remove_dir_all(&plots).unwrap();
+    let assert = mhc_train().arg("plot").arg(&out).assert().success();
+    let stdout = String::from_utf8_lossy(&assert.get_output().stdout).into_owned();
+    assert!(stdout.starts_with("plots: "), "{stdout}");
+    let drawn = std::fs::read_dir(&plots).unwrap().count();
+    assert!(drawn >= 2, "{drawn} files in {}", plots.display());
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let err = stderr_of(mhc_train().arg("plot").arg(&empty), 2);
+    assert!(err.contains("holds no run"), "{err}");
     let err = stderr_of(mhc_train().args(["--device", "cuda"]), 2);
     assert!(err.contains("cpu"), "{err}");
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use mhc_core::Rng;
 use mhc_core::model::ops;
 use mhc_core::model::optim::{AdamW, AdamWConfig};
-use mhc_cuda::cuda::{CudaDevice, CudaError, MatMul, ModelKernels};
+use mhc_cuda::cuda::{CudaDevice, CudaError, GemmPrecision, MatMul, ModelKernels};
 
 fn device() -> Option<Arc<CudaDevice>> {
     match CudaDevice::new(0) {
@@ -337,6 +337,75 @@ fn attention_sublayer_matches_mhc_core() {
             &attn.norm.grad,
             1e-5,
         );
+
+        // The tensor-core path (cuBLAS batched GEMMs + causal softmax kernels):
+        // full f32 products match the core like the kernels above; bf16 products
+        // (inputs rounded to 8 mantissa bits) within 2e-2.
+        for (precision, tol) in [(GemmPrecision::F32, 1e-5), (GemmPrecision::Bf16, 2e-2)] {
+            let mmp = MatMul::with_precision(&dev, precision).unwrap();
+            let mut probs = st
+                .clone_htod(&vec![f32::NAN; batch * heads * seq * seq])
+                .unwrap();
+            let mut dprobs = st
+                .clone_htod(&vec![f32::NAN; batch * heads * seq * seq])
+                .unwrap();
+            let mut o = st.clone_htod(&vec![f32::NAN; rows * c]).unwrap();
+            let mut y = st.clone_htod(&vec![f32::NAN; rows * c]).unwrap();
+            mmp.matmul(&normed, &wqkvd, &mut qkv, rows, c, 3 * c)
+                .unwrap();
+            k.attention_gemm(&mmp, &qkv, batch, seq, heads, c / heads, &mut probs, &mut o)
+                .unwrap();
+            mmp.matmul(&o, &wod, &mut y, rows, c, c).unwrap();
+            let label = format!("attention (GEMMs, {})", precision.name());
+            rel_l2(
+                &format!("{label} output"),
+                &st.clone_dtoh(&y).unwrap(),
+                &y_ref,
+                tol,
+            );
+            let mut dqkv = st.clone_htod(&vec![f32::NAN; rows * 3 * c]).unwrap();
+            let mut dwqkv = st.alloc_zeros::<f32>(c * 3 * c).unwrap();
+            let mut dwo = st.alloc_zeros::<f32>(c * c).unwrap();
+            mmp.matmul_grad_b(&o, &dyd, &mut dwo, rows, c, c).unwrap();
+            mmp.matmul_grad_a(&dyd, &wod, &mut d_o, rows, c, c).unwrap();
+            k.attention_gemm_backward(
+                &mmp,
+                &qkv,
+                &probs,
+                &d_o,
+                batch,
+                seq,
+                heads,
+                c / heads,
+                &mut dprobs,
+                &mut dqkv,
+            )
+            .unwrap();
+            mmp.matmul_grad_b(&normed, &dqkv, &mut dwqkv, rows, c, 3 * c)
+                .unwrap();
+            mmp.matmul_grad_a(&dqkv, &wqkvd, &mut dnormed, rows, c, 3 * c)
+                .unwrap();
+            k.rmsnorm_backward_dx(&hd, &normd, &inv, &dnormed, rows, c, &mut dh)
+                .unwrap();
+            rel_l2(
+                &format!("{label} grad of input"),
+                &st.clone_dtoh(&dh).unwrap(),
+                &dh_ref,
+                tol,
+            );
+            rel_l2(
+                &format!("{label} grad of W_o"),
+                &st.clone_dtoh(&dwo).unwrap(),
+                &attn.wo.grad,
+                tol,
+            );
+            rel_l2(
+                &format!("{label} grad of W_qkv"),
+                &st.clone_dtoh(&dwqkv).unwrap(),
+                &attn.wqkv.grad,
+                tol,
+            );
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use mhc_core::{
     ConnectionConfig, ConnectionParams, HyperConnection, Result as CoreResult, Rng, Scheme,
     Sublayer, Workspace,
 };
-use mhc_cuda::cuda::{CudaDevice, CudaError, MhcCuda, ScaleSublayer, StreamElement};
+use mhc_cuda::cuda::{CudaDevice, CudaError, HcCuda, MhcCuda, ScaleSublayer, StreamElement};
 
 fn device() -> Option<Arc<CudaDevice>> {
     match CudaDevice::new(0) {
@@ -64,6 +64,9 @@ fn random_params(config: &ConnectionConfig, rng: &mut Rng) -> ConnectionParams<f
                 "alpha" => 0.5 + rng.uniform(),
                 "gamma" => 1.0 + 0.1 * rng.normal(),
                 "phi" => rng.normal() / nc.sqrt(),
+                "theta_pre" | "theta_post" | "theta_res" => {
+                    rng.normal() / (config.width as f64).sqrt()
+                }
                 _ => rng.normal(),
             } as f32;
         }
@@ -224,6 +227,68 @@ fn kernels_match_mhc_core_bf16() {
         }
     }
     check::<half::bf16>(&dev, 4, 4096, 300, 2e-2, 98);
+}
+
+/// Dynamic HC (the unconstrained baseline) on the GPU against the core in f64.
+#[test]
+fn hc_kernels_match_mhc_core_f32() {
+    let Some(dev) = device() else { return };
+    for (n, c, tokens) in [
+        (1usize, 64usize, 37usize),
+        (2, 68, 77),
+        (4, 64, 77),
+        (4, 260, 50),
+        (8, 64, 33),
+    ] {
+        let mut rng = Rng::new(500 + 10 * n as u64 + c as u64);
+        let config = ConnectionConfig::new(Scheme::HcDynamic, n, c);
+        let params = random_params(&config, &mut rng);
+        let x_host: Vec<f32> = (0..tokens * n * c).map(|_| rng.normal() as f32).collect();
+        let g_host: Vec<f32> = (0..tokens * n * c).map(|_| rng.normal() as f32).collect();
+        let st = dev.stream().clone();
+        let x = st.clone_htod(&x_host).unwrap();
+        let g = st.clone_htod(&g_host).unwrap();
+        let poison = vec![f32::NAN; x_host.len()];
+        let mut out = st.clone_htod(&poison).unwrap();
+        let mut gx = st.clone_htod(&poison).unwrap();
+        let mut sub = ScaleSublayer { factor: 1.5, n };
+        let mut gpu = HcCuda::new(dev.clone(), &config, &params, tokens).unwrap();
+        gpu.forward(&mut sub, &x, &mut out).unwrap();
+        gpu.backward(&mut sub, &x, &g, &mut gx).unwrap();
+        let out_h = st.clone_dtoh(&out).unwrap();
+        let gx_h = st.clone_dtoh(&gx).unwrap();
+        let coef = gpu.coefficients_host().unwrap();
+        let grads = gpu.gradients(&config).unwrap();
+
+        let conn = HyperConnection::new(config, params.cast::<f64>()).unwrap();
+        let x64: Vec<f64> = x_host.iter().map(|&v| v as f64).collect();
+        let g64: Vec<f64> = g_host.iter().map(|&v| v as f64).collect();
+        let mut ws = Workspace::new(&config, tokens);
+        let mut out64 = vec![0.0; x64.len()];
+        conn.forward(&mut Scale64(1.5), &x64, &mut out64, &mut ws)
+            .unwrap();
+        let coef64 = ws.coefficients().to_vec();
+        let mut gx64 = vec![0.0; x64.len()];
+        let mut grads64 = ConnectionParams::zeros(&config);
+        conn.backward(
+            &mut Scale64(1.5),
+            &x64,
+            &g64,
+            &mut gx64,
+            &mut grads64,
+            &mut ws,
+        )
+        .unwrap();
+        let label = format!("hc n={n} C={c} T={tokens}");
+        rel_l2(&format!("{label} coefficients"), &coef, &coef64, 1e-4);
+        rel_l2(&format!("{label} out"), &out_h, &out64, 1e-4);
+        rel_l2(&format!("{label} grad_x"), &gx_h, &gx64, 1e-4);
+        for ((name, a), (_, b)) in grads.tensors().iter().zip(grads64.tensors().iter()) {
+            if !b.is_empty() {
+                rel_l2(&format!("{label} grad {name}"), a, b, 1e-4);
+            }
+        }
+    }
 }
 
 #[test]

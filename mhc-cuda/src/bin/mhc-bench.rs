@@ -46,8 +46,8 @@ struct Args {
     /// Also write the results here as JSON.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
-    /// Instead of the wrapper, time GPT training steps (residual and mHC n = 4, f32,
-    /// random tokens) at this width; with --layers, --heads, --batch, --context, --vocab.
+    /// Instead of the wrapper, time GPT training steps (random tokens) at this width;
+    /// with --schemes, --precision, --layers, --heads, --batch, --context, --vocab.
     #[arg(long)]
     train_width: Option<usize>,
     /// Blocks of the --train-width model.
@@ -65,18 +65,48 @@ struct Args {
     /// Vocabulary of the --train-width model.
     #[arg(long, default_value_t = 8192)]
     vocab: usize,
+    /// Schemes of the --train-width timing.
+    #[arg(long, default_value = "residual,mhc", value_delimiter = ',')]
+    schemes: Vec<String>,
+    /// Precision of the --train-width model's matrix products: bf16, tf32 or f32.
+    #[arg(long, default_value = "bf16")]
+    precision: mhc_cuda::cuda::GemmPrecision,
 }
 
-/// Times training steps of the GPU model for residual and mHC (random tokens).
+#[derive(Serialize)]
+struct TrainRow {
+    scheme: String,
+    streams: usize,
+    width: usize,
+    layers: usize,
+    heads: usize,
+    batch: usize,
+    context: usize,
+    vocab: usize,
+    precision: String,
+    step_ms: f64,
+    tokens_per_s: f64,
+    /// Device memory the trainer holds after warm-up (its buffers are static: also the peak).
+    memory_gib: f64,
+}
+
+/// Times training steps of the GPU model (random tokens) for each scheme.
 fn bench_train(dev: &Arc<CudaDevice>, args: &Args, width: usize) -> Result<(), CudaError> {
     use mhc_core::model::optim::{AdamWConfig, Schedule};
     use mhc_core::model::{ModelConfig, TrainConfig, Trainer};
     use mhc_cuda::cuda::GpuTrainer;
     println!(
-        "| scheme | d | layers | batch × context | vocab | step ms | tokens/s | GPU memory allocated GiB |"
+        "| scheme | d | layers | batch × context | vocab | products | step ms | tokens/s | GPU memory GiB |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
-    for (scheme, n) in [(Scheme::Residual, 1), (Scheme::MhcDynamic, args.n)] {
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
+    for name in &args.schemes {
+        let scheme: Scheme = name.parse().map_err(CudaError::Unsupported)?;
+        let n = if scheme == Scheme::Residual {
+            1
+        } else {
+            args.n
+        };
         let model = ModelConfig {
             vocab: args.vocab,
             width,
@@ -101,32 +131,58 @@ fn bench_train(dev: &Arc<CudaDevice>, args: &Args, width: usize) -> Result<(), C
         };
         let mut cpu = Trainer::<f32>::new(model, train)?;
         let (free_before, _) = dev.memory()?;
-        let mut gpu = GpuTrainer::from_cpu(dev.clone(), &mut cpu)?;
+        let mut gpu = GpuTrainer::from_cpu_with(dev.clone(), &mut cpu, args.precision)?;
         drop(cpu);
         let mut rng = Rng::new(1);
         let tokens: Vec<u32> = (0..args.batch * (args.context + 1))
             .map(|_| rng.below(args.vocab as u64) as u32)
             .collect();
-        for _ in 0..2 {
+        for _ in 0..3 {
             gpu.step(&tokens)?;
         }
         let (free_after, _) = dev.memory()?;
-        let steps = args.reps.clamp(3, 10);
-        let start = std::time::Instant::now();
+        let steps = args.reps.clamp(5, 20);
+        let mut times = Vec::with_capacity(steps);
         for _ in 0..steps {
-            gpu.step(&tokens)?; // each step ends with a host copy of the loss: synchronous
+            let start = std::time::Instant::now();
+            gpu.step(&tokens)?; // each step ends with host copies (loss, norms): synchronous
+            times.push(start.elapsed().as_secs_f64() * 1e3);
         }
-        let ms = start.elapsed().as_secs_f64() * 1e3 / steps as f64;
+        let ms = median(times);
         let tokens_per_s = (args.batch * args.context) as f64 / (ms / 1e3);
+        let memory_gib = free_before.saturating_sub(free_after) as f64 / (1u64 << 30) as f64;
         println!(
-            "| {scheme} | {width} | {} | {} × {} | {} | {ms:.1} | {:.0}k | {:.1} |",
+            "| {scheme} | {width} | {} | {} × {} | {} | {} | {ms:.1} | {:.0}k | {memory_gib:.1} |",
             args.layers,
             args.batch,
             args.context,
             args.vocab,
+            args.precision.name(),
             tokens_per_s / 1e3,
-            free_before.saturating_sub(free_after) as f64 / (1u64 << 30) as f64
         );
+        rows.push(TrainRow {
+            scheme: scheme.to_string(),
+            streams: n,
+            width,
+            layers: args.layers,
+            heads: args.heads,
+            batch: args.batch,
+            context: args.context,
+            vocab: args.vocab,
+            precision: args.precision.name().into(),
+            step_ms: ms,
+            tokens_per_s,
+            memory_gib,
+        });
+        drop(gpu);
+    }
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({ "device": dev.name(), "rows": rows });
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&json).unwrap_or_default(),
+        )
+        .map_err(|e| CudaError::Driver(format!("writing {}: {e}", path.display())))?;
     }
     Ok(())
 }

@@ -18,7 +18,7 @@ use mhc_core::model::Model;
 use std::sync::Arc;
 
 use mhc_cuda::checkpoint;
-use mhc_cuda::cuda::{CudaDevice, CudaError};
+use mhc_cuda::cuda::{CudaDevice, CudaError, GemmPrecision};
 use mhc_cuda::data::{Corpus, load_text};
 use mhc_cuda::metrics::read_jsonl;
 use mhc_cuda::plot::plot_runs;
@@ -43,15 +43,26 @@ struct Cli {
 enum Command {
     /// Generate text from a checkpoint.
     Sample(SampleArgs),
+    /// Draw the plots of finished or running runs (e.g. runs trained by separate processes).
+    Plot(PlotArgs),
+}
+
+#[derive(Args)]
+struct PlotArgs {
+    /// Folder holding one sub-folder per run (`<dir>/<scheme>/metrics.jsonl`); plots go to `<dir>/plots`.
+    dir: PathBuf,
+    /// Title of the figures (default: the folder's name).
+    #[arg(long)]
+    title: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Device {
-    /// CUDA when a driver is found (for residual and mhc), else the CPU.
+    /// CUDA when a driver is found (residual, hc and mhc), else the CPU.
     Auto,
     /// The mhc-core reference on the CPU.
     Cpu,
-    /// NVIDIA GPU (residual and mhc; hc runs on the CPU).
+    /// NVIDIA GPU (residual, hc and mhc; the static variants run on the CPU).
     Cuda,
 }
 
@@ -123,6 +134,10 @@ struct TrainArgs {
     /// Where to train.
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
+    /// Precision of the GPU's matrix products (storage stays f32): bf16 or tf32
+    /// tensor cores, or f32 (bit-for-bit closest to the CPU reference).
+    #[arg(long, default_value = "bf16")]
+    precision: GemmPrecision,
 }
 
 #[derive(Args)]
@@ -145,7 +160,7 @@ struct SampleArgs {
 }
 
 /// Schemes the CUDA trainer runs (the others run on the CPU reference).
-const GPU_SCHEMES: [&str; 2] = ["residual", "mhc"];
+const GPU_SCHEMES: [&str; 3] = ["residual", "hc", "mhc"];
 
 /// An error that ends the program: its message and exit code.
 struct Fatal(String, u8);
@@ -164,6 +179,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Sample(args)) => sample(&args),
+        Some(Command::Plot(args)) => plot(&args),
         None => train_main(&cli.train),
     };
     match result {
@@ -262,6 +278,7 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
     }
     let corpus = load_corpus(&specs[0])?;
     // The GPU, when asked for (or found, with auto); schemes without a GPU path run on the CPU.
+    let precision = args.precision;
     let gpu: Option<Arc<CudaDevice>> = match args.device {
         Device::Cpu => None,
         Device::Auto | Device::Cuda => match CudaDevice::new(0) {
@@ -286,11 +303,16 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
     if let Some(d) = &gpu
         && !gpu_runs.is_empty()
     {
-        line.push(format!("cuda ({}, f32) for {}", d.name(), names(&gpu_runs)));
+        line.push(format!(
+            "cuda ({}, f32 storage, {} matrix products) for {}",
+            d.name(),
+            precision.name(),
+            names(&gpu_runs)
+        ));
     }
     if !cpu_runs.is_empty() {
         let why = match (&gpu, args.device) {
-            (Some(_), _) => " (no GPU path for this scheme yet)",
+            (Some(_), _) => " (no GPU path for this scheme)",
             (None, Device::Auto) => " (no CUDA driver found)",
             _ => "",
         };
@@ -316,7 +338,7 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
         out.display()
     );
     let multi = MultiProgress::new();
-    let run_one = |spec: &RunSpec, device: Option<Arc<CudaDevice>>| {
+    let run_one = |spec: &RunSpec, device: Option<(Arc<CudaDevice>, GemmPrecision)>| {
         let pb = multi.add(train::progress_bar(spec.steps, &spec.scheme));
         train::run(
             spec,
@@ -338,7 +360,7 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
         let gpu_handle = scope.spawn(|| {
             gpu_runs
                 .iter()
-                .map(|&spec| run_one(spec, gpu.clone()))
+                .map(|&spec| run_one(spec, gpu.clone().map(|d| (d, precision))))
                 .collect::<Vec<_>>()
         });
         let panicked = || Err(RunError::Config("a training thread panicked".into()));
@@ -446,6 +468,62 @@ fn report(runs: &[RunOutcome]) {
             r.tokens_per_s
         );
     }
+}
+
+fn plot(args: &PlotArgs) -> Result<(), Fatal> {
+    let entries = std::fs::read_dir(&args.dir)
+        .map_err(|e| bad_input(format!("{}: {e}", args.dir.display())))?;
+    let mut dirs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("metrics.jsonl").is_file())
+        .collect();
+    // The paper's order when present: residual, hc, mhc, then the rest by name.
+    let rank = |p: &PathBuf| {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        (
+            ["residual", "hc", "mhc"]
+                .iter()
+                .position(|s| *s == name)
+                .unwrap_or(3),
+            name.to_string(),
+        )
+    };
+    dirs.sort_by_key(rank);
+    if dirs.is_empty() {
+        return Err(bad_input(format!(
+            "{} holds no run (no <scheme>/metrics.jsonl); pass the --out folder of a training run",
+            args.dir.display()
+        )));
+    }
+    let mut runs = Vec::new();
+    for d in &dirs {
+        let name = d
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("run")
+            .to_string();
+        let recs = read_jsonl(d.join("metrics.jsonl")).map_err(|e| bad_input(e.to_string()))?;
+        runs.push((name, mhc_cuda::metrics::drop_superseded(&recs)));
+    }
+    let plots = args.dir.join("plots");
+    std::fs::create_dir_all(&plots).map_err(|e| bad_input(format!("{}: {e}", plots.display())))?;
+    let title = args.title.clone().unwrap_or_else(|| {
+        args.dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("runs")
+            .to_string()
+    });
+    let files = plot_runs(&runs, &plots, &title).map_err(|e| bad_input(e.to_string()))?;
+    println!(
+        "plots: {}",
+        files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
 }
 
 fn sample(args: &SampleArgs) -> Result<(), Fatal> {

@@ -15,6 +15,7 @@
 
 #![allow(unsafe_code)] // kernel launches and the driver probe are `unsafe` in cudarc; each use says why it is sound
 
+mod hc;
 mod model;
 mod model_ops;
 mod wrapper;
@@ -27,8 +28,9 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
+pub use hc::HcCuda;
 pub use model::{DeviceParam, GpuStepStats, GpuTrainer};
-pub use model_ops::{MatMul, ModelKernels};
+pub use model_ops::{GemmPrecision, MatMul, ModelKernels};
 pub use wrapper::{CudaSublayer, MhcCuda, ScaleSublayer};
 
 /// The mHC wrapper kernels' source, compiled per (n, stream dtype) on first use.

@@ -2,8 +2,8 @@
 //! and update as [`mhc_core::model::Trainer`], built from the parity-tested
 //! kernels of [`super::ModelKernels`], cuBLAS ([`super::MatMul`]) and the fused
 //! mHC wrapper ([`super::MhcCuda`]). One training step matches the CPU
-//! reference (`tests/cuda_trainer.rs`). Schemes: residual and mHC (dynamic);
-//! HC has no GPU path yet and gives [`CudaError::Unsupported`].
+//! reference (`tests/cuda_trainer.rs`). Schemes: residual, HC and mHC (dynamic;
+//! the static variants give [`CudaError::Unsupported`]).
 //!
 //! Dense parameters, their gradients and AdamW moments live on the device;
 //! the small connection parameters (φ, γ, b, α) are updated on the host with
@@ -16,7 +16,10 @@ use mhc_core::model::optim::{AdamW, Schedule};
 use mhc_core::model::{ModelConfig, TrainConfig, Trainer};
 use mhc_core::{ConnectionParams, Scheme};
 
-use super::{CudaDevice, CudaError, CudaResult, CudaSublayer, MatMul, MhcCuda, ModelKernels};
+use super::{
+    CudaDevice, CudaError, CudaResult, CudaSublayer, GemmPrecision, HcCuda, MatMul, MhcCuda,
+    ModelKernels,
+};
 
 /// A dense tensor on the device with its gradient and AdamW moments.
 pub struct DeviceParam {
@@ -45,6 +48,8 @@ impl DeviceParam {
 struct Ctx {
     k: ModelKernels,
     mm: MatMul,
+    /// Gradient of the attention probabilities: scratch shared by every layer's backward.
+    dprobs: std::sync::Mutex<CudaSlice<f32>>,
 }
 
 /// RMSNorm → causal attention sublayer on the GPU.
@@ -62,7 +67,6 @@ struct GpuAttention {
     probs: CudaSlice<f32>,
     o: CudaSlice<f32>,
     d_o: CudaSlice<f32>,
-    delta: CudaSlice<f32>,
     dqkv: CudaSlice<f32>,
     dnormed: CudaSlice<f32>,
 }
@@ -76,7 +80,7 @@ impl CudaSublayer<f32> for GpuAttention {
         rows: usize,
         c: usize,
     ) -> CudaResult<()> {
-        let Ctx { k, mm } = &*self.ctx;
+        let Ctx { k, mm, .. } = &*self.ctx;
         k.rmsnorm(
             h,
             &self.norm.value,
@@ -94,7 +98,8 @@ impl CudaSublayer<f32> for GpuAttention {
             c,
             3 * c,
         )?;
-        k.attention(
+        k.attention_gemm(
+            mm,
             &self.qkv,
             self.batch,
             self.seq,
@@ -114,21 +119,26 @@ impl CudaSublayer<f32> for GpuAttention {
         rows: usize,
         c: usize,
     ) -> CudaResult<()> {
-        let Ctx { k, mm } = &*self.ctx;
+        let Ctx { k, mm, dprobs } = &*self.ctx;
         mm.matmul_grad_b(&self.o, dy, &mut self.wo.grad, rows, c, c)?;
         mm.matmul_grad_a(dy, &self.wo.value, &mut self.d_o, rows, c, c)?;
-        k.attention_backward(
-            &self.qkv,
-            &self.probs,
-            &self.o,
-            &self.d_o,
-            self.batch,
-            self.seq,
-            self.heads,
-            c / self.heads,
-            &mut self.delta,
-            &mut self.dqkv,
-        )?;
+        {
+            let mut scratch = dprobs
+                .lock()
+                .map_err(|_| CudaError::Driver("attention scratch poisoned".into()))?;
+            k.attention_gemm_backward(
+                mm,
+                &self.qkv,
+                &self.probs,
+                &self.d_o,
+                self.batch,
+                self.seq,
+                self.heads,
+                c / self.heads,
+                &mut scratch,
+                &mut self.dqkv,
+            )?;
+        }
         mm.matmul_grad_b(
             &self.normed,
             &self.dqkv,
@@ -182,7 +192,7 @@ impl CudaSublayer<f32> for GpuMlp {
         rows: usize,
         c: usize,
     ) -> CudaResult<()> {
-        let Ctx { k, mm } = &*self.ctx;
+        let Ctx { k, mm, .. } = &*self.ctx;
         k.rmsnorm(
             h,
             &self.norm.value,
@@ -205,7 +215,7 @@ impl CudaSublayer<f32> for GpuMlp {
         rows: usize,
         c: usize,
     ) -> CudaResult<()> {
-        let Ctx { k, mm } = &*self.ctx;
+        let Ctx { k, mm, .. } = &*self.ctx;
         mm.matmul_grad_b(&self.act, dy, &mut self.w2.grad, rows, 4 * c, c)?;
         mm.matmul_grad_a(dy, &self.w2.value, &mut self.dact, rows, 4 * c, c)?;
         k.gelu_backward(&self.pre, &self.dact, &mut self.dpre)?;
@@ -231,6 +241,64 @@ impl CudaSublayer<f32> for GpuMlp {
     }
 }
 
+/// What the trainer needs of a GPU connection wrapper (mHC or HC).
+trait GpuConnection {
+    fn forward(
+        &mut self,
+        sub: &mut dyn CudaSublayer<f32>,
+        x: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+    ) -> CudaResult<()>;
+    fn backward(
+        &mut self,
+        sub: &mut dyn CudaSublayer<f32>,
+        x: &CudaSlice<f32>,
+        grad_out: &CudaSlice<f32>,
+        grad_x: &mut CudaSlice<f32>,
+    ) -> CudaResult<()>;
+    fn gradients(&self, config: &mhc_core::ConnectionConfig) -> CudaResult<ConnectionParams<f32>>;
+    fn set_params(&mut self, params: &ConnectionParams<f32>) -> CudaResult<()>;
+    fn coefficients_host(&self) -> CudaResult<Vec<f32>>;
+}
+
+macro_rules! gpu_connection {
+    ($t:ty) => {
+        impl GpuConnection for $t {
+            fn forward(
+                &mut self,
+                sub: &mut dyn CudaSublayer<f32>,
+                x: &CudaSlice<f32>,
+                out: &mut CudaSlice<f32>,
+            ) -> CudaResult<()> {
+                <$t>::forward(self, sub, x, out)
+            }
+            fn backward(
+                &mut self,
+                sub: &mut dyn CudaSublayer<f32>,
+                x: &CudaSlice<f32>,
+                grad_out: &CudaSlice<f32>,
+                grad_x: &mut CudaSlice<f32>,
+            ) -> CudaResult<()> {
+                <$t>::backward(self, sub, x, grad_out, grad_x)
+            }
+            fn gradients(
+                &self,
+                config: &mhc_core::ConnectionConfig,
+            ) -> CudaResult<ConnectionParams<f32>> {
+                <$t>::gradients(self, config)
+            }
+            fn set_params(&mut self, params: &ConnectionParams<f32>) -> CudaResult<()> {
+                <$t>::set_params(self, params)
+            }
+            fn coefficients_host(&self) -> CudaResult<Vec<f32>> {
+                <$t>::coefficients_host(self)
+            }
+        }
+    };
+}
+gpu_connection!(MhcCuda<f32>);
+gpu_connection!(HcCuda);
+
 /// A wrapped sublayer's connection on the GPU.
 enum Connection {
     /// `x' = x + F(x)`.
@@ -238,9 +306,9 @@ enum Connection {
         y: CudaSlice<f32>,
         dh: CudaSlice<f32>,
     },
-    /// The fused mHC wrapper; its parameters' host copy and AdamW moments (per tensor).
-    Mhc {
-        wrapper: Box<MhcCuda<f32>>,
+    /// The fused mHC or HC wrapper, and the host copy of its parameters.
+    Wrapped {
+        wrapper: Box<dyn GpuConnection>,
         params: ConnectionParams<f32>,
     },
 }
@@ -294,14 +362,24 @@ pub struct GpuStepStats {
 
 impl GpuTrainer {
     /// Copies a CPU trainer's model and AdamW state (moments, step) to the GPU.
+    ///
+    /// Matrix products run in full f32 ([`GemmPrecision::F32`]); see [`Self::from_cpu_with`].
     pub fn from_cpu(dev: Arc<CudaDevice>, cpu: &mut Trainer<f32>) -> CudaResult<Self> {
+        Self::from_cpu_with(dev, cpu, GemmPrecision::F32)
+    }
+
+    /// As [`Self::from_cpu`], with the dense matrix products (projections, MLP,
+    /// attention, head) at `precision`; storage, norms, softmax, the mHC/HC
+    /// coefficients and AdamW stay f32.
+    pub fn from_cpu_with(
+        dev: Arc<CudaDevice>,
+        cpu: &mut Trainer<f32>,
+        precision: GemmPrecision,
+    ) -> CudaResult<Self> {
         let config = *cpu.model.config();
-        if config.scheme == Scheme::HcDynamic
-            || config.scheme == Scheme::HcStatic
-            || config.scheme == Scheme::MhcStatic
-        {
+        if config.scheme == Scheme::HcStatic || config.scheme == Scheme::MhcStatic {
             return Err(CudaError::Unsupported(format!(
-                "scheme {} has no GPU path yet (residual and mhc do)",
+                "scheme {} has no GPU path (residual, hc and mhc do)",
                 config.scheme
             )));
         }
@@ -309,11 +387,12 @@ impl GpuTrainer {
         let batch = train.batch;
         let (c, n, v, ctxlen) = (config.width, config.streams, config.vocab, config.context);
         let rows = batch * ctxlen;
+        let st = dev.stream().clone();
         let ctx = Arc::new(Ctx {
             k: ModelKernels::new(dev.clone())?,
-            mm: MatMul::new(&dev)?,
+            mm: MatMul::with_precision(&dev, precision)?,
+            dprobs: std::sync::Mutex::new(st.alloc_zeros(batch * config.heads * ctxlen * ctxlen)?),
         });
-        let st = dev.stream().clone();
         let zeros = |len: usize| -> CudaResult<CudaSlice<f32>> { Ok(st.alloc_zeros(len)?) };
         let conn_cfg = config.connection();
         let mut blocks = Vec::new();
@@ -332,7 +411,6 @@ impl GpuTrainer {
                 probs: zeros(batch * config.heads * ctxlen * ctxlen)?,
                 o: zeros(rows * c)?,
                 d_o: zeros(rows * c)?,
-                delta: zeros(batch * config.heads * ctxlen)?,
                 dqkv: zeros(rows * 3 * c)?,
                 dnormed: zeros(rows * c)?,
             };
@@ -355,7 +433,11 @@ impl GpuTrainer {
                         y: zeros(rows * c)?,
                         dh: zeros(rows * c)?,
                     },
-                    _ => Connection::Mhc {
+                    Scheme::HcDynamic => Connection::Wrapped {
+                        wrapper: Box::new(HcCuda::new(dev.clone(), &conn_cfg, p, rows)?),
+                        params: p.clone(),
+                    },
+                    _ => Connection::Wrapped {
                         wrapper: Box::new(MhcCuda::new(dev.clone(), &conn_cfg, p, rows, false)?),
                         params: p.clone(),
                     },
@@ -436,7 +518,7 @@ impl GpuTrainer {
         st.memcpy_htod(&targets, &mut self.targets_dev)?;
         let dev = self.dev.clone();
         let ctx = self.ctx.clone();
-        let Ctx { k, mm } = &*ctx;
+        let Ctx { k, mm, .. } = &*ctx;
         k.embed(
             &self.tokens_dev,
             &self.token_embedding.value,
@@ -462,7 +544,7 @@ impl GpuTrainer {
                         sub.forward(&dev, x, y, rows, c)?;
                         k.add(x, y, out)?;
                     }
-                    Connection::Mhc { wrapper, .. } => wrapper.forward(sub, x, out)?,
+                    Connection::Wrapped { wrapper, .. } => wrapper.forward(sub, x, out)?,
                 }
             }
         }
@@ -529,7 +611,7 @@ impl GpuTrainer {
         let (loss, inputs) = self.forward(tokens)?;
         let dev = self.dev.clone();
         let ctx = self.ctx.clone();
-        let Ctx { k, mm } = &*ctx;
+        let Ctx { k, mm, .. } = &*ctx;
         // Backward.
         mm.matmul_grad_b(&self.normed, &self.logits, &mut self.head.grad, rows, c, v)?;
         mm.matmul_grad_a(
@@ -565,7 +647,7 @@ impl GpuTrainer {
                         sub.vjp(&dev, x, &self.grad_a, dh, rows, c)?;
                         k.add(&self.grad_a, dh, &mut self.grad_b)?;
                     }
-                    Connection::Mhc { wrapper, .. } => {
+                    Connection::Wrapped { wrapper, .. } => {
                         wrapper.backward(sub, x, &self.grad_a, &mut self.grad_b)?
                     }
                 }
@@ -589,7 +671,7 @@ impl GpuTrainer {
             .flat_map(|b| [&b.attn_conn, &b.mlp_conn])
             .map(|conn| match conn {
                 Connection::Residual { .. } => Ok(None),
-                Connection::Mhc { wrapper, .. } => {
+                Connection::Wrapped { wrapper, .. } => {
                     wrapper.gradients(&self.config.connection()).map(Some)
                 }
             })
@@ -659,7 +741,7 @@ impl GpuTrainer {
                     dense(p, &mut index)?;
                 }
                 let grads = grads_iter.next().flatten();
-                if let (Connection::Mhc { wrapper, params }, Some(mut g)) = (conn, grads) {
+                if let (Connection::Wrapped { wrapper, params }, Some(mut g)) = (conn, grads) {
                     for ((_, p), (_, gt)) in params.tensors_mut().into_iter().zip(g.tensors_mut()) {
                         if p.is_empty() {
                             continue;
@@ -685,7 +767,7 @@ impl GpuTrainer {
     fn dense_indexed(&mut self) -> Vec<(usize, &mut DeviceParam)> {
         let conn_count = |c: &Connection| match c {
             Connection::Residual { .. } => 0,
-            Connection::Mhc { params, .. } => params
+            Connection::Wrapped { params, .. } => params
                 .tensors()
                 .iter()
                 .filter(|(_, t)| !t.is_empty())
@@ -756,7 +838,7 @@ impl GpuTrainer {
             .flat_map(|b| [&b.attn_conn, &b.mlp_conn])
             .map(|conn| match conn {
                 Connection::Residual { .. } => Ok(vec![1.0f64; rows]),
-                Connection::Mhc { wrapper, .. } => {
+                Connection::Wrapped { wrapper, .. } => {
                     let coef = wrapper.coefficients_host()?;
                     Ok(coef
                         .chunks_exact(k)
@@ -832,7 +914,7 @@ impl GpuTrainer {
                         st.clone_dtoh(&p.value)?,
                     ));
                 }
-                if let Connection::Mhc { params, .. } = conn {
+                if let Connection::Wrapped { params, .. } = conn {
                     for (name, t) in params.tensors() {
                         if !t.is_empty() {
                             out.push((format!("blocks.{l}.{prefix}.conn.{name}"), t.to_vec()));

@@ -99,28 +99,77 @@ impl ModelKernels {
         ] {
             check(what, len, want)?;
         }
+        self.rmsnorm_backward_dx(x, w, inv_rms, dy, rows, c, dx)?;
         let c_i = c as i32;
         let r_i = rows as i32;
         let st = self.dev.stream();
-        let f = self.f("rmsnorm_bwd_dx")?;
+        // Row chunks of at least 64 rows, at most 256 chunks: partials fit a small scratch.
+        let chunks = rows.div_ceil(64).clamp(1, 256);
+        let per_chunk = rows.div_ceil(chunks);
+        let chunks = rows.div_ceil(per_chunk).max(1);
+        let mut part: CudaSlice<f32> = st.alloc_zeros(chunks * c)?;
+        let per_i = per_chunk as i32;
+        let f = self.f("rmsnorm_bwd_dw_part")?;
         let mut b = st.launch_builder(&f);
+        b.arg(x)
+            .arg(inv_rms)
+            .arg(dy)
+            .arg(&r_i)
+            .arg(&c_i)
+            .arg(&per_i)
+            .arg(&mut part);
+        // SAFETY: grid (C/32, chunks) with chunks·per_chunk ≥ rows; columns and rows guarded; part holds chunks·C.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (c.div_ceil(32) as u32, chunks as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }?;
+        let chunks_i = chunks as i32;
+        let f = self.f("rmsnorm_bwd_dw_sum")?;
+        let mut b = st.launch_builder(&f);
+        b.arg(&part).arg(&chunks_i).arg(&c_i).arg(dw);
+        // SAFETY: one thread per column < C (guarded); reads chunks·C of part, adds into dw (C, checked).
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (c.div_ceil(128) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }?;
+        Ok(())
+    }
+
+    /// The `dx` half of [`Self::rmsnorm_backward`] (overwrites `dx`; no weight gradient).
+    pub fn rmsnorm_backward_dx(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        inv_rms: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        rows: usize,
+        c: usize,
+        dx: &mut CudaSlice<f32>,
+    ) -> CudaResult<()> {
+        for (what, len, want) in [
+            ("x", x.len(), rows * c),
+            ("dy", dy.len(), rows * c),
+            ("dx", dx.len(), rows * c),
+            ("w", w.len(), c),
+            ("inv_rms", inv_rms.len(), rows),
+        ] {
+            check(what, len, want)?;
+        }
+        let c_i = c as i32;
+        let f = self.f("rmsnorm_bwd_dx")?;
+        let mut b = self.dev.stream().launch_builder(&f);
         b.arg(x).arg(w).arg(inv_rms).arg(dy).arg(&c_i).arg(dx);
         // SAFETY: one block per row; sizes checked above.
         unsafe {
             b.launch(LaunchConfig {
                 grid_dim: (rows as u32, 1, 1),
                 block_dim: (row_block(c), 1, 1),
-                shared_mem_bytes: 0,
-            })
-        }?;
-        let f = self.f("rmsnorm_bwd_dw")?;
-        let mut b = st.launch_builder(&f);
-        b.arg(x).arg(inv_rms).arg(dy).arg(&r_i).arg(&c_i).arg(dw);
-        // SAFETY: one thread per column < c (guarded); sizes checked above.
-        unsafe {
-            b.launch(LaunchConfig {
-                grid_dim: (c.div_ceil(128) as u32, 1, 1),
-                block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             })
         }?;
@@ -385,6 +434,229 @@ impl ModelKernels {
         Ok(())
     }
 
+    fn softmax_launch(&self, rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Causal multi-head attention of `qkv [batch·seq, 3C]` on cuBLAS batched
+    /// GEMMs (tensor cores at `mm`'s precision) with a causal softmax kernel in
+    /// between: `out [batch·seq, C]`, and `probs [batch, heads, seq, seq]` kept for
+    /// the backward. The same function as [`Self::attention`].
+    pub fn attention_gemm(
+        &self,
+        mm: &MatMul,
+        qkv: &CudaSlice<f32>,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+        probs: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+    ) -> CudaResult<()> {
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        let c = heads * head_dim;
+        if head_dim == 0 || seq == 0 || batch == 0 {
+            return Err(CudaError::Unsupported(format!(
+                "attention of batch {batch}, sequence {seq}, head dimension {head_dim}: all must be positive"
+            )));
+        }
+        check("qkv", qkv.len(), batch * seq * 3 * c)?;
+        check("probs", probs.len(), batch * heads * seq * seq)?;
+        check("attention output", out.len(), batch * seq * c)?;
+        let st = self.dev.stream().clone();
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let (ss, f) = (seq * seq, 4u64);
+        {
+            let (q, _g1) = qkv.device_ptr(&st);
+            let (p, _g2) = probs.device_ptr_mut(&st);
+            for b in 0..batch {
+                let base = q + f * (b * seq * 3 * c) as u64;
+                // Sᵀ = K_c · Q (column-major views; row-major S = scale·Q·Kᵀ per head).
+                // SAFETY: per head h, K/Q rows b·seq..(b+1)·seq of qkv and the (b, h) block of probs, all checked above.
+                unsafe {
+                    mm.batched(Batched {
+                        trans_a: true,
+                        trans_b: false,
+                        m: seq,
+                        n: seq,
+                        k: head_dim,
+                        alpha: scale,
+                        a: (base + f * c as u64, 3 * c, head_dim),
+                        b: (base, 3 * c, head_dim),
+                        beta: 0.0,
+                        c: (p + f * (b * heads * ss) as u64, seq, ss),
+                        batch: heads,
+                    })
+                }?;
+            }
+        }
+        let rows = batch * heads * seq;
+        let (rows_i, seq_i) = (rows as i64, seq as i32);
+        let func = self.f("causal_softmax")?;
+        let mut lb = st.launch_builder(&func);
+        lb.arg(&mut *probs).arg(&rows_i).arg(&seq_i);
+        // SAFETY: one warp per row < rows (guarded); probs holds rows·seq (checked).
+        unsafe { lb.launch(self.softmax_launch(rows)) }?;
+        let (q, _g1) = qkv.device_ptr(&st);
+        let (p, _g2) = probs.device_ptr(&st);
+        let (o, _g3) = out.device_ptr_mut(&st);
+        for b in 0..batch {
+            let base = q + f * (b * seq * 3 * c) as u64;
+            // Oᵀ = V_c · Pᵀ_c: out rows of batch b, head h at column h·head_dim.
+            // SAFETY: V rows of batch b, the (b, ·) probability blocks and out rows of batch b (checked sizes).
+            unsafe {
+                mm.batched(Batched {
+                    trans_a: false,
+                    trans_b: false,
+                    m: head_dim,
+                    n: seq,
+                    k: seq,
+                    alpha: 1.0,
+                    a: (base + f * (2 * c) as u64, 3 * c, head_dim),
+                    b: (p + f * (b * heads * ss) as u64, seq, ss),
+                    beta: 0.0,
+                    c: (o + f * (b * seq * c) as u64, c, head_dim),
+                    batch: heads,
+                })
+            }?;
+        }
+        Ok(())
+    }
+
+    /// Backward of [`Self::attention_gemm`]: overwrites `dqkv [batch·seq, 3C]`;
+    /// `dprobs [batch, heads, seq, seq]` is scratch (may be shared between layers).
+    pub fn attention_gemm_backward(
+        &self,
+        mm: &MatMul,
+        qkv: &CudaSlice<f32>,
+        probs: &CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+        dprobs: &mut CudaSlice<f32>,
+        dqkv: &mut CudaSlice<f32>,
+    ) -> CudaResult<()> {
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        let c = heads * head_dim;
+        if head_dim == 0 || seq == 0 || batch == 0 {
+            return Err(CudaError::Unsupported(format!(
+                "attention of batch {batch}, sequence {seq}, head dimension {head_dim}: all must be positive"
+            )));
+        }
+        check("qkv", qkv.len(), batch * seq * 3 * c)?;
+        check("probs", probs.len(), batch * heads * seq * seq)?;
+        check("grad of attention output", dout.len(), batch * seq * c)?;
+        check(
+            "grad of probs (scratch)",
+            dprobs.len(),
+            batch * heads * seq * seq,
+        )?;
+        check("grad of qkv", dqkv.len(), batch * seq * 3 * c)?;
+        let st = self.dev.stream().clone();
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let (ss, f) = (seq * seq, 4u64);
+        {
+            let (q, _g1) = qkv.device_ptr(&st);
+            let (p, _g2) = probs.device_ptr(&st);
+            let (d_o, _g3) = dout.device_ptr(&st);
+            let (dp, _g4) = dprobs.device_ptr_mut(&st);
+            let (dq, _g5) = dqkv.device_ptr_mut(&st);
+            for b in 0..batch {
+                let base = q + f * (b * seq * 3 * c) as u64;
+                let dbase = dq + f * (b * seq * 3 * c) as u64;
+                let do_b = d_o + f * (b * seq * c) as u64;
+                let p_b = p + f * (b * heads * ss) as u64;
+                let dp_b = dp + f * (b * heads * ss) as u64;
+                // dP = dO·Vᵀ and dV = Pᵀ·dO.
+                // SAFETY: all addresses stay inside the buffers checked above (batch b's rows and blocks).
+                unsafe {
+                    mm.batched(Batched {
+                        trans_a: true,
+                        trans_b: false,
+                        m: seq,
+                        n: seq,
+                        k: head_dim,
+                        alpha: 1.0,
+                        a: (base + f * (2 * c) as u64, 3 * c, head_dim),
+                        b: (do_b, c, head_dim),
+                        beta: 0.0,
+                        c: (dp_b, seq, ss),
+                        batch: heads,
+                    })?;
+                    mm.batched(Batched {
+                        trans_a: false,
+                        trans_b: true,
+                        m: head_dim,
+                        n: seq,
+                        k: seq,
+                        alpha: 1.0,
+                        a: (do_b, c, head_dim),
+                        b: (p_b, seq, ss),
+                        beta: 0.0,
+                        c: (dbase + f * (2 * c) as u64, 3 * c, head_dim),
+                        batch: heads,
+                    })
+                }?;
+            }
+        }
+        let rows = batch * heads * seq;
+        let (rows_i, seq_i) = (rows as i64, seq as i32);
+        let func = self.f("causal_softmax_bwd")?;
+        let mut lb = st.launch_builder(&func);
+        lb.arg(probs)
+            .arg(&mut *dprobs)
+            .arg(&rows_i)
+            .arg(&seq_i)
+            .arg(&scale);
+        // SAFETY: one warp per row < rows (guarded); probs and dprobs hold rows·seq (checked).
+        unsafe { lb.launch(self.softmax_launch(rows)) }?;
+        let (q, _g1) = qkv.device_ptr(&st);
+        let (dp, _g4) = dprobs.device_ptr(&st);
+        let (dq, _g5) = dqkv.device_ptr_mut(&st);
+        for b in 0..batch {
+            let base = q + f * (b * seq * 3 * c) as u64;
+            let dbase = dq + f * (b * seq * 3 * c) as u64;
+            let ds_b = dp + f * (b * heads * ss) as u64;
+            // dQ = dS·K and dK = dSᵀ·Q (dS already holds the 1/√d scale).
+            // SAFETY: all addresses stay inside the buffers checked above.
+            unsafe {
+                mm.batched(Batched {
+                    trans_a: false,
+                    trans_b: false,
+                    m: head_dim,
+                    n: seq,
+                    k: seq,
+                    alpha: 1.0,
+                    a: (base + f * c as u64, 3 * c, head_dim),
+                    b: (ds_b, seq, ss),
+                    beta: 0.0,
+                    c: (dbase, 3 * c, head_dim),
+                    batch: heads,
+                })?;
+                mm.batched(Batched {
+                    trans_a: false,
+                    trans_b: true,
+                    m: head_dim,
+                    n: seq,
+                    k: seq,
+                    alpha: 1.0,
+                    a: (base, 3 * c, head_dim),
+                    b: (ds_b, seq, ss),
+                    beta: 0.0,
+                    c: (dbase + f * c as u64, 3 * c, head_dim),
+                    batch: heads,
+                })
+            }?;
+        }
+        Ok(())
+    }
+
     /// `x0 [rows, streams, C]`: token plus position embedding, copied to every stream (position = row mod seq).
     pub fn embed(
         &self,
@@ -576,15 +848,84 @@ impl ModelKernels {
     }
 }
 
-/// Row-major f32 matrix products on cuBLAS (full f32, no TF32), the GPU twins
-/// of [`mhc_core::model::ops::matmul`], `matmul_grad_a` and `matmul_grad_b`.
+/// How cuBLAS multiplies f32 matrices: the storage is always f32 (weights,
+/// activations, gradients); the precision is that of the tensor-core inputs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GemmPrecision {
+    /// Full f32 arithmetic (CUDA cores): the parity reference.
+    #[default]
+    F32,
+    /// TF32 tensor cores (inputs rounded to 10 mantissa bits, f32 accumulation).
+    Tf32,
+    /// bf16 tensor cores (inputs rounded to bf16, f32 accumulation) — the
+    /// arithmetic of bf16 autocast's matrix products.
+    Bf16,
+}
+
+impl GemmPrecision {
+    /// Name as the CLI spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Tf32 => "tf32",
+            Self::Bf16 => "bf16",
+        }
+    }
+
+    fn compute_type(self) -> cudarc::cublas::sys::cublasComputeType_t {
+        use cudarc::cublas::sys::cublasComputeType_t as C;
+        match self {
+            Self::F32 => C::CUBLAS_COMPUTE_32F,
+            Self::Tf32 => C::CUBLAS_COMPUTE_32F_FAST_TF32,
+            Self::Bf16 => C::CUBLAS_COMPUTE_32F_FAST_16BF,
+        }
+    }
+}
+
+impl std::str::FromStr for GemmPrecision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "tf32" => Ok(Self::Tf32),
+            "bf16" => Ok(Self::Bf16),
+            other => Err(format!("precision {other:?}: use f32, tf32 or bf16")),
+        }
+    }
+}
+
+/// One column-major GEMM of a strided batch, on device addresses (cuBLAS conventions).
+#[derive(Clone, Copy, Debug)]
+struct Batched {
+    trans_a: bool,
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: (u64, usize, usize),
+    b: (u64, usize, usize),
+    beta: f32,
+    c: (u64, usize, usize),
+    batch: usize,
+}
+
+/// Row-major f32 matrix products on cuBLAS at a chosen [`GemmPrecision`], the
+/// GPU twins of [`mhc_core::model::ops::matmul`], `matmul_grad_a` and `matmul_grad_b`.
 pub struct MatMul {
     blas: cudarc::cublas::CudaBlas,
+    stream: Arc<cudarc::driver::CudaStream>,
+    precision: GemmPrecision,
 }
 
 impl MatMul {
-    /// A cuBLAS handle on the device's stream, or [`CudaError::NoDriver`] without libcublas.
+    /// A cuBLAS handle on the device's stream (full f32), or [`CudaError::NoDriver`] without libcublas.
     pub fn new(dev: &CudaDevice) -> CudaResult<Self> {
+        Self::with_precision(dev, GemmPrecision::F32)
+    }
+
+    /// As [`Self::new`], multiplying at `precision`.
+    pub fn with_precision(dev: &CudaDevice, precision: GemmPrecision) -> CudaResult<Self> {
         // SAFETY: only tries to dlopen libcublas and reports whether that worked.
         let present =
             std::panic::catch_unwind(|| unsafe { cudarc::cublas::sys::is_culib_present() })
@@ -597,7 +938,58 @@ impl MatMul {
         }
         let blas = cudarc::cublas::CudaBlas::new(dev.stream().clone())
             .map_err(|e| CudaError::Driver(format!("cuBLAS: {e}")))?;
-        Ok(Self { blas })
+        Ok(Self {
+            blas,
+            stream: dev.stream().clone(),
+            precision,
+        })
+    }
+
+    /// The precision of the products.
+    pub fn precision(&self) -> GemmPrecision {
+        self.precision
+    }
+
+    /// Runs one strided-batched GEMM.
+    ///
+    /// # Safety
+    /// Every address must point into a live device allocation holding all the
+    /// elements the shape, leading dimensions and strides address.
+    unsafe fn batched(&self, g: Batched) -> CudaResult<()> {
+        use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        use cudarc::cublas::sys::{cublasGemmAlgo_t, cudaDataType};
+        let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+        let f32t = cudaDataType::CUDA_R_32F;
+        let i = |v: usize| v as i32;
+        // SAFETY: forwarded to the caller's contract; alpha and beta are host scalars that outlive the call.
+        unsafe {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                op(g.trans_a),
+                op(g.trans_b),
+                i(g.m),
+                i(g.n),
+                i(g.k),
+                (&g.alpha) as *const f32 as *const _,
+                g.a.0 as *const _,
+                f32t,
+                i(g.a.1),
+                g.a.2 as i64,
+                g.b.0 as *const _,
+                f32t,
+                i(g.b.1),
+                g.b.2 as i64,
+                (&g.beta) as *const f32 as *const _,
+                g.c.0 as *mut _,
+                f32t,
+                i(g.c.1),
+                g.c.2 as i64,
+                i(g.batch),
+                self.precision.compute_type(),
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| CudaError::Driver(format!("cuBLAS gemm: {e}")))
     }
 
     fn gemm(
@@ -607,10 +999,27 @@ impl MatMul {
         b: &CudaSlice<f32>,
         c: &mut CudaSlice<f32>,
     ) -> CudaResult<()> {
-        use cudarc::cublas::Gemm;
+        use cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T;
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        let st = self.stream.clone();
+        let (pa, _ga) = a.device_ptr(&st);
+        let (pb, _gb) = b.device_ptr(&st);
+        let (pc, _gc) = c.device_ptr_mut(&st);
+        let g = Batched {
+            trans_a: cfg.transa == CUBLAS_OP_T,
+            trans_b: cfg.transb == CUBLAS_OP_T,
+            m: cfg.m as usize,
+            n: cfg.n as usize,
+            k: cfg.k as usize,
+            alpha: cfg.alpha,
+            a: (pa, cfg.lda as usize, 0),
+            b: (pb, cfg.ldb as usize, 0),
+            beta: cfg.beta,
+            c: (pc, cfg.ldc as usize, 0),
+            batch: 1,
+        };
         // SAFETY: the callers check that a, b and c hold the m·k, k·n and m·n elements the configuration addresses.
-        unsafe { self.blas.gemm(cfg, a, b, c) }
-            .map_err(|e| CudaError::Driver(format!("cuBLAS sgemm: {e}")))
+        unsafe { self.batched(g) }
     }
 
     /// `out[m, n] = a[m, k] · b[k, n]`.

@@ -729,3 +729,94 @@ extern "C" __global__ void scale(const stream_t* __restrict__ in, float s, long 
     for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < len; e += (long)gridDim.x * blockDim.x)
         st(out, e, s * ld(in, e));
 }
+
+// ---------------------------------------------------------------------------
+// Dynamic HC (Hyper-Connections, Eq. 5): per stream x̃_i = x_i / rms(x_i), then
+// u[t, i, :] = x̃_i · [θ_pre | θ_post | θ_res[0..N]] (a GEMM on the host side),
+// H = α·tanh(u) + b. `params` = [α (3) | b_pre (N) | b_post (N) | b_res (N²)].
+
+// hc_coef_fwd: one thread per (t, i); overwrites u with z = tanh(u) (kept for the backward).
+extern "C" __global__ void hc_coef_fwd(float* __restrict__ u, const float* __restrict__ params, int T,
+                                       float* __restrict__ coef)
+{
+    const long e = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (long)T * N) return;
+    const long t = e / N;
+    const int i = (int)(e % N);
+    float* ur = u + e * (N + 2);
+    const float* b = params + 3;
+    float* ct = coef + t * K;
+    const float z0 = tanhf(ur[0]), z1 = tanhf(ur[1]);
+    ur[0] = z0;
+    ur[1] = z1;
+    ct[i] = params[0] * z0 + b[i];
+    ct[N + i] = params[1] * z1 + b[N + i];
+#pragma unroll
+    for (int o = 0; o < N; ++o) {
+        const float z = tanhf(ur[2 + o]);
+        ur[2 + o] = z;
+        ct[2 * N + o * N + i] = params[2] * z + b[2 * N + o * N + i];
+    }
+}
+
+// hc_coef_bwd: one thread per token. du = α·∂H·(1 − z²) in u's layout;
+// dtok[t, :] = [∂H (K) | Σ_blk ∂H·z (3)] (per-token db and dα, reduced by token_reduce).
+extern "C" __global__ void hc_coef_bwd(const float* __restrict__ z, const float* __restrict__ params,
+                                       const float* __restrict__ dcoef, int T, float* __restrict__ du,
+                                       float* __restrict__ dtok)
+{
+    const long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    const float* g = dcoef + t * K;
+    float ga0 = 0.f, ga1 = 0.f, ga2 = 0.f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        const float* zr = z + (t * N + i) * (N + 2);
+        float* dr = du + (t * N + i) * (N + 2);
+        const float z0 = zr[0], z1 = zr[1];
+        ga0 += g[i] * z0;
+        dr[0] = params[0] * g[i] * (1.f - z0 * z0);
+        ga1 += g[N + i] * z1;
+        dr[1] = params[1] * g[N + i] * (1.f - z1 * z1);
+#pragma unroll
+        for (int o = 0; o < N; ++o) {
+            const float zz = zr[2 + o], gg = g[2 * N + o * N + i];
+            ga2 += gg * zz;
+            dr[2 + o] = params[2] * gg * (1.f - zz * zz);
+        }
+    }
+    float* out = dtok + t * (K + 3);
+    for (int j = 0; j < K; ++j) out[j] = g[j];
+    out[K] = ga0;
+    out[K + 1] = ga1;
+    out[K + 2] = ga2;
+}
+
+// hc_dx_merge: dx[t, i, c] += Σ_o H_res[t, o, i]·g[t, o, c] + H_pre[t, i]·dh[t, c]
+// (the merge's share of ∂x; the coefficients' share was written into dx before).
+extern "C" __global__ void hc_dx_merge(const stream_t* __restrict__ g, const stream_t* __restrict__ dh,
+                                       const float* __restrict__ coef, int T, int C, stream_t* __restrict__ dx)
+{
+    const int C4 = C / 4;
+    for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < (long)T * C4; e += (long)gridDim.x * blockDim.x) {
+        const long t = e / C4;
+        const int c = (int)(e % C4) * 4;
+        const float* ct = coef + t * K;
+        float4 gv[N];
+#pragma unroll
+        for (int o = 0; o < N; ++o) gv[o] = ld4(g, (t * N + o) * C + c);
+        const float4 d = ld4(dh, t * C + c);
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            float4 acc = ld4(dx, (t * N + i) * C + c);
+            const float p = ct[i];
+            acc.x += p * d.x; acc.y += p * d.y; acc.z += p * d.z; acc.w += p * d.w;
+#pragma unroll
+            for (int o = 0; o < N; ++o) {
+                const float w = ct[2 * N + o * N + i];
+                acc.x += w * gv[o].x; acc.y += w * gv[o].y; acc.z += w * gv[o].z; acc.w += w * gv[o].w;
+            }
+            st4(dx, (t * N + i) * C + c, acc);
+        }
+    }
+}

@@ -61,14 +61,37 @@ extern "C" __global__ void rmsnorm_bwd_dx(const float* __restrict__ x, const flo
         dx[r * C + c] = (dy[r * C + c] * w[c] - x[r * C + c] * inv * m) * inv;
 }
 
-// dw[c] += Σ_r dy[r, c]·x[r, c]·inv_rms[r] (one thread per column, rows in order).
-extern "C" __global__ void rmsnorm_bwd_dw(const float* __restrict__ x, const float* __restrict__ inv_rms,
-                                          const float* __restrict__ dy, int R, int C, float* __restrict__ dw)
+// dw[c] += Σ_r dy[r, c]·x[r, c]·inv_rms[r] in two deterministic passes: blocks of
+// 32 columns × 8 row lanes sum one chunk of rows each (fixed order) into
+// part[chunk, c]; rmsnorm_bwd_dw_sum adds the chunks in order.
+extern "C" __global__ void rmsnorm_bwd_dw_part(const float* __restrict__ x, const float* __restrict__ inv_rms,
+                                               const float* __restrict__ dy, int R, int C, int rows_per_chunk,
+                                               float* __restrict__ part)
 {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    __shared__ float sh[8][33];
+    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    const int c = blockIdx.x * 32 + tx;
+    const long r0 = (long)blockIdx.y * rows_per_chunk;
+    const long r1 = r0 + rows_per_chunk < (long)R ? r0 + rows_per_chunk : (long)R;
+    float s = 0.f;
+    if (c < C)
+        for (long r = r0 + ty; r < r1; r += 8) s += dy[r * C + c] * x[r * C + c] * inv_rms[r];
+    sh[ty][tx] = s;
+    __syncthreads();
+    if (ty == 0 && c < C) {
+        float t = 0.f;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) t += sh[k][tx];
+        part[(long)blockIdx.y * C + c] = t;
+    }
+}
+
+extern "C" __global__ void rmsnorm_bwd_dw_sum(const float* __restrict__ part, int chunks, int C, float* __restrict__ dw)
+{
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     float s = 0.f;
-    for (long r = 0; r < R; ++r) s += dy[r * C + c] * x[r * C + c] * inv_rms[r];
+    for (int k = 0; k < chunks; ++k) s += part[(long)k * C + c];
     dw[c] += s;
 }
 
@@ -420,4 +443,53 @@ extern "C" __global__ void streams_mean_bwd(const float* __restrict__ dz, long R
 extern "C" __global__ void add(const float* __restrict__ a, const float* __restrict__ b, long len, float* __restrict__ out)
 {
     for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < len; e += (long)gridDim.x * blockDim.x) out[e] = a[e] + b[e];
+}
+
+// ---------------------------------------------------------------------------
+// Attention on tensor cores: scores and products are cuBLAS batched GEMMs; these
+// two kernels are the causal softmax between them and its backward.
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    return v;
+}
+
+// causal_softmax: p [rows = B·H·S, S] in place, one warp per row (query i = row mod S):
+// p_j = exp(s_j − max) / Σ over j ≤ i, and 0 for j > i (the GEMMs read whole rows).
+extern "C" __global__ void causal_softmax(float* __restrict__ p, long rows, int S)
+{
+    const long r = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows) return;
+    const int lane = threadIdx.x & 31;
+    const int i = (int)(r % S);
+    float* row = p + r * S;
+    float m = -3.0e38f;
+    for (int j = lane; j <= i; j += 32) m = fmaxf(m, row[j]);
+    m = warp_max(m);
+    float sum = 0.f;
+    for (int j = lane; j <= i; j += 32) {
+        const float e = expf(row[j] - m);
+        row[j] = e;
+        sum += e;
+    }
+    const float inv = 1.f / warp_sum(sum);
+    for (int j = lane; j < S; j += 32) row[j] = j <= i ? row[j] * inv : 0.f;
+}
+
+// causal_softmax_bwd: dp [rows, S] in place becomes the gradient of the scaled scores,
+// ds_j = p_j (dp_j − Σ_j' p_j' dp_j') · scale (0 above the diagonal). One warp per row.
+extern "C" __global__ void causal_softmax_bwd(const float* __restrict__ p, float* __restrict__ dp, long rows, int S,
+                                              float scale)
+{
+    const long r = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows) return;
+    const int lane = threadIdx.x & 31;
+    const int i = (int)(r % S);
+    const float* pr = p + r * S;
+    float* dr = dp + r * S;
+    float d = 0.f;
+    for (int j = lane; j <= i; j += 32) d += pr[j] * dr[j];
+    d = warp_sum(d);
+    for (int j = lane; j < S; j += 32) dr[j] = j <= i ? pr[j] * (dr[j] - d) * scale : 0.f;
 }
