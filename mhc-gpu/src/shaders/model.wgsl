@@ -158,9 +158,9 @@ fn attention_forward(@builtin(local_invocation_index) lid: u32, @builtin(workgro
     var mx = -3.0e38;
     for (var u = 0u; u <= t; u++) {
         let kr = (b * s + u) * 3u * c + c + hh * d;
-        var dot = 0.0;
-        for (var j = 0u; j < d; j++) { dot += af_qkv[q + j] * af_qkv[kr + j]; }
-        let sc = dot * P.f0;
+        var qk = 0.0;
+        for (var j = 0u; j < d; j++) { qk += af_qkv[q + j] * af_qkv[kr + j]; }
+        let sc = qk * P.f0;
         af_probs[pb + u] = sc;
         mx = max(mx, sc);
     }

@@ -84,9 +84,9 @@ fn sk_backward(l: ptr<function, array<f32, 64>>, g: ptr<function, array<f32, 64>
                 let d = max(s, eps);
                 var gy = 0.0;
                 for (var i = 0u; i < n; i++) { gy += (*g)[o * n + i] * m[o * n + i]; }
-                let active = select(0.0, 1.0, s > eps);
+                let on = select(0.0, 1.0, s > eps);
                 for (var i = 0u; i < n; i++) {
-                    (*g)[o * n + i] = ((*g)[o * n + i] - active * gy) / d;
+                    (*g)[o * n + i] = ((*g)[o * n + i] - on * gy) / d;
                     m[o * n + i] = m[o * n + i] * d;
                 }
             }
@@ -96,9 +96,9 @@ fn sk_backward(l: ptr<function, array<f32, 64>>, g: ptr<function, array<f32, 64>
                 let d = max(s, eps);
                 var gy = 0.0;
                 for (var o = 0u; o < n; o++) { gy += (*g)[o * n + i] * m[o * n + i]; }
-                let active = select(0.0, 1.0, s > eps);
+                let on = select(0.0, 1.0, s > eps);
                 for (var o = 0u; o < n; o++) {
-                    (*g)[o * n + i] = ((*g)[o * n + i] - active * gy) / d;
+                    (*g)[o * n + i] = ((*g)[o * n + i] - on * gy) / d;
                     m[o * n + i] = m[o * n + i] * d;
                 }
             }
