@@ -357,7 +357,8 @@ impl GpuContext {
         if src_offset + len > src.len || dst_offset + len > dst.len {
             return Err(GpuError::Shape {
                 what: "copy between GPU buffers",
-                expected: (src.len - src_offset.min(src.len)).min(dst.len - dst_offset.min(dst.len)),
+                expected: (src.len - src_offset.min(src.len))
+                    .min(dst.len - dst_offset.min(dst.len)),
                 got: len,
             });
         }
@@ -463,7 +464,8 @@ impl GpuContext {
         });
         let offset = rec.params.len() as u32;
         rec.params.extend_from_slice(bytemuck::bytes_of(&params));
-        rec.params.resize(offset as usize + PARAM_STRIDE as usize, 0);
+        rec.params
+            .resize(offset as usize + PARAM_STRIDE as usize, 0);
         let enc = self.encoder(&mut rec);
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
@@ -546,14 +548,21 @@ impl GpuContext {
                 compilation_options: Default::default(),
                 cache: None,
             });
-        rec.pipelines
-            .insert((kernel.module, kernel.entry), (pipeline.clone(), kernel.access));
+        rec.pipelines.insert(
+            (kernel.module, kernel.entry),
+            (pipeline.clone(), kernel.access),
+        );
         Ok(pipeline)
     }
 
     /// Reads `len` elements from element `offset` of `buf` back to the host,
     /// after every dispatch recorded so far. Works in browsers too.
-    pub async fn read<T: Pod>(&self, buf: &GpuBuffer, offset: usize, len: usize) -> GpuResult<Vec<T>> {
+    pub async fn read<T: Pod>(
+        &self,
+        buf: &GpuBuffer,
+        offset: usize,
+        len: usize,
+    ) -> GpuResult<Vec<T>> {
         debug_assert_eq!(size_of::<T>(), 4);
         if offset + len > buf.len {
             return Err(GpuError::Shape {

@@ -235,7 +235,12 @@ pub fn rmsnorm(
     need("rmsnorm y", y, rows * width)?;
     need("rmsnorm inv_rms", inv_rms, rows)?;
     let p = Params::new(&[u(rows, "rows")?, u(width, "width")?], &[eps]);
-    ctx.dispatch(&RMSNORM, &[x, w, y, inv_rms], p, ctx.groups("rmsnorm", rows)?)
+    ctx.dispatch(
+        &RMSNORM,
+        &[x, w, y, inv_rms],
+        p,
+        ctx.groups("rmsnorm", rows)?,
+    )
 }
 
 /// Backward of [`rmsnorm`] ([`mhc_core::model::ops::rmsnorm_backward`]):
@@ -270,12 +275,22 @@ pub fn rmsnorm_backward(
     )
 }
 
-fn elementwise(ctx: &GpuContext, kernel: &Kernel, bufs: &[&GpuBuffer], len: usize) -> GpuResult<()> {
+fn elementwise(
+    ctx: &GpuContext,
+    kernel: &Kernel,
+    bufs: &[&GpuBuffer],
+    len: usize,
+) -> GpuResult<()> {
     for b in bufs {
         need("element-wise operand", b, len)?;
     }
     let p = Params::new(&[u(len, "elements")?], &[]);
-    ctx.dispatch(kernel, bufs, p, ctx.groups(kernel.entry, len.div_ceil(256))?)
+    ctx.dispatch(
+        kernel,
+        bufs,
+        p,
+        ctx.groups(kernel.entry, len.div_ceil(256))?,
+    )
 }
 
 /// GELU (tanh form, [`mhc_core::model::ops::gelu`]) of `len` elements.
@@ -430,10 +445,7 @@ pub fn embed(
     need("token ids", tokens, rows)?;
     need("stream state x0", x0, rows * n * width)?;
     need("position embedding", position_embedding, seq * width)?;
-    let p = Params::new(
-        &[u(rows, "rows")?, seq as u32, n as u32, width as u32],
-        &[],
-    );
+    let p = Params::new(&[u(rows, "rows")?, seq as u32, n as u32, width as u32], &[]);
     ctx.dispatch(
         &EMBED,
         &[tokens, token_embedding, position_embedding, x0],
@@ -462,20 +474,14 @@ pub fn embed_backward(
     need("grad of the token embedding", grad_token, vocab * width)?;
     need("grad of the position embedding", grad_position, seq * width)?;
     need("grad of x0", grad, batch * seq * n * width)?;
-    let p = Params::new(
-        &[vocab as u32, seq as u32, n as u32, width as u32],
-        &[],
-    );
+    let p = Params::new(&[vocab as u32, seq as u32, n as u32, width as u32], &[]);
     ctx.dispatch(
         &EMBED_BWD_TOK,
         &[offsets, rows_by_token, grad, grad_token],
         p,
         ctx.groups("embed_backward_tokens", (vocab * width).div_ceil(256))?,
     )?;
-    let p = Params::new(
-        &[batch as u32, seq as u32, n as u32, width as u32],
-        &[],
-    );
+    let p = Params::new(&[batch as u32, seq as u32, n as u32, width as u32], &[]);
     ctx.dispatch(
         &EMBED_BWD_POS,
         &[grad, grad_position],
@@ -529,7 +535,12 @@ pub fn streams_mean(
     } else {
         &STREAMS_MEAN
     };
-    ctx.dispatch(kernel, &[x, out], p, ctx.groups(kernel.entry, outp.div_ceil(256))?)
+    ctx.dispatch(
+        kernel,
+        &[x, out],
+        p,
+        ctx.groups(kernel.entry, outp.div_ceil(256))?,
+    )
 }
 
 /// One AdamW update of `len` elements ([`mhc_core::model::optim::AdamW::update`] after
@@ -574,7 +585,12 @@ pub fn adamw(
             shrink as f32,
         ],
     );
-    ctx.dispatch(&ADAMW, &[value, grad, m, v], p, ctx.groups("adamw", len.div_ceil(256))?)
+    ctx.dispatch(
+        &ADAMW,
+        &[value, grad, m, v],
+        p,
+        ctx.groups("adamw", len.div_ceil(256))?,
+    )
 }
 
 /// Partial sums of squares of `x[..len]` into `partials[offset..offset + ⌈len/1024⌉]`.
@@ -592,6 +608,11 @@ pub fn sum_squares(
         return Ok(0);
     }
     let p = Params::new(&[u(len, "elements")?, u(offset, "offset")?], &[]);
-    ctx.dispatch(&SUM_SQUARES, &[x, partials], p, ctx.groups("sum_squares", parts)?)?;
+    ctx.dispatch(
+        &SUM_SQUARES,
+        &[x, partials],
+        p,
+        ctx.groups("sum_squares", parts)?,
+    )?;
     Ok(parts)
 }

@@ -130,8 +130,25 @@ impl GpuSublayer for GpuAttention {
     ) -> GpuResult<()> {
         let rows = self.rows(tokens)?;
         let c = self.width;
-        ops::rmsnorm(ctx, h, &self.norm.value, rows, c, NORM_EPS, &self.normed, &self.inv)?;
-        ops::matmul(ctx, &self.normed, &self.wqkv.value, &self.qkv, rows, c, 3 * c)?;
+        ops::rmsnorm(
+            ctx,
+            h,
+            &self.norm.value,
+            rows,
+            c,
+            NORM_EPS,
+            &self.normed,
+            &self.inv,
+        )?;
+        ops::matmul(
+            ctx,
+            &self.normed,
+            &self.wqkv.value,
+            &self.qkv,
+            rows,
+            c,
+            3 * c,
+        )?;
         ops::attention(ctx, &self.qkv, self.shape, &self.probs, &self.o)?;
         ops::matmul(ctx, &self.o, &self.wo.value, y, rows, c, c)
     }
@@ -157,8 +174,24 @@ impl GpuSublayer for GpuAttention {
             &self.ds,
             &self.dqkv,
         )?;
-        ops::matmul_grad_b(ctx, &self.normed, &self.dqkv, &self.wqkv.grad, rows, c, 3 * c)?;
-        ops::matmul_grad_a(ctx, &self.dqkv, &self.wqkv.value, &self.dnormed, rows, c, 3 * c)?;
+        ops::matmul_grad_b(
+            ctx,
+            &self.normed,
+            &self.dqkv,
+            &self.wqkv.grad,
+            rows,
+            c,
+            3 * c,
+        )?;
+        ops::matmul_grad_a(
+            ctx,
+            &self.dqkv,
+            &self.wqkv.value,
+            &self.dnormed,
+            rows,
+            c,
+            3 * c,
+        )?;
         ops::rmsnorm_backward(
             ctx,
             h,
@@ -194,7 +227,12 @@ pub struct GpuMlp {
 
 impl GpuMlp {
     /// Uploads a CPU MLP sublayer for batches of up to `rows` tokens.
-    pub fn from_cpu(ctx: &GpuContext, cpu: &Mlp<f32>, width: usize, rows: usize) -> GpuResult<Self> {
+    pub fn from_cpu(
+        ctx: &GpuContext,
+        cpu: &Mlp<f32>,
+        width: usize,
+        rows: usize,
+    ) -> GpuResult<Self> {
         let hidden = cpu.w1.value.len() / width.max(1);
         let z = |what: &str, len: usize| ctx.zeros(what, len);
         Ok(Self {
@@ -223,7 +261,16 @@ impl GpuSublayer for GpuMlp {
         rows: usize,
     ) -> GpuResult<()> {
         let (c, f) = (self.width, self.hidden);
-        ops::rmsnorm(ctx, h, &self.norm.value, rows, c, NORM_EPS, &self.normed, &self.inv)?;
+        ops::rmsnorm(
+            ctx,
+            h,
+            &self.norm.value,
+            rows,
+            c,
+            NORM_EPS,
+            &self.normed,
+            &self.inv,
+        )?;
         ops::matmul(ctx, &self.normed, &self.w1.value, &self.pre, rows, c, f)?;
         ops::gelu(ctx, &self.pre, &self.act, rows * f)?;
         ops::matmul(ctx, &self.act, &self.w2.value, y, rows, f, c)
@@ -351,7 +398,12 @@ impl WgpuTrainer {
                 &cpu.model.position_embedding.value,
                 true,
             )?,
-            final_norm: DeviceParam::upload(&ctx, "final_norm", &cpu.model.final_norm.value, false)?,
+            final_norm: DeviceParam::upload(
+                &ctx,
+                "final_norm",
+                &cpu.model.final_norm.value,
+                false,
+            )?,
             head: DeviceParam::upload(&ctx, "head", &cpu.model.head.value, true)?,
             blocks,
             step: 0,
@@ -533,7 +585,15 @@ impl WgpuTrainer {
             &self.normed,
             &self.inv,
         )?;
-        ops::matmul(&ctx, &self.normed, &self.head.value, &self.logits, rows, c, v)?;
+        ops::matmul(
+            &ctx,
+            &self.normed,
+            &self.head.value,
+            &self.logits,
+            rows,
+            c,
+            v,
+        )?;
         ops::cross_entropy(
             &ctx,
             &self.logits,
@@ -582,8 +642,24 @@ impl WgpuTrainer {
         }
         self.forward(tokens)?;
         // Backward: head, final norm, mean over streams, the wrapped sublayers, embeddings.
-        ops::matmul_grad_b(&ctx, &self.normed, &self.logits, &self.head.grad, rows, c, v)?;
-        ops::matmul_grad_a(&ctx, &self.logits, &self.head.value, &self.d_normed, rows, c, v)?;
+        ops::matmul_grad_b(
+            &ctx,
+            &self.normed,
+            &self.logits,
+            &self.head.grad,
+            rows,
+            c,
+            v,
+        )?;
+        ops::matmul_grad_a(
+            &ctx,
+            &self.logits,
+            &self.head.value,
+            &self.d_normed,
+            rows,
+            c,
+            v,
+        )?;
         ops::rmsnorm_backward(
             &ctx,
             &self.reduced,
@@ -661,7 +737,17 @@ impl WgpuTrainer {
         for s in self.slots() {
             if let Slot::Dense(p) = s {
                 ops::adamw(
-                    &ctx, &p.value, &p.grad, &p.m, &p.v, p.len(), &adamw, lr, step, p.decay, scale,
+                    &ctx,
+                    &p.value,
+                    &p.grad,
+                    &p.m,
+                    &p.v,
+                    p.len(),
+                    &adamw,
+                    lr,
+                    step,
+                    p.decay,
+                    scale,
                 )?;
             }
         }
@@ -691,7 +777,12 @@ impl WgpuTrainer {
 
     /// Mean loss over `batches` fixed windows of `data` (the same windows as
     /// [`mhc_core::model::Trainer::evaluate`] with the same `seed`).
-    pub async fn evaluate_async(&mut self, data: &[u8], batches: usize, seed: u64) -> GpuResult<f64> {
+    pub async fn evaluate_async(
+        &mut self,
+        data: &[u8],
+        batches: usize,
+        seed: u64,
+    ) -> GpuResult<f64> {
         let seq = self.config.context;
         let mut rng = Rng::new(seed);
         let mut tokens = vec![0u32; self.batch * (seq + 1)];

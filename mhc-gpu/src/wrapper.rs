@@ -152,7 +152,12 @@ fn apply_params(n: usize, width: usize, tokens: usize) -> GpuResult<Params> {
     }
     check_elements("stream state x [T, n, C]", tokens * n * width)?;
     Ok(Params::new(
-        &[tokens as u32, n as u32, width as u32, (n * n + 2 * n) as u32],
+        &[
+            tokens as u32,
+            n as u32,
+            width as u32,
+            (n * n + 2 * n) as u32,
+        ],
         &[],
     ))
 }
@@ -169,7 +174,11 @@ pub fn pre_aggregate(
 ) -> GpuResult<()> {
     let p = apply_params(n, width, tokens)?;
     check_len("stream state x [T, n, C]", x, tokens * n * width)?;
-    check_len("coefficients [T, n²+2n]", coefficients, tokens * (n * n + 2 * n))?;
+    check_len(
+        "coefficients [T, n²+2n]",
+        coefficients,
+        tokens * (n * n + 2 * n),
+    )?;
     check_len("sublayer input h [T, C]", h, tokens * width)?;
     let g = ctx.groups("pre_aggregate", (tokens * width).div_ceil(256))?;
     ctx.dispatch(&PRE, &[x, coefficients, h], p, g)
@@ -189,7 +198,11 @@ pub fn post_res_merge(
 ) -> GpuResult<()> {
     let p = apply_params(n, width, tokens)?;
     check_len("stream state x [T, n, C]", x, tokens * n * width)?;
-    check_len("coefficients [T, n²+2n]", coefficients, tokens * (n * n + 2 * n))?;
+    check_len(
+        "coefficients [T, n²+2n]",
+        coefficients,
+        tokens * (n * n + 2 * n),
+    )?;
     check_len("sublayer output y [T, C]", y, tokens * width)?;
     check_len("output x' [T, n, C]", out, tokens * n * width)?;
     let g = ctx.groups("post_res_merge", (tokens * width).div_ceil(256))?;
@@ -223,7 +236,15 @@ pub fn post_res_merge_backward(
     let g = ctx.groups("post_res_backward", tokens)?;
     ctx.dispatch(
         &POST_BWD,
-        &[x, coefficients, y, grad_out, grad_x, grad_y, grad_coefficients],
+        &[
+            x,
+            coefficients,
+            y,
+            grad_out,
+            grad_x,
+            grad_y,
+            grad_coefficients,
+        ],
         p,
         g,
     )
@@ -300,7 +321,13 @@ impl ScaleSublayer {
 }
 
 impl GpuSublayer for ScaleSublayer {
-    fn forward(&mut self, ctx: &GpuContext, h: &GpuBuffer, y: &GpuBuffer, t: usize) -> GpuResult<()> {
+    fn forward(
+        &mut self,
+        ctx: &GpuContext,
+        h: &GpuBuffer,
+        y: &GpuBuffer,
+        t: usize,
+    ) -> GpuResult<()> {
         self.run(ctx, h, y, t)
     }
     fn vjp(
@@ -615,7 +642,9 @@ impl GpuWrapper {
             &ctx, n, c, tokens, x, &self.coef, &self.y, grad_out, grad_x, &self.gy, &self.gc,
         )?;
         sublayer.vjp(&ctx, &self.h, &self.gy, &self.gh, tokens)?;
-        pre_aggregate_backward(&ctx, n, c, tokens, x, &self.coef, &self.gh, grad_x, &self.gc)?;
+        pre_aggregate_backward(
+            &ctx, n, c, tokens, x, &self.coef, &self.gh, grad_x, &self.gc,
+        )?;
         self.coefficients_backward_from(x, tokens, grad_x)
     }
 
@@ -635,7 +664,8 @@ impl GpuWrapper {
         }
         let k = self.config.coefficient_len();
         check_len("grad of coefficients [T, K]", grad_coefficients, tokens * k)?;
-        self.ctx.copy(grad_coefficients, 0, &self.gc, 0, tokens * k)?;
+        self.ctx
+            .copy(grad_coefficients, 0, &self.gc, 0, tokens * k)?;
         self.coefficients_backward_from(x, tokens, grad_x)
     }
 
@@ -645,7 +675,11 @@ impl GpuWrapper {
         tokens: usize,
         grad_x: &GpuBuffer,
     ) -> GpuResult<()> {
-        check_len("grad of x [T, n, C]", grad_x, tokens * self.config.state_len())?;
+        check_len(
+            "grad of x [T, n, C]",
+            grad_x,
+            tokens * self.config.state_len(),
+        )?;
         let scheme = self.config.scheme;
         if scheme == Scheme::Residual {
             return Ok(());

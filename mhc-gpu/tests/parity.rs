@@ -44,7 +44,13 @@ fn sinkhorn_forward_and_backward_match_the_core() {
             gw::sinkhorn_knopp(&ctx, &l, n, batch, &cfg, &out).unwrap();
             gw::sinkhorn_knopp_backward(&ctx, &l, n, batch, &cfg, &g, &gl).unwrap();
             let what = format!("SK n={n} iters={iterations}");
-            assert_close(&what, &ctx.read_f32_blocking(&out).unwrap(), &want, 0.0, 1e-5);
+            assert_close(
+                &what,
+                &ctx.read_f32_blocking(&out).unwrap(),
+                &want,
+                0.0,
+                1e-5,
+            );
             assert_close(
                 &format!("{what} backward"),
                 &ctx.read_f32_blocking(&gl).unwrap(),
@@ -73,7 +79,11 @@ fn apply_kernels_match_the_core() {
             apply::pre_aggregate(n, c, &x, &coef, &mut h).unwrap();
             let mut out = vec![0.0; t * n * c];
             apply::post_res_merge(n, c, &x, &coef, &y, &mut out).unwrap();
-            let (mut gx, mut gy, mut gc) = (vec![0.0; x.len()], vec![0.0; y.len()], vec![0.0; coef.len()]);
+            let (mut gx, mut gy, mut gc) = (
+                vec![0.0; x.len()],
+                vec![0.0; y.len()],
+                vec![0.0; coef.len()],
+            );
             apply::post_res_merge_backward(n, c, &x, &coef, &y, &g, &mut gx, &mut gy, &mut gc)
                 .unwrap();
             apply::pre_aggregate_backward(n, c, &x, &coef, &gh, &mut gx, &mut gc).unwrap();
