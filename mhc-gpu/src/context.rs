@@ -291,7 +291,7 @@ impl GpuContext {
     /// Checks that a buffer of `len` 32-bit elements fits the device's limits.
     pub fn check_buffer_len(&self, what: &str, len: usize) -> GpuResult<()> {
         let bytes = (len.max(1) as u64).saturating_mul(4);
-        let binding = u64::from(self.limits.max_storage_buffer_binding_size);
+        let binding = self.limits.max_storage_buffer_binding_size;
         let limit = binding.min(self.limits.max_buffer_size);
         if bytes > limit {
             return Err(GpuError::LimitExceeded {
