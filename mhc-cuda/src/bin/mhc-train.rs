@@ -24,6 +24,7 @@ use mhc_cuda::metrics::read_jsonl;
 use mhc_cuda::plot::plot_runs;
 use mhc_cuda::spec::{Preset, RunSpec};
 use mhc_cuda::train::{self, CHECKPOINT_FILE, RunError, RunOutcome};
+use mhc_gpu::GpuContext;
 
 #[derive(Parser)]
 #[command(
@@ -53,6 +54,8 @@ enum Device {
     Cpu,
     /// NVIDIA GPU (residual and mhc; hc runs on the CPU).
     Cuda,
+    /// Any GPU through wgpu (Vulkan, Metal, DX12; every scheme), or Mesa's lavapipe.
+    Wgpu,
 }
 
 #[derive(Args)]
@@ -262,15 +265,24 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
     }
     let corpus = load_corpus(&specs[0])?;
     // The GPU, when asked for (or found, with auto); schemes without a GPU path run on the CPU.
+    let wgpu: Option<Arc<GpuContext>> = match args.device {
+        Device::Wgpu => match GpuContext::new_blocking() {
+            Ok(c) => Some(Arc::new(c)),
+            Err(e) => return Err(bad_input(format!("--device wgpu: {e}"))),
+        },
+        _ => None,
+    };
     let gpu: Option<Arc<CudaDevice>> = match args.device {
-        Device::Cpu => None,
+        Device::Cpu | Device::Wgpu => None,
         Device::Auto | Device::Cuda => match CudaDevice::new(0) {
             Ok(d) => Some(Arc::new(d)),
             Err(CudaError::NoDriver(_)) if args.device == Device::Auto => None,
             Err(e) => return Err(bad_input(format!("--device cuda: {e}; use --device cpu"))),
         },
     };
-    let on_gpu = |spec: &RunSpec| gpu.is_some() && GPU_SCHEMES.contains(&spec.scheme.as_str());
+    let on_gpu = |spec: &RunSpec| {
+        wgpu.is_some() || (gpu.is_some() && GPU_SCHEMES.contains(&spec.scheme.as_str()))
+    };
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -287,6 +299,15 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
         && !gpu_runs.is_empty()
     {
         line.push(format!("cuda ({}, f32) for {}", d.name(), names(&gpu_runs)));
+    }
+    if let Some(c) = &wgpu
+        && !gpu_runs.is_empty()
+    {
+        line.push(format!(
+            "wgpu ({}, f32) for {}",
+            c.adapter_name(),
+            names(&gpu_runs)
+        ));
     }
     if !cpu_runs.is_empty() {
         let why = match (&gpu, args.device) {
@@ -316,29 +337,31 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
         out.display()
     );
     let multi = MultiProgress::new();
-    let run_one = |spec: &RunSpec, device: Option<Arc<CudaDevice>>| {
-        let pb = multi.add(train::progress_bar(spec.steps, &spec.scheme));
-        train::run(
-            spec,
-            &corpus,
-            &out.join(&spec.scheme),
-            args.resume,
-            args.stop_after,
-            &pb,
-            device,
-        )
-    };
+    let run_one =
+        |spec: &RunSpec, device: Option<Arc<CudaDevice>>, wgpu: Option<Arc<GpuContext>>| {
+            let pb = multi.add(train::progress_bar(spec.steps, &spec.scheme));
+            train::run(
+                spec,
+                &corpus,
+                &out.join(&spec.scheme),
+                args.resume,
+                args.stop_after,
+                &pb,
+                device,
+                wgpu,
+            )
+        };
     // CPU runs in parallel threads; GPU runs one after another on one thread (one device).
     let outcomes: Vec<Result<RunOutcome, RunError>> = std::thread::scope(|scope| {
         let run_one = &run_one;
         let cpu_handles: Vec<_> = cpu_runs
             .iter()
-            .map(|&spec| scope.spawn(move || run_one(spec, None)))
+            .map(|&spec| scope.spawn(move || run_one(spec, None, None)))
             .collect();
         let gpu_handle = scope.spawn(|| {
             gpu_runs
                 .iter()
-                .map(|&spec| run_one(spec, gpu.clone()))
+                .map(|&spec| run_one(spec, gpu.clone(), wgpu.clone()))
                 .collect::<Vec<_>>()
         });
         let panicked = || Err(RunError::Config("a training thread panicked".into()));
