@@ -164,9 +164,9 @@ pub fn run(
         last_good = Some((ckpt_path.clone(), loaded.step));
     }
     let mut gpu = match (cuda, wgpu) {
-        (Some(dev), _) => Some(Accel::Cuda(
+        (Some(dev), _) => Some(Accel::Cuda(Box::new(
             GpuTrainer::from_cpu(dev, &mut trainer).map_err(RunError::Cuda)?,
-        )),
+        ))),
         (None, Some(ctx)) => Some(Accel::Wgpu(Box::new(
             WgpuTrainer::from_cpu(ctx, &trainer).map_err(RunError::Wgpu)?,
         ))),
@@ -293,7 +293,7 @@ pub fn run(
 
 /// The model on an accelerator: the CUDA trainer or the wgpu one.
 enum Accel {
-    Cuda(GpuTrainer),
+    Cuda(Box<GpuTrainer>),
     Wgpu(Box<WgpuTrainer>),
 }
 
