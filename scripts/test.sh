@@ -23,6 +23,9 @@ cargo build -p mhc-core --locked --target wasm32-unknown-unknown
 cargo build -p mhc-core --locked --target thumbv7em-none-eabihf
 cargo build -p mhc-core --locked --no-default-features --target thumbv7em-none-eabihf
 
+step "mhc-gpu for the browser (WebGPU): wasm32-unknown-unknown"
+cargo build -p mhc-gpu --locked --target wasm32-unknown-unknown
+
 step "rustdoc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 

@@ -15,6 +15,7 @@ use crate::cuda::{CudaDevice, CudaError, GemmPrecision, GpuTrainer};
 use crate::data::Corpus;
 use crate::metrics::{MetricsError, MetricsRecord, MetricsWriter};
 use crate::spec::RunSpec;
+use mhc_gpu::{GpuContext, GpuError, WgpuTrainer};
 
 /// File name of a run's checkpoint inside its folder.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -48,6 +49,8 @@ pub enum RunError {
     Io(PathBuf, std::io::Error),
     /// The CUDA path failed.
     Cuda(CudaError),
+    /// The wgpu path failed.
+    Wgpu(GpuError),
 }
 
 impl std::fmt::Display for RunError {
@@ -78,6 +81,7 @@ impl std::fmt::Display for RunError {
             Self::Core(e) => write!(f, "{e}"),
             Self::Io(path, e) => write!(f, "{}: {e}", path.display()),
             Self::Cuda(e) => write!(f, "{e}"),
+            Self::Wgpu(e) => write!(f, "{e}"),
         }
     }
 }
@@ -129,7 +133,8 @@ pub fn progress_bar(total: u64, prefix: &str) -> ProgressBar {
 
 /// Trains `spec` on `corpus` in `dir` (created if needed), from scratch or
 /// from `dir`'s checkpoint, for at most `stop_after` steps in this invocation,
-/// on the CPU reference or, given a device, on the GPU ([`GpuTrainer`]).
+/// on the CPU reference or, given a device, on the GPU ([`GpuTrainer`] for
+/// CUDA, [`WgpuTrainer`] for a wgpu context).
 pub fn run(
     spec: &RunSpec,
     corpus: &Corpus,
@@ -138,6 +143,7 @@ pub fn run(
     stop_after: Option<u64>,
     pb: &ProgressBar,
     cuda: Option<(Arc<CudaDevice>, GemmPrecision)>,
+    wgpu: Option<Arc<GpuContext>>,
 ) -> Result<RunOutcome, RunError> {
     spec.validate().map_err(RunError::Config)?;
     std::fs::create_dir_all(dir).map_err(|e| RunError::Io(dir.to_path_buf(), e))?;
@@ -159,11 +165,14 @@ pub fn run(
             .map_err(RunError::Checkpoint)?;
         last_good = Some((ckpt_path.clone(), loaded.step));
     }
-    let mut gpu = match cuda {
-        Some((dev, precision)) => {
-            Some(GpuTrainer::from_cpu_with(dev, &mut trainer, precision).map_err(RunError::Cuda)?)
-        }
-        None => None,
+    let mut gpu = match (cuda, wgpu) {
+        (Some((dev, precision)), _) => Some(Accel::Cuda(Box::new(
+            GpuTrainer::from_cpu_with(dev, &mut trainer, precision).map_err(RunError::Cuda)?,
+        ))),
+        (None, Some(ctx)) => Some(Accel::Wgpu(Box::new(
+            WgpuTrainer::from_cpu(ctx, &trainer).map_err(RunError::Wgpu)?,
+        ))),
+        (None, None) => None,
     };
     let mut tokens = vec![0u32; spec.batch * (spec.context + 1)];
     let mut metrics = MetricsWriter::create(dir, resume).map_err(RunError::Metrics)?;
@@ -202,16 +211,16 @@ pub fn run(
         if step % spec.log_every == 0 || finished {
             let gains = match gpu.as_ref() {
                 None => trainer.model.gain_report().map_err(RunError::Core)?,
-                Some(g) => g.gain_report().map_err(RunError::Cuda)?,
+                Some(g) => g.gain_report()?,
             };
             let val_loss = if step % spec.eval_every == 0 || finished {
                 Some(match gpu.as_mut() {
                     None => trainer
                         .evaluate(&corpus.validation, spec.eval_batches, VALIDATION_SEED)
                         .map_err(RunError::Core)?,
-                    Some(g) => g
-                        .evaluate(&corpus.validation, spec.eval_batches, VALIDATION_SEED)
-                        .map_err(RunError::Cuda)?,
+                    Some(g) => {
+                        g.evaluate(&corpus.validation, spec.eval_batches, VALIDATION_SEED)?
+                    }
                 })
             } else {
                 None
@@ -238,7 +247,7 @@ pub fn run(
             metrics.write(&record).map_err(RunError::Metrics)?;
             let memory = gpu
                 .as_ref()
-                .and_then(|g| g.device().memory().ok())
+                .and_then(Accel::memory)
                 .map(|(free, total)| {
                     format!(
                         " | GPU {:.1}/{:.0} GiB",
@@ -275,7 +284,7 @@ pub fn run(
         }
         if step % spec.checkpoint_every == 0 || finished {
             if let Some(g) = gpu.as_mut() {
-                g.sync_to_cpu(&mut trainer).map_err(RunError::Cuda)?;
+                g.sync_to_cpu(&mut trainer)?;
             }
             checkpoint::save(&ckpt_path, &mut trainer, spec).map_err(RunError::Checkpoint)?;
             last_good = Some((ckpt_path.clone(), step));
@@ -295,16 +304,63 @@ pub fn run(
     })
 }
 
+/// The model on an accelerator: the CUDA trainer or the wgpu one.
+enum Accel {
+    Cuda(Box<GpuTrainer>),
+    Wgpu(Box<WgpuTrainer>),
+}
+
+impl Accel {
+    /// Free and total device memory (CUDA only: wgpu does not report it).
+    fn memory(&self) -> Option<(usize, usize)> {
+        match self {
+            Self::Cuda(g) => g.device().memory().ok(),
+            Self::Wgpu(_) => None,
+        }
+    }
+
+    fn gain_report(&self) -> Result<mhc_core::model::GainReport, RunError> {
+        match self {
+            Self::Cuda(g) => g.gain_report().map_err(RunError::Cuda),
+            Self::Wgpu(g) => g.gain_report().map_err(RunError::Wgpu),
+        }
+    }
+
+    fn evaluate(&mut self, data: &[u8], batches: usize, seed: u64) -> Result<f64, RunError> {
+        match self {
+            Self::Cuda(g) => g.evaluate(data, batches, seed).map_err(RunError::Cuda),
+            Self::Wgpu(g) => g.evaluate(data, batches, seed).map_err(RunError::Wgpu),
+        }
+    }
+
+    fn sync_to_cpu(&mut self, cpu: &mut Trainer<f32>) -> Result<(), RunError> {
+        match self {
+            Self::Cuda(g) => g.sync_to_cpu(cpu).map_err(RunError::Cuda),
+            Self::Wgpu(g) => g.sync_to_cpu(cpu).map_err(RunError::Wgpu),
+        }
+    }
+}
+
 /// One step on the GPU with the batch the CPU trainer would draw (its RNG
 /// advances the same way, so checkpoints and resume behave alike).
 fn gpu_step(
-    gpu: &mut GpuTrainer,
+    accel: &mut Accel,
     trainer: &mut Trainer<f32>,
     data: &[u8],
     tokens: &mut [u32],
 ) -> Result<mhc_core::model::StepStats, MhcError> {
     let (batch, context) = (trainer.config.batch, trainer.model.config().context);
     mhc_core::model::data::sample_batch(data, batch, context, &mut trainer.rng, tokens)?;
+    let gpu = match accel {
+        Accel::Cuda(g) => g,
+        Accel::Wgpu(g) => {
+            return match g.step(tokens) {
+                Ok(s) => Ok(s),
+                Err(GpuError::Core(e)) => Err(e),
+                Err(e) => Err(MhcError::Sublayer(format!("wgpu: {e}"))),
+            };
+        }
+    };
     match gpu.step(tokens) {
         Ok(s) => Ok(mhc_core::model::StepStats {
             loss: s.loss,

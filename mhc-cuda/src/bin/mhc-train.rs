@@ -24,6 +24,7 @@ use mhc_cuda::metrics::read_jsonl;
 use mhc_cuda::plot::plot_runs;
 use mhc_cuda::spec::{Preset, RunSpec};
 use mhc_cuda::train::{self, CHECKPOINT_FILE, RunError, RunOutcome};
+use mhc_gpu::GpuContext;
 
 #[derive(Parser)]
 #[command(
@@ -64,6 +65,8 @@ enum Device {
     Cpu,
     /// NVIDIA GPU (residual, hc and mhc; the static variants run on the CPU).
     Cuda,
+    /// Any GPU through wgpu (Vulkan, Metal, DX12; every scheme), or Mesa's lavapipe.
+    Wgpu,
 }
 
 #[derive(Args)]
@@ -279,15 +282,24 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
     let corpus = load_corpus(&specs[0])?;
     // The GPU, when asked for (or found, with auto); schemes without a GPU path run on the CPU.
     let precision = args.precision;
+    let wgpu: Option<Arc<GpuContext>> = match args.device {
+        Device::Wgpu => match GpuContext::new_blocking() {
+            Ok(c) => Some(Arc::new(c)),
+            Err(e) => return Err(bad_input(format!("--device wgpu: {e}"))),
+        },
+        _ => None,
+    };
     let gpu: Option<Arc<CudaDevice>> = match args.device {
-        Device::Cpu => None,
+        Device::Cpu | Device::Wgpu => None,
         Device::Auto | Device::Cuda => match CudaDevice::new(0) {
             Ok(d) => Some(Arc::new(d)),
             Err(CudaError::NoDriver(_)) if args.device == Device::Auto => None,
             Err(e) => return Err(bad_input(format!("--device cuda: {e}; use --device cpu"))),
         },
     };
-    let on_gpu = |spec: &RunSpec| gpu.is_some() && GPU_SCHEMES.contains(&spec.scheme.as_str());
+    let on_gpu = |spec: &RunSpec| {
+        wgpu.is_some() || (gpu.is_some() && GPU_SCHEMES.contains(&spec.scheme.as_str()))
+    };
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -307,6 +319,15 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
             "cuda ({}, f32 storage, {} matrix products) for {}",
             d.name(),
             precision.name(),
+            names(&gpu_runs)
+        ));
+    }
+    if let Some(c) = &wgpu
+        && !gpu_runs.is_empty()
+    {
+        line.push(format!(
+            "wgpu ({}, f32) for {}",
+            c.adapter_name(),
             names(&gpu_runs)
         ));
     }
@@ -338,7 +359,9 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
         out.display()
     );
     let multi = MultiProgress::new();
-    let run_one = |spec: &RunSpec, device: Option<(Arc<CudaDevice>, GemmPrecision)>| {
+    let run_one = |spec: &RunSpec,
+                   device: Option<(Arc<CudaDevice>, GemmPrecision)>,
+                   wgpu: Option<Arc<GpuContext>>| {
         let pb = multi.add(train::progress_bar(spec.steps, &spec.scheme));
         train::run(
             spec,
@@ -348,6 +371,7 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
             args.stop_after,
             &pb,
             device,
+            wgpu,
         )
     };
     // CPU runs in parallel threads; GPU runs one after another on one thread (one device).
@@ -355,12 +379,12 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
         let run_one = &run_one;
         let cpu_handles: Vec<_> = cpu_runs
             .iter()
-            .map(|&spec| scope.spawn(move || run_one(spec, None)))
+            .map(|&spec| scope.spawn(move || run_one(spec, None, None)))
             .collect();
         let gpu_handle = scope.spawn(|| {
             gpu_runs
                 .iter()
-                .map(|&spec| run_one(spec, gpu.clone().map(|d| (d, precision))))
+                .map(|&spec| run_one(spec, gpu.clone().map(|d| (d, precision)), wgpu.clone()))
                 .collect::<Vec<_>>()
         });
         let panicked = || Err(RunError::Config("a training thread panicked".into()));
