@@ -135,7 +135,8 @@ export function coefficientColor(v) {
 
 /** Draws an n×n matrix (row-major `values`) as a heatmap with values in the cells when they fit. */
 export function matrixHeatmap(canvas, values, n, title) {
-  const size = Math.min(canvas.clientWidth || 160, 220);
+  // Cells of at most 40 px: a 1×1 map (residual) stays small.
+  const size = Math.min(canvas.clientWidth || 160, 220, 40 * n + 2);
   const [ctx, w] = prepare(canvas, size + 18);
   const cell = (Math.min(w, size) - 2) / n;
   ctx.fillStyle = '#333';

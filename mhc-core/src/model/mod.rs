@@ -284,7 +284,7 @@ impl<T: Real> Model<T> {
     /// `2b` is block `b`'s attention, `2b + 1` its MLP; `None` when `l ≥ 2L`.
     pub fn sublayer_coefficients(&self, l: usize) -> Option<&[T]> {
         let block = self.blocks.get(l / 2)?;
-        Some(if l % 2 == 0 {
+        Some(if l.is_multiple_of(2) {
             block.attn_ws.coefficients()
         } else {
             block.mlp_ws.coefficients()
