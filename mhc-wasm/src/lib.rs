@@ -21,7 +21,7 @@
 //! step) are thrown as JavaScript `Error`s whose message says what to fix.
 //!
 //! Layout: [`settings`] (what a run is, defaults and checks), [`session`]
-//! (the run itself with its [`Backend`](session::Backend) enum — plain Rust,
+//! (the run itself with its [`Backend`] enum — plain Rust,
 //! tested natively) and the `wasm_bindgen` layer ([`WasmTrainer`],
 //! [`create_trainer`]). The methods that will wait for the GPU are `async`
 //! already, so the page does not change when the WebGPU backend arrives.
