@@ -6,11 +6,20 @@
 //   canvas[data-draws], #heat-grid[data-step], pre.sample[data-samples]
 import { lineChart, matrixHeatmap, timelineHeatmap } from './charts.js';
 
-const SCHEMES = [
+const ALL_SCHEMES = [
   { key: 'residual', label: 'residual', color: '#7a7a7a' },
   { key: 'hc', label: 'HC', color: '#d9731a' },
   { key: 'mhc', label: 'mHC', color: '#2268c4' },
 ];
+// ?only=mhc (or hc,mhc …) trains just those: e.g. to time one model alone.
+const only = new URLSearchParams(location.search).get('only');
+const SCHEMES = ALL_SCHEMES.filter((s) => !only || only.split(',').includes(s.key));
+for (const s of ALL_SCHEMES) {
+  if (!SCHEMES.includes(s)) {
+    document.getElementById(`status-${s.key}`).hidden = true;
+    document.getElementById(`sample-${s.key}`).parentElement.hidden = true;
+  }
+}
 const SIZES = {
   tiny: { layers: 2, width: 32, heads: 4, context: 32, batch: 8 },
   default: { layers: 4, width: 32, heads: 4, context: 32, batch: 8 },
@@ -300,7 +309,7 @@ async function start() {
     const notes = [...new Set(infos.map((i) => i.backendNote))];
     ui.backendLine.textContent = `Device: ${notes.join(' | ')}`;
     ui.backendLine.dataset.backend = [...new Set(infos.map((i) => i.backend))].join(',');
-    const c = infos[1].config;
+    const c = infos[infos.length - 1].config;
     buildLayerPicker(c.sublayers);
     ui.status.textContent = `training on ${c.train_bytes} bytes (${c.validation_bytes} held out)…`;
   } catch (e) {

@@ -42,7 +42,12 @@ function fmt(v) {
  */
 export function lineChart(canvas, series, opts = {}) {
   const [ctx, w, h] = prepare(canvas);
-  const pad = { l: 46, r: 10, t: 22, b: 30 };
+  // The legend goes beside the title, or on its own line when they do not fit.
+  const named = series.filter((s) => s.name);
+  const legendWidth = named.reduce((sum, s) => sum + ctx.measureText(s.name).width + 22, 0);
+  const twoLines = 46 + ctx.measureText(opts.title ?? '').width + 16 + legendWidth > w - 10;
+  const legendY = twoLines ? 30 : 14;
+  const pad = { l: 46, r: 10, t: twoLines ? 38 : 22, b: 30 };
   const all = series.flatMap((s) => s.points).filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y) && (!opts.logY || y > 0));
   ctx.fillStyle = '#333';
   ctx.fillText(opts.title ?? '', pad.l, 14);
@@ -112,13 +117,13 @@ export function lineChart(canvas, series, opts = {}) {
   }
   // Legend.
   let lx = w - pad.r;
-  for (const s of [...series].reverse().filter((s) => s.name)) {
+  for (const s of [...named].reverse()) {
     const tw = ctx.measureText(s.name).width;
     lx -= tw + 22;
     ctx.fillStyle = s.color;
-    ctx.fillRect(lx, 6, 12, 8);
+    ctx.fillRect(lx, legendY - 8, 12, 8);
     ctx.fillStyle = '#333';
-    ctx.fillText(s.name, lx + 15, 14);
+    ctx.fillText(s.name, lx + 15, legendY);
   }
 }
 

@@ -163,6 +163,7 @@ async function cpuPass() {
     check(text.startsWith('the ') && text.length > 40 && !text.startsWith('error'), `${s}: sampled text`);
   }
   mkdirSync(dirname(screenshot), { recursive: true });
+  mkdirSync(join(root, 'tests/e2e/out'), { recursive: true });
   await page.screenshot({ path: screenshot, fullPage: true });
   console.log(`  screenshot: ${screenshot}`);
   const losses = Object.fromEntries(await Promise.all(
@@ -173,6 +174,7 @@ async function cpuPass() {
   await page.waitForTimeout(200);
   const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
   check(overflow <= 1, `phone width 390 px: no horizontal scrolling (overflow ${overflow} px)`);
+  await page.screenshot({ path: join(root, 'tests/e2e/out/web-demo-phone.png') });
 
   // Offline: the service worker serves the page, the code and the wasm.
   await page.setViewportSize({ width: 1280, height: 900 });
@@ -226,10 +228,34 @@ async function webgpuPass(cpuLosses) {
   await browser.close();
 }
 
+/** Steps/s of the default model trained alone (?only=scheme), per scheme. */
+async function throughput(extraArgs, backend, label) {
+  const n = Number(process.env.E2E_BENCH_STEPS || 100);
+  console.log(`throughput, one model at a time (${label}, ${n} steps)`);
+  const browser = await launch(extraArgs);
+  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  const out = {};
+  for (const s of SCHEMES) {
+    await page.goto(`${url}?only=${s}`);
+    await page.waitForFunction(() => document.body.dataset.state === 'idle');
+    await startTraining(page, n, backend);
+    await waitDone(page, 240_000);
+    const f = await page.evaluate((k) => ({ ...document.getElementById(`status-${k}`).dataset }), s);
+    out[s] = Number(f.stepsPerS);
+    check(f.backend === backend && Number(f.step) === n, `${s} alone: ${out[s].toFixed(1)} steps/s on ${f.backend}`);
+  }
+  await browser.close();
+  return out;
+}
+
 const server = await startServer();
 try {
   const cpuLosses = await cpuPass();
+  results.alone = { cpu: await throughput([], 'cpu', 'CPU') };
   await webgpuPass(cpuLosses);
+  if (results.passes.webgpu.backend === 'webgpu') {
+    results.alone.webgpu = await throughput(['--enable-unsafe-webgpu'], 'webgpu', 'WebGPU');
+  }
 } catch (e) {
   failed += 1;
   console.log(`  FAIL ${e.stack || e}`);
