@@ -92,7 +92,9 @@ export function lineChart(canvas, series, opts = {}) {
     ctx.moveTo(x, pad.t);
     ctx.lineTo(x, h - pad.b);
     ctx.stroke();
-    ctx.fillText(fmt(v), x - 8, h - pad.b + 14);
+    const label = fmt(v);
+    const lw = ctx.measureText(label).width;
+    ctx.fillText(label, Math.min(x - lw / 2, w - lw - 1), h - pad.b + 14);
   }
   ctx.fillText(opts.xLabel ?? '', w - pad.r - ctx.measureText(opts.xLabel ?? '').width, h - 3);
   // Series.
