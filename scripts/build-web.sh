@@ -15,7 +15,7 @@ if [[ "$have" != "$want" ]]; then
   exit 2
 fi
 
-cargo build --release --locked --target wasm32-unknown-unknown -p mhc-wasm
+RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+simd128" cargo build --release --locked --target wasm32-unknown-unknown -p mhc-wasm
 rm -rf web/pkg
 wasm-bindgen --target web --no-typescript --out-dir web/pkg \
   target/wasm32-unknown-unknown/release/mhc_wasm.wasm
@@ -29,7 +29,7 @@ if [[ -n "$wasm_opt" ]]; then
   # rustc's default wasm features; wasm-opt must accept and may keep them.
   if "$wasm_opt" -O --enable-bulk-memory --enable-nontrapping-float-to-int \
     --enable-sign-ext --enable-mutable-globals --enable-reference-types \
-    --enable-multivalue "$wasm" -o "$wasm.opt"; then
+    --enable-multivalue --enable-simd "$wasm" -o "$wasm.opt"; then
     mv "$wasm.opt" "$wasm"
   else
     rm -f "$wasm.opt"
