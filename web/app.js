@@ -1,7 +1,7 @@
 // The page: settings, three workers (residual, HC, mHC), charts, heatmaps, sampler.
 // Numbers the e2e test reads are mirrored into data-* attributes:
 //   body[data-state]: loading | idle | starting | training | paused | done | error
-//   #status-<scheme>[data-backend, data-step, data-loss-first, data-loss, data-val-loss,
+//   #status-<scheme>[data-running, data-backend, data-step, data-loss-first, data-loss, data-val-loss,
 //                    data-steps-per-s, data-composite-gain]
 //   canvas[data-draws], #heat-grid[data-step], pre.sample[data-samples]
 import { lineChart, matrixHeatmap, timelineHeatmap } from './charts.js';
@@ -45,6 +45,7 @@ let chosenLayers = [];
 let state = 'loading';
 let drawPending = false;
 let sampleId = 0;
+let maxSteps = 0; // the step budget of the current run
 
 function setState(s, text) {
   state = s;
@@ -152,6 +153,7 @@ function onWorkerMessage(run, msg) {
       return;
     }
     run.running = false;
+    $(`status-${run.scheme.key}`).dataset.running = 'false';
     showError(`${run.scheme.label}: ${msg.message}`);
     updateStatus(run);
     afterStop();
@@ -172,6 +174,7 @@ function onWorkerMessage(run, msg) {
       break;
     case 'stopped':
       run.running = false;
+      $(`status-${run.scheme.key}`).dataset.running = 'false';
       afterStop(msg.reason);
       break;
     default:
@@ -254,7 +257,7 @@ function afterStop(reason) {
   const all = Object.values(runs);
   if (all.some((r) => r.running)) return;
   if (state === 'training') {
-    const done = all.every((r) => r.lastReport && r.lastReport.step >= Number(ui.steps.value));
+    const done = all.every((r) => r.lastReport && r.lastReport.step >= maxSteps);
     setState(done ? 'done' : reason === 'paused' ? 'paused' : 'error', done ? 'done' : 'stopped');
   }
 }
@@ -321,10 +324,12 @@ async function start() {
 }
 
 function resume() {
+  maxSteps = Number(ui.steps.value);
   setState('training');
   for (const run of Object.values(runs)) {
     run.running = true;
-    run.worker.postMessage({ cmd: 'run', maxSteps: Number(ui.steps.value), evalEvery: EVAL_EVERY });
+    $(`status-${run.scheme.key}`).dataset.running = 'true';
+    run.worker.postMessage({ cmd: 'run', maxSteps, evalEvery: EVAL_EVERY });
   }
 }
 

@@ -113,7 +113,9 @@ async function cpuPass() {
   null, { timeout: 60_000 });
   await page.click('#pause');
   await page.waitForFunction(() => document.body.dataset.state === 'paused');
-  await page.waitForTimeout(400); // a chunk in flight may still land
+  // Each worker finishes the chunk in flight, then reports that it stopped.
+  await page.waitForFunction(() =>
+    ['residual', 'hc', 'mhc'].every((s) => document.getElementById(`status-${s}`).dataset.running === 'false'));
   const paused = await figures(page);
   await page.waitForTimeout(800);
   const stillPaused = await figures(page);
