@@ -31,10 +31,25 @@ pub const WEBGPU_BUILT: bool = false;
 
 /// The device a session trains on.
 ///
-/// The WebGPU variant (a `mhc_gpu::WgpuTrainer` built with
-/// `WgpuTrainer::from_cpu(&model, &train_config).await`, whose `step`,
-/// `evaluate` and `sync_to_cpu` are `async`) will sit beside `Cpu` and keep
-/// the CPU trainer as its mirror for sampling and coefficients.
+/// # Slotting in WebGPU (`mhc-gpu`)
+/// A variant `WebGpu { gpu: mhc_gpu::WgpuTrainer, cpu: Box<Trainer<f32>> }`
+/// goes beside `Cpu`; `cpu` keeps the batch RNG (so both backends draw the
+/// same batches, as `mhc-train`'s CUDA path does) and mirrors the weights for
+/// sampling. What it needs from `mhc-gpu`, all usable on `wasm32` without
+/// blocking:
+/// - `GpuContext::new().await` (wgpu's WebGPU backend; `NoAdapter` error when
+///   `navigator.gpu` gives none) and a description of its adapter;
+/// - `WgpuTrainer::from_cpu(Arc<GpuContext>, &Trainer<f32>)`;
+/// - `step_async(&[u32])` on the `[batch, context + 1]` tokens that
+///   `mhc_core::model::data::sample_batch` drew with the CPU trainer's RNG;
+/// - `evaluate_async(data, batches, seed)`;
+/// - `gain_report_async()` and the per-sublayer coefficients of the last
+///   step, `[tokens, n² + 2n]` each (for the heatmaps, without copying every
+///   weight back at each chunk);
+/// - `sync_to_cpu_async(&mut Trainer<f32>)` before sampling.
+///
+/// Then [`choose_backend`] returns `"webgpu"` when an adapter is found
+/// ([`WEBGPU_BUILT`] becomes `true`), and [`Session::new`] builds the variant.
 #[derive(Debug)]
 pub enum Backend {
     /// The reference trainer of `mhc-core`, in f32.

@@ -200,6 +200,21 @@ async function webgpuPass(cpuLosses) {
   page.on('pageerror', (e) => console.log(`  page error: ${e.message}`));
   await page.goto(url);
   await page.waitForFunction(() => document.body.dataset.state === 'idle');
+  const built = await page.evaluate(async () => {
+    const m = await import('./pkg/mhc_wasm.js');
+    await m.default();
+    return m.build_info().webgpu_built;
+  });
+  if (!built) {
+    // Asking for WebGPU explicitly must fail with a message, not fall back silently.
+    await page.selectOption('#backend', 'webgpu');
+    await page.click('#start');
+    await page.waitForFunction(() => document.body.dataset.state === 'error');
+    const error = await page.getAttribute('#error', 'data-error');
+    console.log(`  device WebGPU: ${error}`);
+    check(/WebGPU backend is not built/.test(error), 'choosing WebGPU says it is not built');
+    await page.click('#reset');
+  }
   // The same run as the CPU pass (the step count sets the lr schedule).
   const n = steps;
   await startTraining(page, n, 'auto');
