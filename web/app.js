@@ -459,7 +459,7 @@ function draw() {
       if (!hm || l >= c.layers) continue;
       const nn = c.n * c.n;
       matrixHeatmap(hm, c.h_res.subarray(l * nn, (l + 1) * nn), c.n, `sublayer ${l}, step ${c.step}`);
-      timelineHeatmap($(`tl-${r.scheme.key}-${l}`), r.snapshots.get(l) ?? [], c.n, 'over time →');
+      timelineHeatmap($(`tl-${r.scheme.key}-${l}`), r.snapshots.get(l) ?? [], c.n, `steps 1–${c.step} →`);
       const pre = Array.from(c.h_pre.subarray(l * c.n, (l + 1) * c.n), (v) => v.toFixed(2)).join(' ');
       const post = Array.from(c.h_post.subarray(l * c.n, (l + 1) * c.n), (v) => v.toFixed(2)).join(' ');
       $(`gates-${r.scheme.key}-${l}`).textContent = `H_pre ${pre} · H_post ${post}`;
@@ -482,6 +482,8 @@ window.addEventListener('resize', scheduleDraw);
 // For tests and the console: raw per-step losses (index = step - 1) and backends.
 window.mhcDemo = {
   losses: (scheme) => (runs[scheme] ? [...runs[scheme].losses] : []),
+  // Mean H_res of every sublayer ([layers, n, n], flattened) of the last chunk.
+  hRes: (scheme) => (runs[scheme]?.coefficients ? Array.from(runs[scheme].coefficients.h_res) : []),
   backends: () => Object.fromEntries(Object.values(runs).map((r) => [r.scheme.key, r.info?.backend ?? null])),
 };
 

@@ -174,10 +174,16 @@ export function timelineHeatmap(canvas, snapshots, n, title) {
   const top = 18;
   const colW = (w - 2) / snapshots.length;
   const rowH = (h - top) / (n * n);
+  // Whole-pixel edges: no anti-aliased seams between neighbouring cells.
+  const edge = (origin, size, i) => Math.round(origin + i * size);
   snapshots.forEach((m, t) => {
+    const x0 = edge(1, colW, t);
+    const x1 = Math.max(x0 + 1, edge(1, colW, t + 1));
     for (let j = 0; j < n * n; j++) {
+      const y0 = edge(top, rowH, j);
+      const y1 = Math.max(y0 + 1, edge(top, rowH, j + 1));
       ctx.fillStyle = coefficientColor(m[j]);
-      ctx.fillRect(1 + t * colW, top + j * rowH, Math.ceil(colW), Math.ceil(rowH));
+      ctx.fillRect(x0, y0, x1 - x0, y1 - y0);
     }
   });
 }

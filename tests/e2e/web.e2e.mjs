@@ -123,6 +123,8 @@ async function cpuPass() {
   await page.click('#pause');
   await page.waitForFunction(() => document.body.dataset.state === 'training');
   const early = await canvasImages(page);
+  const hResOf = () => page.evaluate((schemes) => schemes.map((s) => window.mhcDemo.hRes(s)), SCHEMES);
+  const hResEarly = await hResOf();
   await waitDone(page, 240_000);
   const seconds = (Date.now() - t0) / 1000;
   const done = await figures(page);
@@ -151,7 +153,17 @@ async function cpuPass() {
   }
   const heat = Object.keys(after).filter((id) => id.startsWith('hm-') || id.startsWith('tl-'));
   check(heat.length === 3 * 2 * 3, `${heat.length} heatmap canvases (3 schemes × 3 layers × now/timeline)`);
-  check(heat.every((id) => early[id] && early[id] !== after[id]), 'every heatmap changed during training');
+  // HC's and mHC's maps are learned, so their pixels change; residual's H_res
+  // is 1 by definition, so only its step labels move.
+  const learned = heat.filter((id) => !id.includes('-residual-'));
+  check(learned.every((id) => early[id] && early[id] !== after[id]), 'every HC and mHC heatmap changed during training');
+  const hResLate = await hResOf();
+  const moved = SCHEMES.map((s, i) => Math.max(...hResLate[i].map((v, j) => Math.abs(v - hResEarly[i][j]))));
+  console.log(`  largest change of a mean H_res entry since resuming: ${moved.map((m) => m.toExponential(1)).join(', ')}`);
+  check(moved[0] === 0 && moved[1] > 1e-2 && moved[2] > 1e-4, 'H_res: residual fixed at 1, HC and mHC learned (mHC slowly: α = 0.01)');
+  const draws = await page.evaluate(() =>
+    [...document.querySelectorAll('#heat-grid canvas')].map((c) => Number(c.dataset.draws)));
+  check(draws.every((d) => d >= 5), 'every heatmap was redrawn at least 5 times');
   check(Number(await page.getAttribute('#heat-grid', 'data-step')) === steps, 'heatmaps show the last step');
 
   // Sampling.
