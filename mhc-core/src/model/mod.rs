@@ -278,6 +278,24 @@ impl<T: Real> Model<T> {
         self.capacity
     }
 
+    /// Coefficients of wrapped sublayer `l` from the last forward (training
+    /// step, evaluation or sampling), `[tokens, n² + 2n]`, each row
+    /// `[H_pre | H_post | H_res]` (paper Eq. 3; `H_res` row-major). Sublayer
+    /// `2b` is block `b`'s attention, `2b + 1` its MLP; `None` when `l ≥ 2L`.
+    pub fn sublayer_coefficients(&self, l: usize) -> Option<&[T]> {
+        let block = self.blocks.get(l / 2)?;
+        Some(if l.is_multiple_of(2) {
+            block.attn_ws.coefficients()
+        } else {
+            block.mlp_ws.coefficients()
+        })
+    }
+
+    /// Tokens of the last forward (`batch · seq`; 0 before any).
+    pub fn last_tokens(&self) -> usize {
+        self.shape.batch * self.shape.seq
+    }
+
     /// Visits every parameter tensor in a fixed order (the optimiser's and
     /// the checkpoint's) with its value and gradient.
     pub fn for_each_param(&mut self, mut f: impl FnMut(ParamId, &mut Vec<T>, &mut Vec<T>)) {
