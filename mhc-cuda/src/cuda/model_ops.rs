@@ -490,6 +490,7 @@ impl ModelKernels {
                         beta: 0.0,
                         c: (p + f * (b * heads * ss) as u64, seq, ss),
                         batch: heads,
+                        bf16_inputs: false,
                     })
                 }?;
             }
@@ -521,6 +522,7 @@ impl ModelKernels {
                     beta: 0.0,
                     c: (o + f * (b * seq * c) as u64, c, head_dim),
                     batch: heads,
+                    bf16_inputs: false,
                 })
             }?;
         }
@@ -588,6 +590,7 @@ impl ModelKernels {
                         beta: 0.0,
                         c: (dp_b, seq, ss),
                         batch: heads,
+                        bf16_inputs: false,
                     })?;
                     mm.batched(Batched {
                         trans_a: false,
@@ -601,6 +604,7 @@ impl ModelKernels {
                         beta: 0.0,
                         c: (dbase + f * (2 * c) as u64, 3 * c, head_dim),
                         batch: heads,
+                        bf16_inputs: false,
                     })
                 }?;
             }
@@ -638,6 +642,7 @@ impl ModelKernels {
                     beta: 0.0,
                     c: (dbase, 3 * c, head_dim),
                     batch: heads,
+                    bf16_inputs: false,
                 })?;
                 mm.batched(Batched {
                     trans_a: false,
@@ -651,6 +656,7 @@ impl ModelKernels {
                     beta: 0.0,
                     c: (dbase + f * c as u64, 3 * c, head_dim),
                     batch: heads,
+                    bf16_inputs: false,
                 })
             }?;
         }
@@ -894,6 +900,26 @@ impl std::str::FromStr for GemmPrecision {
     }
 }
 
+/// Rounds f32 to bf16 (nearest even) for [`GemmPrecision::Bf16`]'s tensor-core inputs.
+const CAST_SOURCE: &str = r#"
+extern "C" __global__ void f32_to_bf16(const float* __restrict__ in, long n, unsigned short* __restrict__ out)
+{
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        unsigned int u = __float_as_uint(in[i]);
+        u += 0x7fffu + ((u >> 16) & 1u);
+        out[i] = (unsigned short)(u >> 16);
+    }
+}
+"#;
+
+/// bf16 copies of a product's two operands ([`GemmPrecision::Bf16`]), grown on demand.
+struct Bf16Scratch {
+    cast: CudaFunction,
+    grid: u32,
+    a: CudaSlice<u16>,
+    b: CudaSlice<u16>,
+}
+
 /// One column-major GEMM of a strided batch, on device addresses (cuBLAS conventions).
 #[derive(Clone, Copy, Debug)]
 struct Batched {
@@ -908,6 +934,8 @@ struct Batched {
     beta: f32,
     c: (u64, usize, usize),
     batch: usize,
+    /// A and B hold bf16 (f32 accumulation and output), else f32.
+    bf16_inputs: bool,
 }
 
 /// Row-major f32 matrix products on cuBLAS at a chosen [`GemmPrecision`], the
@@ -916,6 +944,7 @@ pub struct MatMul {
     blas: cudarc::cublas::CudaBlas,
     stream: Arc<cudarc::driver::CudaStream>,
     precision: GemmPrecision,
+    bf16: Option<std::sync::Mutex<Bf16Scratch>>,
 }
 
 impl MatMul {
@@ -938,10 +967,23 @@ impl MatMul {
         }
         let blas = cudarc::cublas::CudaBlas::new(dev.stream().clone())
             .map_err(|e| CudaError::Driver(format!("cuBLAS: {e}")))?;
+        let bf16 = if precision == GemmPrecision::Bf16 {
+            let module = dev.module("cast", CAST_SOURCE, Vec::new())?;
+            let st = dev.stream();
+            Some(std::sync::Mutex::new(Bf16Scratch {
+                cast: module.load_function("f32_to_bf16")?,
+                grid: dev.multiprocessors()? * 8,
+                a: st.alloc_zeros(1)?,
+                b: st.alloc_zeros(1)?,
+            }))
+        } else {
+            None
+        };
         Ok(Self {
             blas,
             stream: dev.stream().clone(),
             precision,
+            bf16,
         })
     }
 
@@ -960,6 +1002,14 @@ impl MatMul {
         use cudarc::cublas::sys::{cublasGemmAlgo_t, cudaDataType};
         let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
         let f32t = cudaDataType::CUDA_R_32F;
+        let (ab_type, compute) = if g.bf16_inputs {
+            (
+                cudaDataType::CUDA_R_16BF,
+                cudarc::cublas::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            )
+        } else {
+            (f32t, self.precision.compute_type())
+        };
         let i = |v: usize| v as i32;
         // SAFETY: forwarded to the caller's contract; alpha and beta are host scalars that outlive the call.
         unsafe {
@@ -972,11 +1022,11 @@ impl MatMul {
                 i(g.k),
                 (&g.alpha) as *const f32 as *const _,
                 g.a.0 as *const _,
-                f32t,
+                ab_type,
                 i(g.a.1),
                 g.a.2 as i64,
                 g.b.0 as *const _,
-                f32t,
+                ab_type,
                 i(g.b.1),
                 g.b.2 as i64,
                 (&g.beta) as *const f32 as *const _,
@@ -985,7 +1035,7 @@ impl MatMul {
                 i(g.c.1),
                 g.c.2 as i64,
                 i(g.batch),
-                self.precision.compute_type(),
+                compute,
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
@@ -1002,6 +1052,48 @@ impl MatMul {
         use cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T;
         use cudarc::driver::{DevicePtr, DevicePtrMut};
         let st = self.stream.clone();
+        if let Some(scratch) = &self.bf16 {
+            // bf16 tensor cores: round both operands into bf16 copies, accumulate in f32.
+            let mut guard = scratch
+                .lock()
+                .map_err(|_| CudaError::Driver("bf16 GEMM scratch poisoned".into()))?;
+            let sc = &mut *guard;
+            for (src, dst) in [(a, &mut sc.a), (b, &mut sc.b)] {
+                if dst.len() < src.len() {
+                    *dst = st.alloc_zeros(src.len())?;
+                }
+                let n = src.len() as i64;
+                let mut lb = st.launch_builder(&sc.cast);
+                lb.arg(src).arg(&n).arg(&mut *dst);
+                // SAFETY: grid-stride over src.len() elements; dst holds at least that many.
+                unsafe {
+                    lb.launch(LaunchConfig {
+                        grid_dim: (sc.grid.max(1), 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    })
+                }?;
+            }
+            let (pa, _ga) = sc.a.device_ptr(&st);
+            let (pb, _gb) = sc.b.device_ptr(&st);
+            let (pc, _gc) = c.device_ptr_mut(&st);
+            let g = Batched {
+                trans_a: cfg.transa == CUBLAS_OP_T,
+                trans_b: cfg.transb == CUBLAS_OP_T,
+                m: cfg.m as usize,
+                n: cfg.n as usize,
+                k: cfg.k as usize,
+                alpha: cfg.alpha,
+                a: (pa, cfg.lda as usize, 0),
+                b: (pb, cfg.ldb as usize, 0),
+                beta: cfg.beta,
+                c: (pc, cfg.ldc as usize, 0),
+                batch: 1,
+                bf16_inputs: true,
+            };
+            // SAFETY: the bf16 copies hold as many elements as a and b, which the callers checked.
+            return unsafe { self.batched(g) };
+        }
         let (pa, _ga) = a.device_ptr(&st);
         let (pb, _gb) = b.device_ptr(&st);
         let (pc, _gc) = c.device_ptr_mut(&st);
@@ -1017,6 +1109,7 @@ impl MatMul {
             beta: cfg.beta,
             c: (pc, cfg.ldc as usize, 0),
             batch: 1,
+            bf16_inputs: false,
         };
         // SAFETY: the callers check that a, b and c hold the m·k, k·n and m·n elements the configuration addresses.
         unsafe { self.batched(g) }
