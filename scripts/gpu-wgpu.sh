@@ -19,10 +19,17 @@ say() { echo "$*" | tee -a "$log"; }
 if ! ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1'; then
   deb=$(ls "$bin"/libvulkan1_*.deb 2>/dev/null | head -n 1)
   [ -n "$deb" ] || { say "no libvulkan1 .deb in $bin; run scripts/build-wgpu-device-bin.sh"; exit 1; }
-  rm -rf /tmp/vk && mkdir -p /tmp/vk && dpkg-deb -x "$deb" /tmp/vk
-  libdir=$(dirname "$(find /tmp/vk -name 'libvulkan.so.1*' | head -n 1)")
-  export LD_LIBRARY_PATH="$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  say "Vulkan loader: $libdir (from $deb)"
+  if [ "$(id -u)" -eq 0 ]; then
+    # Into the system's library folders, then refresh the linker cache: the
+    # loader dlopens the NVIDIA ICD's libraries through that cache.
+    dpkg-deb -x "$deb" / && ldconfig
+    say "Vulkan loader: installed from $deb (ldconfig)"
+  else
+    rm -rf /tmp/vk && mkdir -p /tmp/vk && dpkg-deb -x "$deb" /tmp/vk
+    libdir=$(dirname "$(find /tmp/vk -name 'libvulkan.so.1*' | head -n 1)")
+    export LD_LIBRARY_PATH="$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    say "Vulkan loader: $libdir (from $deb)"
+  fi
 fi
 # 2. The NVIDIA ICD (the loader finds Mesa's by itself).
 for d in /usr/local/nvidia/share/vulkan/icd.d /usr/share/vulkan/icd.d /etc/vulkan/icd.d; do
@@ -45,7 +52,7 @@ done
 tokens=${TOKENS:-16384}
 "$bin/mhc-gpu-bench" --tokens "$tokens" --widths "${WIDTHS:-1024,4096}" --reps "${REPS:-20}" \
   --train-steps "${TRAIN_STEPS:-20}" --json "$OUT/wgpu-bench.json" 2>&1 | grep -v XDG_RUNTIME_DIR | tee -a "$log" || status=1
-if [ -x "$bin/mhc-bench" ] && command -v nvidia-smi >/dev/null; then
+if [ "${SKIP_CUDA:-0}" != 1 ] && [ -x "$bin/mhc-bench" ] && command -v nvidia-smi >/dev/null; then
   say "== CUDA wrapper, f32, same shapes"
   "$bin/mhc-bench" --dtype f32 --tokens "$tokens" --json "$OUT/cuda-bench-f32.json" 2>&1 | tee -a "$log" || status=1
 fi
