@@ -18,6 +18,7 @@
 mod hc;
 mod model;
 mod model_ops;
+pub mod nccl;
 mod wrapper;
 
 use std::collections::HashMap;
