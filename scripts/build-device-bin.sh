@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 mkdir -p .device-bin
 cargo build --release -p mhc-cuda --bin mhc-bench --bin mhc-train
 cp target/release/mhc-bench target/release/mhc-train .device-bin/
-for t in cuda_parity cuda_model_ops cuda_trainer; do
+for t in cuda_parity cuda_model_ops cuda_trainer cuda_data_parallel; do
   bin=$(cargo test --release -p mhc-cuda --test "$t" --no-run --message-format=json 2>/dev/null \
         | T="$t" python3 -c 'import json,os,sys
 for l in sys.stdin:

@@ -65,6 +65,17 @@ pub enum MhcError {
         /// The vocabulary size.
         vocab: usize,
     },
+    /// Data-parallel training was asked for zero replicas (ranks).
+    ZeroReplicas,
+    /// The global batch does not split into equal shards, one per replica.
+    BatchNotDivisible {
+        /// Sequences per step (the global batch).
+        batch: usize,
+        /// Replicas (ranks) it was to be split over.
+        replicas: usize,
+    },
+    /// A collective operation (all-reduce) failed, e.g. another replica stopped.
+    Collective(String),
 }
 
 impl fmt::Display for MhcError {
@@ -117,6 +128,15 @@ impl fmt::Display for MhcError {
                     "token id {token} is outside the vocabulary of {vocab} tokens"
                 )
             }
+            Self::ZeroReplicas => write!(
+                f,
+                "data-parallel training needs at least 1 replica (GPU or thread), got 0"
+            ),
+            Self::BatchNotDivisible { batch, replicas } => write!(
+                f,
+                "the batch of {batch} sequences does not split into {replicas} equal shards; choose a batch that is a multiple of {replicas}"
+            ),
+            Self::Collective(message) => write!(f, "all-reduce failed: {message}"),
         }
     }
 }

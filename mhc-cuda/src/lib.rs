@@ -8,12 +8,15 @@
 //!   [`metrics`], [`plot`]): GPT-style byte-level language models whose residual
 //!   stream is plain, HC or mHC, on the CPU reference ([`mhc_core::model`]);
 //!   its CUDA path is the next step.
+//! - [`parallel`]: data-parallel training on the CPU (replicas as threads,
+//!   a deterministic all-reduce); the NCCL path for several GPUs is in [`cuda`].
 //! - `mhc-bench`: times the CUDA wrapper against its memory floor.
 
 pub mod checkpoint;
 pub mod cuda;
 pub mod data;
 pub mod metrics;
+pub mod parallel;
 pub mod plot;
 pub mod spec;
 pub mod train;

@@ -14,6 +14,7 @@ use crate::checkpoint::{self, CheckpointError};
 use crate::cuda::{CudaDevice, CudaError, GemmPrecision, GpuTrainer};
 use crate::data::Corpus;
 use crate::metrics::{MetricsError, MetricsRecord, MetricsWriter};
+use crate::parallel::ThreadAllReduce;
 use crate::spec::RunSpec;
 use mhc_gpu::{GpuContext, GpuError, WgpuTrainer};
 
@@ -135,6 +136,12 @@ pub fn progress_bar(total: u64, prefix: &str) -> ProgressBar {
 /// from `dir`'s checkpoint, for at most `stop_after` steps in this invocation,
 /// on the CPU reference or, given a device, on the GPU ([`GpuTrainer`] for
 /// CUDA, [`WgpuTrainer`] for a wgpu context).
+///
+/// `replicas > 1` trains data-parallel on the CPU ([`crate::parallel`]):
+/// that many threads, each a replica training on `batch / replicas` of
+/// every global batch, gradients all-reduced; this thread is rank 0 and
+/// alone logs metrics, evaluates and writes checkpoints. The Amax-gain
+/// diagnostics are then those of rank 0's shard. Needs the CPU path.
 pub fn run(
     spec: &RunSpec,
     corpus: &Corpus,
@@ -144,12 +151,19 @@ pub fn run(
     pb: &ProgressBar,
     cuda: Option<(Arc<CudaDevice>, GemmPrecision)>,
     wgpu: Option<Arc<GpuContext>>,
+    replicas: usize,
 ) -> Result<RunOutcome, RunError> {
     spec.validate().map_err(RunError::Config)?;
+    if replicas > 1 && (cuda.is_some() || wgpu.is_some()) {
+        return Err(RunError::Config(
+            "--replicas is data-parallel training on the CPU; on several CUDA GPUs use --gpus N"
+                .into(),
+        ));
+    }
     std::fs::create_dir_all(dir).map_err(|e| RunError::Io(dir.to_path_buf(), e))?;
     let ckpt_path = dir.join(CHECKPOINT_FILE);
     let model_config = spec.model_config().map_err(RunError::Config)?;
-    let mut trainer = Trainer::<f32>::new(model_config, spec.train_config())
+    let mut trainer = Trainer::<f32>::replica(model_config, spec.train_config(), replicas)
         .map_err(|e| RunError::Config(e.to_string()))?;
     let mut last_good = None;
     if resume {
@@ -178,6 +192,12 @@ pub fn run(
     let mut metrics = MetricsWriter::create(dir, resume).map_err(RunError::Metrics)?;
     let tokens_per_step = (spec.batch * spec.context) as u64;
     let start_step = trainer.step_count();
+    let steps_here = spec
+        .steps
+        .saturating_sub(start_step)
+        .min(stop_after.unwrap_or(u64::MAX));
+    let mut workers =
+        Replicas::start(&trainer, replicas, &corpus.train, steps_here).map_err(RunError::Core)?;
     pb.set_length(spec.steps);
     pb.set_position(start_step);
     pb.reset_eta();
@@ -188,9 +208,10 @@ pub fn run(
     let mut done_here = 0;
     while start_step + done_here < spec.steps && stop_after.is_none_or(|s| done_here < s) {
         let step = start_step + done_here + 1;
-        let result = match gpu.as_mut() {
-            None => trainer.step(&corpus.train),
-            Some(g) => gpu_step(g, &mut trainer, &corpus.train, &mut tokens),
+        let result = match (gpu.as_mut(), workers.rank0.as_mut()) {
+            (Some(g), _) => gpu_step(g, &mut trainer, &corpus.train, &mut tokens),
+            (None, Some(rank0)) => trainer.data_parallel_step(&corpus.train, rank0),
+            (None, None) => trainer.step(&corpus.train),
         };
         let stats = match result {
             Ok(s) => s,
@@ -292,6 +313,7 @@ pub fn run(
         pb.set_position(step);
     }
     pb.finish();
+    workers.join();
     let steps_here = done_here;
     Ok(RunOutcome {
         scheme: spec.scheme.clone(),
@@ -302,6 +324,65 @@ pub fn run(
             / started.elapsed().as_secs_f64().max(1e-9),
         dir: dir.to_path_buf(),
     })
+}
+
+/// Ranks 1.. of a CPU data-parallel run, each a thread with its own replica,
+/// and rank 0's end of the all-reduce. Dropping it (also on an early error)
+/// drops rank 0's end first, so the workers stop, then joins them.
+struct Replicas {
+    rank0: Option<ThreadAllReduce>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Replicas {
+    /// `replicas - 1` threads, each a copy of `trainer` (same weights,
+    /// optimiser and batch RNG) taking `steps` data-parallel steps on `data`;
+    /// none for one replica.
+    fn start(
+        trainer: &Trainer<f32>,
+        replicas: usize,
+        data: &[u8],
+        steps: u64,
+    ) -> Result<Self, MhcError> {
+        if replicas <= 1 {
+            return Ok(Self {
+                rank0: None,
+                threads: Vec::new(),
+            });
+        }
+        let mut ends = ThreadAllReduce::group(replicas)?.into_iter();
+        let rank0 = ends.next();
+        let data: Arc<[u8]> = Arc::from(data);
+        let threads = ends
+            .map(|mut end| {
+                let mut replica = trainer.clone();
+                let data = data.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..steps {
+                        // Rank 0 reports every error; this replica just stops with it.
+                        if replica.data_parallel_step(&data, &mut end).is_err() {
+                            break;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Ok(Self { rank0, threads })
+    }
+
+    fn join(&mut self) {
+        self.rank0 = None;
+        for t in self.threads.drain(..) {
+            // A panicking worker has already broken the group; rank 0 reported it.
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Replicas {
+    fn drop(&mut self) {
+        self.join();
+    }
 }
 
 /// The model on an accelerator: the CUDA trainer or the wgpu one.

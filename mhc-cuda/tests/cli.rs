@@ -408,3 +408,67 @@ fn auto_device_says_which_device_each_run_uses() {
         _ => assert!(first.starts_with("device: cuda"), "{first}"),
     }
 }
+
+#[test]
+fn replicas_train_data_parallel_on_the_cpu_with_the_same_loss_curve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = text_file(tmp.path());
+    let run = |replicas: &str, out: &Path| {
+        mhc_train()
+            .args(SMALL)
+            .args(["--scheme", "mhc", "--steps", "10", "--device", "cpu"])
+            .args(["--replicas", replicas, "--force"])
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(out)
+            .assert()
+            .success();
+        read_jsonl(out.join("mhc/metrics.jsonl")).unwrap()
+    };
+    let one = run("1", &tmp.path().join("one"));
+    let two = run("2", &tmp.path().join("two"));
+    assert_eq!(one.len(), two.len());
+    for (a, b) in one.iter().zip(&two) {
+        assert_eq!(a.step, b.step);
+        assert!((a.train_loss - b.train_loss).abs() <= 1e-5 * a.train_loss);
+    }
+    assert!(
+        tmp.path()
+            .join("two/mhc")
+            .join("checkpoint.safetensors")
+            .is_file()
+    );
+    // Bad replica counts are refused with exit code 2 and a message that says why.
+    let err = stderr_of(
+        mhc_train()
+            .args(SMALL)
+            .args(["--replicas", "3", "--device", "cpu", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(tmp.path().join("three")),
+        2,
+    );
+    assert!(err.contains("does not split into 3 equal shards"), "{err}");
+    let err = stderr_of(mhc_train().args(["--replicas", "0"]), 2);
+    assert!(err.contains("--replicas must be at least 1"), "{err}");
+}
+
+#[test]
+fn gpus_is_refused_clearly_without_enough_cuda_devices() {
+    let found = mhc_cuda::cuda::CudaDevice::count().unwrap_or(0);
+    let tmp = tempfile::tempdir().unwrap();
+    let err = stderr_of(
+        mhc_train()
+            .args(SMALL)
+            .args(["--gpus", &(found + 1).to_string(), "--out"])
+            .arg(tmp.path().join("run")),
+        2,
+    );
+    assert!(
+        err.contains("no usable CUDA driver") || err.contains("CUDA device(s) found"),
+        "{err}"
+    );
+    let err = stderr_of(mhc_train().args(["--gpus", "0"]), 2);
+    assert!(err.contains("--gpus must be at least 1"), "{err}");
+}

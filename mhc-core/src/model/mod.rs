@@ -18,6 +18,7 @@ pub mod blocks;
 pub mod data;
 pub mod ops;
 pub mod optim;
+pub mod parallel;
 
 use alloc::format;
 use alloc::string::String;
@@ -759,11 +760,21 @@ pub struct Trainer<T> {
     /// Settings.
     pub config: TrainConfig,
     batch_tokens: Vec<u32>,
+    /// Every gradient, flattened in parameter order, for the data-parallel all-reduce.
+    flat_grads: Vec<T>,
 }
 
 impl<T: Real> Trainer<T> {
     /// A fresh run: the model is initialised from `config.seed`, the batch RNG from a derived seed.
     pub fn new(model: ModelConfig, config: TrainConfig) -> Result<Self> {
+        Self::replica(model, config, 1)
+    }
+
+    /// One of `replicas` data-parallel replicas of the run [`Trainer::new`]
+    /// would start: the same initial weights, optimiser and batch RNG, with
+    /// activation buffers for one shard of `batch / replicas` sequences (see
+    /// [`parallel`]). `replicas = 1` is [`Trainer::new`].
+    pub fn replica(model: ModelConfig, config: TrainConfig, replicas: usize) -> Result<Self> {
         if config.batch == 0 {
             return Err(MhcError::InvalidConfig(String::from(
                 "batch must be at least 1",
@@ -775,7 +786,8 @@ impl<T: Real> Trainer<T> {
                 config.schedule.max_lr
             )));
         }
-        let mut model = Model::new(model, config.batch * model.context, config.seed)?;
+        let shard = parallel::shard_len(config.batch, replicas)?;
+        let mut model = Model::new(model, shard * model.context, config.seed)?;
         let mut lens = Vec::new();
         model.for_each_param(|_, p, _| lens.push(p.len()));
         Ok(Self {
@@ -784,6 +796,7 @@ impl<T: Real> Trainer<T> {
             rng: Rng::new(config.seed ^ 0xDA7A_5EED),
             config,
             batch_tokens: Vec::new(),
+            flat_grads: Vec::new(),
         })
     }
 
@@ -794,7 +807,22 @@ impl<T: Real> Trainer<T> {
 
     /// One AdamW step on a random batch of `data` (byte tokens). On a
     /// non-finite loss or gradient nothing is updated and an error returned.
+    ///
+    /// The same as [`Trainer::sample_batch`], [`Trainer::gradients`],
+    /// [`Trainer::gradient_norm`] and [`Trainer::apply`] in turn.
     pub fn step(&mut self, data: &[u8]) -> Result<StepStats> {
+        self.sample_batch(data)?;
+        let tokens = core::mem::take(&mut self.batch_tokens);
+        let loss = self.gradients(&tokens, self.config.batch);
+        self.batch_tokens = tokens;
+        let loss = loss?;
+        let grad_norm = self.gradient_norm();
+        self.apply(loss, grad_norm)
+    }
+
+    /// Draws the next training batch of `config.batch` windows of `data`
+    /// with the trainer's RNG (advancing it) into [`Trainer::batch_tokens`].
+    pub fn sample_batch(&mut self, data: &[u8]) -> Result<()> {
         let ctx = self.model.config().context;
         self.batch_tokens.resize(self.config.batch * (ctx + 1), 0);
         data::sample_batch(
@@ -803,14 +831,37 @@ impl<T: Real> Trainer<T> {
             ctx,
             &mut self.rng,
             &mut self.batch_tokens,
-        )?;
+        )
+    }
+
+    /// The batch of the last [`Trainer::sample_batch`]: `[batch, context + 1]` token ids.
+    pub fn batch_tokens(&self) -> &[u32] {
+        &self.batch_tokens
+    }
+
+    /// Zeroes the gradients, then forward and backward of `tokens
+    /// [batch, seq + 1]`: afterwards every parameter's gradient holds
+    /// `∂L/∂θ` of the mean cross-entropy `L` of these tokens, which is returned.
+    pub fn gradients(&mut self, tokens: &[u32], batch: usize) -> Result<T> {
         self.model.zero_grad();
-        let loss = self.model.forward(&self.batch_tokens, self.config.batch)?;
+        let loss = self.model.forward(tokens, batch)?;
         self.model.backward()?;
+        Ok(loss)
+    }
+
+    /// Global L2 norm of the current gradients, `sqrt(Σ_θ Σ g²)`, accumulated in f64.
+    pub fn gradient_norm(&mut self) -> f64 {
         let mut sq = 0.0f64;
         self.model
             .for_each_param(|_, _, g| sq += g.iter().map(|v| v.as_f64() * v.as_f64()).sum::<f64>());
-        let grad_norm = libm::sqrt(sq);
+        libm::sqrt(sq)
+    }
+
+    /// Applies the current gradients (whose global norm is `grad_norm`): clips
+    /// them to `config.clip` by that norm, then one AdamW update at the
+    /// schedule's learning rate. `loss` is only reported. On a non-finite
+    /// `grad_norm` nothing is updated and [`MhcError::NonFinite`] returned.
+    pub fn apply(&mut self, loss: T, grad_norm: f64) -> Result<StepStats> {
         if !grad_norm.is_finite() {
             return Err(MhcError::NonFinite {
                 what: "gradient",
@@ -842,23 +893,29 @@ impl<T: Real> Trainer<T> {
 
     /// Mean loss over `batches` fixed validation batches (the same windows at
     /// every call, from `seed`, so evaluations are comparable across steps and schemes).
+    ///
+    /// A data-parallel replica (activation buffers for one shard, see
+    /// [`Trainer::replica`]) evaluates each batch in shard-sized pieces and
+    /// weights them by their sequences, so it gives the same mean up to rounding.
     pub fn evaluate(&mut self, data: &[u8], batches: usize, seed: u64) -> Result<f64> {
         let ctx = self.model.config().context;
+        let batch = self.config.batch;
+        let piece = (self.model.capacity() / ctx).clamp(1, batch);
         let mut rng = Rng::new(seed);
         let mut total = 0.0;
-        self.batch_tokens.resize(self.config.batch * (ctx + 1), 0);
+        self.batch_tokens.resize(batch * (ctx + 1), 0);
         for _ in 0..batches.max(1) {
-            data::sample_batch(
-                data,
-                self.config.batch,
-                ctx,
-                &mut rng,
-                &mut self.batch_tokens,
-            )?;
-            total += self
-                .model
-                .loss(&self.batch_tokens, self.config.batch)?
-                .as_f64();
+            data::sample_batch(data, batch, ctx, &mut rng, &mut self.batch_tokens)?;
+            if piece == batch {
+                total += self.model.loss(&self.batch_tokens, batch)?.as_f64();
+                continue;
+            }
+            let mut sum = 0.0;
+            for rows in self.batch_tokens.chunks(piece * (ctx + 1)) {
+                let seqs = rows.len() / (ctx + 1);
+                sum += self.model.loss(rows, seqs)?.as_f64() * seqs as f64;
+            }
+            total += sum / batch as f64;
         }
         Ok(total / batches.max(1) as f64)
     }

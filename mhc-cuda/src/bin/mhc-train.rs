@@ -141,6 +141,15 @@ struct TrainArgs {
     /// tensor cores, or f32 (bit-for-bit closest to the CPU reference).
     #[arg(long, default_value = "bf16")]
     precision: GemmPrecision,
+    /// Data-parallel training on the CPU: this many replicas (threads), each
+    /// on batch / N sequences of every step, gradients all-reduced (the batch
+    /// must be a multiple of N). Same loss curve as one replica up to rounding.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// Data-parallel training on this many CUDA GPUs of this host (NCCL); 1
+    /// is the single-GPU trainer. Refused when fewer GPUs are present.
+    #[arg(long)]
+    gpus: Option<usize>,
 }
 
 #[derive(Args)]
@@ -279,21 +288,71 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
             )));
         }
     }
+    if args.replicas == 0 {
+        return Err(bad_input(
+            "--replicas must be at least 1 (1: no data parallelism)",
+        ));
+    }
+    if args.replicas > 1 && !matches!(args.device, Device::Cpu | Device::Auto) {
+        return Err(bad_input(
+            "--replicas trains data-parallel on the CPU; drop --device, or use --gpus N for CUDA GPUs",
+        ));
+    }
+    if args.replicas > 1 && args.gpus.is_some() {
+        return Err(bad_input(
+            "--replicas (CPU threads) and --gpus (CUDA GPUs) exclude each other",
+        ));
+    }
+    for spec in &specs {
+        mhc_core::model::parallel::shard_len(spec.batch, args.replicas.max(args.gpus.unwrap_or(1)))
+            .map_err(|e| bad_input(e.to_string()))?;
+    }
+    let gpus = match args.gpus {
+        None => None,
+        Some(0) => return Err(bad_input("--gpus must be at least 1")),
+        Some(_) if !matches!(args.device, Device::Cuda | Device::Auto) => {
+            return Err(bad_input("--gpus N trains on CUDA GPUs; drop --device"));
+        }
+        Some(n) => match CudaDevice::count() {
+            Err(e) => return Err(bad_input(format!("--gpus {n}: {e}"))),
+            Ok(found) if found < n => {
+                return Err(bad_input(format!(
+                    "--gpus {n}: only {found} CUDA device(s) found on this host; ask for at most {found}"
+                )));
+            }
+            Ok(_) => Some(n),
+        },
+    };
+    if let Some(n) = gpus.filter(|&n| n > 1) {
+        return Err(Fatal(
+            format!(
+                "--gpus {n}: the data-parallel CUDA trainer (NCCL) is not wired into mhc-train yet; see README \"Data-parallel training\". Use --gpus 1, or --replicas {n} --device cpu"
+            ),
+            1,
+        ));
+    }
+    let device = if gpus.is_some() {
+        Device::Cuda
+    } else if args.replicas > 1 {
+        Device::Cpu
+    } else {
+        args.device
+    };
     let corpus = load_corpus(&specs[0])?;
     // The GPU, when asked for (or found, with auto); schemes without a GPU path run on the CPU.
     let precision = args.precision;
-    let wgpu: Option<Arc<GpuContext>> = match args.device {
+    let wgpu: Option<Arc<GpuContext>> = match device {
         Device::Wgpu => match GpuContext::new_blocking() {
             Ok(c) => Some(Arc::new(c)),
             Err(e) => return Err(bad_input(format!("--device wgpu: {e}"))),
         },
         _ => None,
     };
-    let gpu: Option<Arc<CudaDevice>> = match args.device {
+    let gpu: Option<Arc<CudaDevice>> = match device {
         Device::Cpu | Device::Wgpu => None,
         Device::Auto | Device::Cuda => match CudaDevice::new(0) {
             Ok(d) => Some(Arc::new(d)),
-            Err(CudaError::NoDriver(_)) if args.device == Device::Auto => None,
+            Err(CudaError::NoDriver(_)) if device == Device::Auto => None,
             Err(e) => return Err(bad_input(format!("--device cuda: {e}; use --device cpu"))),
         },
     };
@@ -332,13 +391,18 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
         ));
     }
     if !cpu_runs.is_empty() {
-        let why = match (&gpu, args.device) {
+        let why = match (&gpu, device) {
             (Some(_), _) => " (no GPU path for this scheme)",
             (None, Device::Auto) => " (no CUDA driver found)",
             _ => "",
         };
+        let replicas = if args.replicas > 1 {
+            format!(", data-parallel over {} replicas", args.replicas)
+        } else {
+            String::new()
+        };
         line.push(format!(
-            "cpu (mhc-core reference model, f32, {threads} thread(s)) for {}{why}",
+            "cpu (mhc-core reference model, f32, {threads} thread(s){replicas}) for {}{why}",
             names(&cpu_runs)
         ));
     }
@@ -372,6 +436,7 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
             &pb,
             device,
             wgpu,
+            args.replicas,
         )
     };
     // CPU runs in parallel threads; GPU runs one after another on one thread (one device).

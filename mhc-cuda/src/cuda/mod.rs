@@ -18,6 +18,7 @@
 mod hc;
 mod model;
 mod model_ops;
+pub mod nccl;
 mod wrapper;
 
 use std::collections::HashMap;
@@ -165,6 +166,26 @@ pub fn libraries_present() -> bool {
 }
 
 impl CudaDevice {
+    /// Number of CUDA devices the driver sees, or [`CudaError::NoDriver`]
+    /// when the driver or NVRTC cannot be loaded (never panics).
+    pub fn count() -> CudaResult<usize> {
+        if !libraries_present() {
+            return Err(CudaError::NoDriver(
+                "libcuda.so / libnvrtc.so not found (is the NVIDIA driver and CUDA 13 installed?)"
+                    .into(),
+            ));
+        }
+        let count = std::panic::catch_unwind(CudaContext::device_count)
+            .map_err(|_| CudaError::NoDriver("the CUDA driver could not be initialised".into()))?;
+        match count {
+            Ok(n) => Ok(usize::try_from(n).unwrap_or(0)),
+            Err(e) => match e.0 {
+                cudarc::driver::sys::cudaError_enum::CUDA_ERROR_NO_DEVICE => Ok(0),
+                _ => Err(CudaError::NoDriver(format!("{e:?}"))),
+            },
+        }
+    }
+
     /// Opens GPU `ordinal`, or [`CudaError::NoDriver`] when there is no driver or device.
     pub fn new(ordinal: usize) -> CudaResult<Self> {
         if !libraries_present() {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 use mhc_core::model::optim::{AdamW, Schedule};
+use mhc_core::model::parallel::AllReduce;
 use mhc_core::model::{ModelConfig, TrainConfig, Trainer};
 use mhc_core::{ConnectionParams, Scheme};
 
@@ -349,6 +350,9 @@ pub struct GpuTrainer {
     d_reduced: CudaSlice<f32>,
 }
 
+/// Connection gradients of one backward, per wrapped sublayer (`None`: residual).
+type ConnGrads = Vec<Option<ConnectionParams<f32>>>;
+
 /// Statistics of one GPU step (as [`mhc_core::model::StepStats`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GpuStepStats {
@@ -376,6 +380,20 @@ impl GpuTrainer {
         cpu: &mut Trainer<f32>,
         precision: GemmPrecision,
     ) -> CudaResult<Self> {
+        Self::replica_from_cpu(dev, cpu, precision, 1)
+    }
+
+    /// One of `replicas` data-parallel replicas (see
+    /// [`mhc_core::model::parallel`]): as [`Self::from_cpu_with`], with
+    /// activation buffers for one shard of `batch / replicas` sequences.
+    /// [`CudaError::Core`] with [`mhc_core::MhcError::BatchNotDivisible`] when
+    /// the batch does not split evenly.
+    pub fn replica_from_cpu(
+        dev: Arc<CudaDevice>,
+        cpu: &mut Trainer<f32>,
+        precision: GemmPrecision,
+        replicas: usize,
+    ) -> CudaResult<Self> {
         let config = *cpu.model.config();
         if config.scheme == Scheme::HcStatic || config.scheme == Scheme::MhcStatic {
             return Err(CudaError::Unsupported(format!(
@@ -384,7 +402,7 @@ impl GpuTrainer {
             )));
         }
         let train = cpu.config;
-        let batch = train.batch;
+        let batch = mhc_core::model::parallel::shard_len(train.batch, replicas)?;
         let (c, n, v, ctxlen) = (config.width, config.streams, config.vocab, config.context);
         let rows = batch * ctxlen;
         let st = dev.stream().clone();
@@ -586,18 +604,34 @@ impl GpuTrainer {
     /// [`mhc_core::model::Trainer::evaluate`] with the same `seed`).
     pub fn evaluate(&mut self, data: &[u8], batches: usize, seed: u64) -> CudaResult<f64> {
         let seq = self.config.context;
+        let global = self.train.batch;
         let mut rng = mhc_core::Rng::new(seed);
-        let mut tokens = vec![0u32; self.batch * (seq + 1)];
+        let mut tokens = vec![0u32; global * (seq + 1)];
         let mut total = 0.0;
         for _ in 0..batches.max(1) {
-            mhc_core::model::data::sample_batch(data, self.batch, seq, &mut rng, &mut tokens)?;
-            total += self.forward(&tokens)?.0;
+            mhc_core::model::data::sample_batch(data, global, seq, &mut rng, &mut tokens)?;
+            // A replica holds one shard: the batch in shard-sized pieces, each a mean over equal rows.
+            let pieces = tokens.chunks_exact(self.batch * (seq + 1));
+            let count = pieces.len();
+            let mut sum = 0.0;
+            for piece in pieces {
+                sum += self.forward(piece)?.0;
+            }
+            total += sum / count as f64;
         }
         Ok(total / batches.max(1) as f64)
     }
 
     /// One AdamW step on `tokens [batch, context + 1]` (the same batch the CPU trainer would sample).
     pub fn step(&mut self, tokens: &[u32]) -> CudaResult<GpuStepStats> {
+        let (loss, conn_grads) = self.gradients(tokens)?;
+        self.apply(loss, conn_grads, 1.0)
+    }
+
+    /// Zeroes the gradients, then forward and backward of `tokens`: the dense
+    /// gradients are left on the device, the connection gradients returned
+    /// (host, per wrapped sublayer in order; `None` for the residual scheme) with the loss.
+    fn gradients(&mut self, tokens: &[u32]) -> CudaResult<(f64, ConnGrads)> {
         let (c, n, v, seq) = (
             self.config.width,
             self.config.streams,
@@ -664,8 +698,7 @@ impl GpuTrainer {
             &mut self.token_embedding.grad,
             &mut self.position_embedding.grad,
         )?;
-        // Global gradient norm (dense on the device, connections on the host), clipping, AdamW.
-        let conn_grads: Vec<Option<ConnectionParams<f32>>> = self
+        let conn_grads: ConnGrads = self
             .blocks
             .iter()
             .flat_map(|b| [&b.attn_conn, &b.mlp_conn])
@@ -676,9 +709,25 @@ impl GpuTrainer {
                 }
             })
             .collect::<CudaResult<_>>()?;
+        Ok((loss, conn_grads))
+    }
+
+    /// Global gradient norm (dense on the device, connections on the host),
+    /// clipping and AdamW. The dense gradients on the device count as
+    /// `dense_weight ·` their value (1 for one GPU; `1/N` after an NCCL sum
+    /// over `N` replicas), folded into the norm and AdamW's gradient scale.
+    fn apply(
+        &mut self,
+        loss: f64,
+        conn_grads: ConnGrads,
+        dense_weight: f32,
+    ) -> CudaResult<GpuStepStats> {
+        let ctx = self.ctx.clone();
+        let Ctx { k, .. } = &*ctx;
+        let w2 = f64::from(dense_weight) * f64::from(dense_weight);
         let mut sq = 0.0f64;
         self.for_each_dense(|p| {
-            sq += k.sum_squares(&p.grad)?;
+            sq += k.sum_squares(&p.grad)? * w2;
             Ok(())
         })?;
         for g in conn_grads.iter().flatten() {
@@ -716,7 +765,7 @@ impl GpuTrainer {
                 lr,
                 step,
                 p.decay,
-                scale,
+                scale * dense_weight,
             )?;
             *index += 1;
             Ok(())
@@ -761,6 +810,99 @@ impl GpuTrainer {
             grad_norm,
             lr,
         })
+    }
+
+    /// One data-parallel AdamW step of this replica on its shard of `tokens`,
+    /// the **global** batch `[batch, context + 1]` (every replica passes the
+    /// same; see [`super::nccl`]). Dense gradients are summed on the devices
+    /// by parameter group, connection gradients and the loss through the host;
+    /// the sum counts as the mean with weight `1/N`. Returns the full batch's
+    /// loss (reduced in f32) and gradient norm, the same on every replica.
+    ///
+    /// Written and compiled; not yet run on GPUs (see [`super::nccl`]).
+    pub fn data_parallel_step(
+        &mut self,
+        tokens: &[u32],
+        comm: &mut super::nccl::NcclAllReduce,
+    ) -> CudaResult<GpuStepStats> {
+        let (rank, ranks) = (comm.rank(), comm.ranks());
+        let rows = mhc_core::model::parallel::shard(self.train.batch, ranks, rank)?;
+        if rows.len() != self.batch {
+            return Err(CudaError::Shape {
+                what: "replica shard (make the trainer with replica_from_cpu for this many GPUs)",
+                expected: self.batch,
+                got: rows.len(),
+            });
+        }
+        let window = self.config.context + 1;
+        if tokens.len() != self.train.batch * window {
+            return Err(CudaError::Shape {
+                what: "global token batch [batch, context + 1]",
+                expected: self.train.batch * window,
+                got: tokens.len(),
+            });
+        }
+        let weight = rows.len() as f32 / self.train.batch as f32;
+        let shard = &tokens[rows.start * window..rows.end * window];
+        let (loss, mut conn_grads) = match self.gradients(shard) {
+            Ok(g) => g,
+            // Reduced as NaN so that every replica stops at this step together.
+            Err(CudaError::Core(mhc_core::MhcError::NonFinite { what: "loss", .. })) => {
+                let zeros = ConnectionParams::zeros(&self.config.connection());
+                let grads = self
+                    .blocks
+                    .iter()
+                    .flat_map(|b| [&b.attn_conn, &b.mlp_conn])
+                    .map(|c| match c {
+                        Connection::Residual { .. } => None,
+                        Connection::Wrapped { .. } => Some(zeros.clone()),
+                    })
+                    .collect();
+                (f64::NAN, grads)
+            }
+            Err(e) => return Err(e),
+        };
+        // Dense gradients: one NCCL group per parameter group, in place on the device.
+        comm.sum_device(&mut [
+            &mut self.token_embedding.grad,
+            &mut self.position_embedding.grad,
+        ])?;
+        for b in self.blocks.iter_mut() {
+            comm.sum_device(&mut [
+                &mut b.attn.norm.grad,
+                &mut b.attn.wqkv.grad,
+                &mut b.attn.wo.grad,
+                &mut b.mlp.norm.grad,
+                &mut b.mlp.w1.grad,
+                &mut b.mlp.w2.grad,
+            ])?;
+        }
+        comm.sum_device(&mut [&mut self.final_norm.grad, &mut self.head.grad])?;
+        // Connection gradients and the loss, weighted, through the host.
+        let mut flat: Vec<f32> = Vec::new();
+        for g in conn_grads.iter().flatten() {
+            for (_, t) in g.tensors() {
+                flat.extend(t.iter().map(|&x| x * weight));
+            }
+        }
+        flat.push(loss as f32 * weight);
+        comm.sum(&mut flat)?;
+        let mut offset = 0;
+        for g in conn_grads.iter_mut().flatten() {
+            for (_, t) in g.tensors_mut() {
+                let len = t.len();
+                t.copy_from_slice(&flat[offset..offset + len]);
+                offset += len;
+            }
+        }
+        let loss = f64::from(flat[offset]);
+        if !loss.is_finite() {
+            return Err(CudaError::Core(mhc_core::MhcError::NonFinite {
+                what: "loss",
+                index: 0,
+            }));
+        }
+        self.apply(loss, conn_grads, weight)
     }
 
     /// The dense parameters with their index in the core's parameter order.
