@@ -216,3 +216,60 @@ fn bad_token_batches_give_typed_errors() {
     let e = gpu.step(&bad).err().unwrap();
     assert!(e.to_string().contains("outside the vocabulary"), "{e}");
 }
+
+#[test]
+fn last_step_coefficients_match_the_core() {
+    let Some(ctx) = context() else { return };
+    let data: Vec<u8> = (0..400u32).map(|i| ((i * 5 + i / 7) % 29) as u8).collect();
+    for (scheme, n) in [
+        (Scheme::MhcDynamic, 4),
+        (Scheme::HcDynamic, 3),
+        (Scheme::MhcStatic, 2),
+        (Scheme::Residual, 1),
+    ] {
+        let cfg = tiny(scheme, n);
+        let k = n * n + 2 * n;
+        let tokens = 2 * cfg.context;
+        let mut cpu = Trainer::<f32>::new(cfg, train_config()).unwrap();
+        let mut gpu = WgpuTrainer::from_cpu(ctx.clone(), &cpu).unwrap();
+        // Step 1 runs on identical weights; step 2 on weights updated once
+        // (AdamW may round differently, so a looser bound).
+        for (step, tol) in [(1, 2e-5f32), (2, 2e-3)] {
+            let mut tokens_batch = vec![0u32; 2 * (cfg.context + 1)];
+            let mut rng = cpu.rng.clone();
+            sample_batch(&data, 2, cfg.context, &mut rng, &mut tokens_batch).unwrap();
+            cpu.step(&data).unwrap();
+            gpu.step(&tokens_batch).unwrap();
+            let got = gpu.coefficients().unwrap();
+            assert_eq!(got.len(), cfg.sublayers(), "{scheme}: one per sublayer");
+            for (l, g) in got.iter().enumerate() {
+                let want = cpu.model.sublayer_coefficients(l).unwrap();
+                assert_eq!(
+                    g.len(),
+                    tokens * k,
+                    "{scheme} sublayer {l}: [tokens, n²+2n]"
+                );
+                assert_close(
+                    &format!("{scheme} n={n} step {step} sublayer {l} coefficients"),
+                    g,
+                    want,
+                    tol,
+                    tol,
+                );
+            }
+            if scheme == Scheme::Residual {
+                assert!(got.iter().flatten().all(|&v| v == 1.0), "residual: all 1");
+            }
+            let gains = gpu.gain_report_of(&got).unwrap();
+            let want = cpu.model.gain_report().unwrap();
+            for (d, (g, w)) in gains.composite.iter().zip(&want.composite).enumerate() {
+                assert!(
+                    (g.forward_max - w.forward_max).abs() <= 1e-3 * w.forward_max.abs().max(1.0),
+                    "{scheme} step {step} depth {d}: composite gain {} vs {}",
+                    g.forward_max,
+                    w.forward_max
+                );
+            }
+        }
+    }
+}
