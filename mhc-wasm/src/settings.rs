@@ -179,6 +179,9 @@ pub enum WebError {
     Data(String),
     /// The requested backend is not available (not built, or no adapter).
     Backend(String),
+    /// The WebGPU backend failed: device lost, a limit of the adapter, a
+    /// validation or readback error (`mhc-gpu`'s typed error).
+    Gpu(mhc_gpu::GpuError),
 }
 
 impl fmt::Display for WebError {
@@ -188,6 +191,7 @@ impl fmt::Display for WebError {
             Self::Config(m) => write!(f, "invalid configuration: {m}"),
             Self::Data(m) => write!(f, "training text: {m}"),
             Self::Backend(m) => write!(f, "backend: {m}"),
+            Self::Gpu(e) => write!(f, "WebGPU: {e}"),
         }
     }
 }
@@ -195,6 +199,26 @@ impl fmt::Display for WebError {
 impl From<MhcError> for WebError {
     fn from(e: MhcError) -> Self {
         Self::Core(e)
+    }
+}
+
+impl From<mhc_gpu::GpuError> for WebError {
+    /// Core errors (a diverged step, a bad token) stay [`WebError::Core`];
+    /// a missing adapter or a refused device become [`WebError::Backend`]
+    /// with what to do in a browser; the rest [`WebError::Gpu`].
+    fn from(e: mhc_gpu::GpuError) -> Self {
+        use mhc_gpu::GpuError;
+        match e {
+            GpuError::Core(e) => Self::Core(e),
+            GpuError::NoAdapter(m) => Self::Backend(format!(
+                "WebGPU gave no adapter ({m}); enable WebGPU in the browser (Chromium: \
+                 --enable-unsafe-webgpu) or choose the CPU backend"
+            )),
+            GpuError::DeviceRequest(m) => Self::Backend(format!(
+                "the WebGPU adapter refused to create a device ({m}); choose the CPU backend"
+            )),
+            other => Self::Gpu(other),
+        }
     }
 }
 
