@@ -117,6 +117,7 @@ pub struct GpuContext {
     param_buffer: wgpu::Buffer,
     param_group: wgpu::BindGroup,
     recorder: Mutex<Recorder>,
+    serial: bool,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -226,7 +227,6 @@ impl GpuContext {
         Ok(Self {
             device,
             queue,
-            info,
             limits,
             status,
             param_layout,
@@ -239,7 +239,29 @@ impl GpuContext {
                 layouts: HashMap::new(),
                 pipelines: HashMap::new(),
             }),
+            serial: info.backend == wgpu::Backend::BrowserWebGpu
+                && info.device_type == wgpu::DeviceType::Cpu,
+            info,
         })
+    }
+
+    /// Whether the row-wise kernels (matmul, RMSNorm, the wrapper's
+    /// per-token projections and backward reductions) run **serially**: one
+    /// invocation per output element, row or token, without workgroup
+    /// memory or barriers, instead of cooperatively (tiles and tree
+    /// reductions in workgroup memory). Serial is the default on a browser's
+    /// software (fallback) adapter such as Chromium's SwiftShader, where a
+    /// workgroup barrier costs far more than the loads it saves (measured: a
+    /// step of the demo's model 3–4× faster); cooperative everywhere else.
+    /// Both compute the same sums (parity-tested against the core).
+    pub fn serial_kernels(&self) -> bool {
+        self.serial
+    }
+
+    /// Chooses serial (`true`) or cooperative kernels (see [`Self::serial_kernels`]),
+    /// before the context is shared.
+    pub fn set_serial_kernels(&mut self, serial: bool) {
+        self.serial = serial;
     }
 
     /// The adapter in one line, e.g. `llvmpipe (LLVM 15.0.6, 256 bits) | Vulkan | Cpu | Mesa 22.3.6`.

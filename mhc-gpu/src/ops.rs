@@ -18,8 +18,11 @@ const fn k(entry: &'static str, access: &'static str) -> Kernel {
 }
 
 const MATMUL: Kernel = k("matmul", "rrw");
+const MATMUL_SERIAL: Kernel = k("matmul_serial", "rrw");
 const RMSNORM: Kernel = k("rmsnorm", "rrww");
+const RMSNORM_SERIAL: Kernel = k("rmsnorm_serial", "rrww");
 const RMSNORM_BWD: Kernel = k("rmsnorm_backward", "rrrrw");
+const RMSNORM_BWD_SERIAL: Kernel = k("rmsnorm_backward_serial", "rrrrw");
 const RMSNORM_GW: Kernel = k("rmsnorm_grad_weight", "rrrw");
 const GELU: Kernel = k("gelu", "rw");
 const GELU_BWD: Kernel = k("gelu_backward", "rrw");
@@ -107,7 +110,7 @@ pub fn matmul_strided(
     need("matmul output", out, last(s.o0, s.m, s.ldo, s.n, 1))?;
     let max = ctx.limits().max_compute_workgroups_per_dimension as usize;
     let (gx, gy) = (s.n.div_ceil(16), s.m.div_ceil(16));
-    if gx > max || gy > max {
+    if !ctx.serial_kernels() && (gx > max || gy > max) {
         return Err(GpuError::LimitExceeded {
             what: format!("matmul workgroups for a {}×{} output", s.m, s.n),
             requested: gx.max(gy) as u64,
@@ -132,6 +135,17 @@ pub fn matmul_strided(
         ],
         &[],
     );
+    if ctx.serial_kernels() {
+        let outputs = s.m.checked_mul(s.n).filter(|&v| v <= u32::MAX as usize);
+        let outputs = outputs.ok_or_else(|| GpuError::LimitExceeded {
+            what: format!("matmul output {}×{} (indexed with 32 bits)", s.m, s.n),
+            requested: (s.m as u64).saturating_mul(s.n as u64),
+            limit: u64::from(u32::MAX),
+            hint: "use a smaller batch or model",
+        })?;
+        let g = ctx.groups("matmul_serial", outputs.div_ceil(64))?;
+        return ctx.dispatch(&MATMUL_SERIAL, &[a, b, out], p, g);
+    }
     ctx.dispatch(&MATMUL, &[a, b, out], p, (gx as u32, gy as u32))
 }
 
@@ -235,6 +249,10 @@ pub fn rmsnorm(
     need("rmsnorm y", y, rows * width)?;
     need("rmsnorm inv_rms", inv_rms, rows)?;
     let p = Params::new(&[u(rows, "rows")?, u(width, "width")?], &[eps]);
+    if ctx.serial_kernels() {
+        let g = ctx.groups("rmsnorm_serial", rows.div_ceil(64))?;
+        return ctx.dispatch(&RMSNORM_SERIAL, &[x, w, y, inv_rms], p, g);
+    }
     ctx.dispatch(
         &RMSNORM,
         &[x, w, y, inv_rms],
@@ -261,11 +279,16 @@ pub fn rmsnorm_backward(
     need("rmsnorm grad_x", grad_x, rows * width)?;
     need("rmsnorm grad_w", grad_w, width)?;
     let p = Params::new(&[u(rows, "rows")?, u(width, "width")?], &[]);
+    let (kernel, g) = if ctx.serial_kernels() {
+        (&RMSNORM_BWD_SERIAL, rows.div_ceil(64))
+    } else {
+        (&RMSNORM_BWD, rows)
+    };
     ctx.dispatch(
-        &RMSNORM_BWD,
+        kernel,
         &[x, w, inv_rms, grad_y, grad_x],
         p,
-        ctx.groups("rmsnorm_backward", rows)?,
+        ctx.groups(kernel.entry, g)?,
     )?;
     ctx.dispatch(
         &RMSNORM_GW,

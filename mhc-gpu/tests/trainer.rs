@@ -110,17 +110,39 @@ fn train_config() -> TrainConfig {
     }
 }
 
+const EVERY_SCHEME: [(Scheme, usize); 5] = [
+    (Scheme::MhcDynamic, 4),
+    (Scheme::Residual, 1),
+    (Scheme::HcDynamic, 3),
+    (Scheme::MhcStatic, 2),
+    (Scheme::HcStatic, 2),
+];
+
 #[test]
 fn one_training_step_matches_the_core_for_every_scheme() {
     let Some(ctx) = context() else { return };
+    training_steps_match_the_core(ctx);
+}
+
+/// The same with the serial kernels (no workgroup memory or barriers) that
+/// a browser's software adapter uses by default, on a context of their own.
+#[test]
+fn serial_kernels_match_the_core_for_every_scheme() {
+    if context().is_none() {
+        return;
+    }
+    let mut ctx = mhc_gpu::GpuContext::new_blocking().unwrap();
+    assert!(
+        !ctx.serial_kernels(),
+        "native adapters default to cooperative kernels"
+    );
+    ctx.set_serial_kernels(true);
+    training_steps_match_the_core(std::sync::Arc::new(ctx));
+}
+
+fn training_steps_match_the_core(ctx: std::sync::Arc<mhc_gpu::GpuContext>) {
     let data: Vec<u8> = (0..400u32).map(|i| ((i * 7 + i / 3) % 29) as u8).collect();
-    for (scheme, n) in [
-        (Scheme::MhcDynamic, 4),
-        (Scheme::Residual, 1),
-        (Scheme::HcDynamic, 3),
-        (Scheme::MhcStatic, 2),
-        (Scheme::HcStatic, 2),
-    ] {
+    for (scheme, n) in EVERY_SCHEME {
         let cfg = tiny(scheme, n);
         let mut cpu = Trainer::<f32>::new(cfg, train_config()).unwrap();
         let mut gpu = WgpuTrainer::from_cpu(ctx.clone(), &cpu).unwrap();

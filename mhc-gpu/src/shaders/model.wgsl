@@ -46,6 +46,34 @@ fn matmul(@builtin(local_invocation_id) li: vec3<u32>, @builtin(workgroup_id) wi
     }
 }
 
+// The same product without workgroup memory or barriers, one invocation an
+// output element (64 a workgroup, ⌈M·N/64⌉ workgroups), summing over r in the
+// same order as `matmul`. For software adapters (SwiftShader), where a
+// workgroup barrier costs far more than the loads it saves.
+@compute @workgroup_size(64)
+fn matmul_serial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let m = P.u0;
+    let n = P.u1;
+    let idx = group_index(wid, nwg) * 64u + lid;
+    if (idx >= m * n) { return; }
+    let row = idx / n;
+    let col = idx % n;
+    var ia = P.u8 + row * P.u3;
+    var ib = P.u9 + col * P.u6;
+    var acc = 0.0;
+    for (var r = 0u; r < P.u2; r++) {
+        acc += mm_a[ia] * mm_b[ib];
+        ia += P.u4;
+        ib += P.u5;
+    }
+    let at = P.u11 + row * P.u7 + col;
+    if (P.u10 != 0u) {
+        mm_out[at] = mm_out[at] + acc;
+    } else {
+        mm_out[at] = acc;
+    }
+}
+
 // RMSNorm per row: y = x / √(mean(x²) + eps) ⊙ w, inv[r] = 1/rms. u0 rows, u1 C, f0 eps; one workgroup a row.
 @group(0) @binding(0) var<storage, read> rn_x: array<f32>;
 @group(0) @binding(1) var<storage, read> rn_w: array<f32>;
@@ -64,6 +92,19 @@ fn rmsnorm(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid
     let inv = 1.0 / sqrt(red[0] / f32(c) + P.f0);
     for (var j = lid; j < c; j += 64u) { rn_y[r * c + j] = rn_x[r * c + j] * inv * rn_w[j]; }
     if (lid == 0u) { rn_inv[r] = inv; }
+}
+
+// `rmsnorm` with one invocation a row (64 rows a workgroup), no barriers.
+@compute @workgroup_size(64)
+fn rmsnorm_serial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = group_index(wid, nwg) * 64u + lid;
+    if (r >= P.u0) { return; }
+    let c = P.u1;
+    var ss = 0.0;
+    for (var j = 0u; j < c; j++) { let v = rn_x[r * c + j]; ss += v * v; }
+    let inv = 1.0 / sqrt(ss / f32(c) + P.f0);
+    for (var j = 0u; j < c; j++) { rn_y[r * c + j] = rn_x[r * c + j] * inv * rn_w[j]; }
+    rn_inv[r] = inv;
 }
 
 // RMSNorm backward, ∂x per row: ∂x = (∂y⊙w − x̂·mean(∂y⊙w⊙x̂))·inv. u0 rows, u1 C.
@@ -85,6 +126,21 @@ fn rmsnorm_backward(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
     reduce64(lid, 1u);
     let m = red[0] / f32(c);
     for (var j = lid; j < c; j += 64u) {
+        rb_gx[r * c + j] = (rb_gy[r * c + j] * rb_w[j] - rb_x[r * c + j] * inv * m) * inv;
+    }
+}
+
+// `rmsnorm_backward` with one invocation a row (64 rows a workgroup), no barriers.
+@compute @workgroup_size(64)
+fn rmsnorm_backward_serial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = group_index(wid, nwg) * 64u + lid;
+    if (r >= P.u0) { return; }
+    let c = P.u1;
+    let inv = rb_inv[r];
+    var s = 0.0;
+    for (var j = 0u; j < c; j++) { s += rb_gy[r * c + j] * rb_w[j] * (rb_x[r * c + j] * inv); }
+    let m = s / f32(c);
+    for (var j = 0u; j < c; j++) {
         rb_gx[r * c + j] = (rb_gy[r * c + j] * rb_w[j] - rb_x[r * c + j] * inv * m) * inv;
     }
 }

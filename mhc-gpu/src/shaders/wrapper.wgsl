@@ -184,6 +184,28 @@ fn mhc_project(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
     }
 }
 
+// `mhc_project` with one invocation a token (64 tokens a workgroup), no barriers.
+@compute @workgroup_size(64)
+fn mhc_project_serial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = group_index(wid, nwg) * 64u + lid;
+    if (t >= P.u0) { return; }
+    let n = P.u1;
+    let k = P.u3;
+    let nc = n * P.u2;
+    let base = t * nc;
+    var ss = 0.0;
+    for (var m = 0u; m < nc; m++) { let xv = mp_x[base + m]; ss += xv * xv; }
+    mp_norms[t * n] = sqrt(ss / f32(nc) + P.f0);
+    for (var j = 0u; j < k; j++) {
+        var acc = 0.0;
+        for (var m = 0u; m < nc; m++) {
+            let vg = mp_x[base + m] * mp_prm[P.u9 + m];
+            acc += vg * mp_prm[P.u8 + m * k + j];
+        }
+        mp_proj[t * k + j] = acc;
+    }
+}
+
 // Stream i and weight offset of HC projection column j.
 fn hc_column(j: u32, n: u32, c: u32) -> vec2<u32> {
     if (j < n) { return vec2<u32>(j, P.u10); }
@@ -244,6 +266,30 @@ fn hc_project(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) 
             hp_proj[t * k + j0 + lid] = safe_tanh(red[lid * 64u] * (1.0 / hc_rms[col.x]));
         }
         workgroupBarrier();
+    }
+}
+
+// `hc_project` with one invocation a token (64 tokens a workgroup), no barriers.
+@compute @workgroup_size(64)
+fn hc_project_serial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = group_index(wid, nwg) * 64u + lid;
+    if (t >= P.u0) { return; }
+    let n = P.u1;
+    let c = P.u2;
+    let k = P.u3;
+    let base = t * n * c;
+    var rms: array<f32, 8>;
+    for (var i = 0u; i < n; i++) {
+        var ss = 0.0;
+        for (var cc = 0u; cc < c; cc++) { let xv = hp_x[base + i * c + cc]; ss += xv * xv; }
+        rms[i] = sqrt(ss / f32(c) + P.f0);
+        hp_norms[t * n + i] = rms[i];
+    }
+    for (var j = 0u; j < k; j++) {
+        let col = hc_column(j, n, c);
+        var acc = 0.0;
+        for (var cc = 0u; cc < c; cc++) { acc += hp_prm[col.y + cc] * hp_x[base + col.x * c + cc]; }
+        hp_proj[t * k + j] = safe_tanh(acc * (1.0 / rms[col.x]));
     }
 }
 
@@ -406,6 +452,40 @@ fn post_res_backward(@builtin(local_invocation_index) lid: u32, @builtin(workgro
     }
 }
 
+// `post_res_backward` with one invocation a token (64 tokens a workgroup), no barriers.
+@compute @workgroup_size(64)
+fn post_res_backward_serial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = group_index(wid, nwg) * 64u + lid;
+    if (t >= P.u0) { return; }
+    let n = P.u1;
+    let c = P.u2;
+    let row = t * P.u3;
+    let base = t * n * c;
+    var acc: array<f32, 72>;
+    for (var cc = 0u; cc < c; cc++) {
+        let y = pb_y[t * c + cc];
+        var xs: array<f32, 8>;
+        var gs: array<f32, 8>;
+        for (var i = 0u; i < n; i++) {
+            xs[i] = pb_x[base + i * c + cc];
+            gs[i] = pb_gout[base + i * c + cc];
+        }
+        var gy = 0.0;
+        for (var o = 0u; o < n; o++) {
+            gy += pb_coef[row + n + o] * gs[o];
+            acc[o] += gs[o] * y;
+            for (var i = 0u; i < n; i++) { acc[n + o * n + i] += gs[o] * xs[i]; }
+        }
+        pb_gy[t * c + cc] = gy;
+        for (var i = 0u; i < n; i++) {
+            var gx = 0.0;
+            for (var o = 0u; o < n; o++) { gx += pb_coef[row + 2u * n + o * n + i] * gs[o]; }
+            pb_gx[base + i * c + cc] = gx;
+        }
+    }
+    for (var j = 0u; j < n + n * n; j++) { pb_gc[row + n + j] = acc[j]; }
+}
+
 // Backward of the pre-aggregate, one workgroup a token: gx += H_pre[i]·gh
 // and the H_pre part of gc: gh·x_i.
 @group(0) @binding(0) var<storage, read> qb_x: array<f32>;
@@ -434,6 +514,27 @@ fn pre_backward(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
     for (var q = 0u; q < 8u; q++) { red[q * 64u + lid] = acc[q]; }
     reduce64(lid, 8u);
     if (lid < n) { qb_gc[row + lid] = red[lid * 64u]; }
+}
+
+// `pre_backward` with one invocation a token (64 tokens a workgroup), no barriers.
+@compute @workgroup_size(64)
+fn pre_backward_serial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = group_index(wid, nwg) * 64u + lid;
+    if (t >= P.u0) { return; }
+    let n = P.u1;
+    let c = P.u2;
+    let row = t * P.u3;
+    let base = t * n * c;
+    var acc: array<f32, 8>;
+    for (var cc = 0u; cc < c; cc++) {
+        let gh = qb_gh[t * c + cc];
+        for (var i = 0u; i < n; i++) {
+            let at = base + i * c + cc;
+            acc[i] += gh * qb_x[at];
+            qb_gx[at] = qb_gx[at] + qb_coef[row + i] * gh;
+        }
+    }
+    for (var i = 0u; i < n; i++) { qb_gc[row + i] = acc[i]; }
 }
 
 // Backward of the coefficients, one thread a token. Row t of `tok`
