@@ -30,6 +30,7 @@ const ATTN_FWD: Kernel = k("attention_forward", "rww");
 const ATTN_BWD_Q: Kernel = k("attention_backward_q", "rrrww");
 const ATTN_BWD_KV: Kernel = k("attention_backward_kv", "rrrrw");
 const CROSS_ENTROPY: Kernel = k("cross_entropy", "wrw");
+const CROSS_ENTROPY_SERIAL: Kernel = k("cross_entropy_serial", "wrw");
 const EMBED: Kernel = k("embed", "rrrw");
 const EMBED_BWD_TOK: Kernel = k("embed_backward_tokens", "rrrw");
 const EMBED_BWD_POS: Kernel = k("embed_backward_positions", "rw");
@@ -136,14 +137,9 @@ pub fn matmul_strided(
         &[],
     );
     if ctx.serial_kernels() {
-        let outputs = s.m.checked_mul(s.n).filter(|&v| v <= u32::MAX as usize);
-        let outputs = outputs.ok_or_else(|| GpuError::LimitExceeded {
-            what: format!("matmul output {}×{} (indexed with 32 bits)", s.m, s.n),
-            requested: (s.m as u64).saturating_mul(s.n as u64),
-            limit: u64::from(u32::MAX),
-            hint: "use a smaller batch or model",
-        })?;
-        let g = ctx.groups("matmul_serial", outputs.div_ceil(64))?;
+        // One invocation a 4×4 block of the output.
+        let blocks = s.m.div_ceil(4) * s.n.div_ceil(4);
+        let g = ctx.groups("matmul_serial", blocks.div_ceil(64))?;
         return ctx.dispatch(&MATMUL_SERIAL, &[a, b, out], p, g);
     }
     ctx.dispatch(&MATMUL, &[a, b, out], p, (gx as u32, gy as u32))
@@ -445,11 +441,16 @@ pub fn cross_entropy(
         &[u(rows, "rows")?, u(vocab, "vocab")?],
         &[1.0 / rows as f32],
     );
+    let (kernel, g) = if ctx.serial_kernels() {
+        (&CROSS_ENTROPY_SERIAL, rows.div_ceil(64))
+    } else {
+        (&CROSS_ENTROPY, rows)
+    };
     ctx.dispatch(
-        &CROSS_ENTROPY,
+        kernel,
         &[logits, targets, loss_rows],
         p,
-        ctx.groups("cross_entropy", rows)?,
+        ctx.groups(kernel.entry, g)?,
     )
 }
 

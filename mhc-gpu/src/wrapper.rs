@@ -41,6 +41,14 @@ const POST_BWD: Kernel = k("post_res_backward", "rrrrwww");
 const POST_BWD_SERIAL: Kernel = k("post_res_backward_serial", "rrrrwww");
 const PRE_BWD: Kernel = k("pre_backward", "rrrww");
 const PRE_BWD_SERIAL: Kernel = k("pre_backward_serial", "rrrww");
+const COEF_BWD: Kernel = k("coefficients_backward", "rrrrrrw");
+const COLUMN_SUM: Kernel = k("column_sum", "rw");
+const COLUMN_SUM_SERIAL: Kernel = k("column_sum_serial", "rw");
+const MHC_DX: Kernel = k("mhc_dx", "rrrw");
+const MHC_PARAM_GRADS: Kernel = k("mhc_param_grads", "rrw");
+const HC_DX: Kernel = k("hc_dx", "rrrrw");
+const HC_THETA: Kernel = k("hc_theta_grads", "rrrw");
+const SCALE: Kernel = k("scale", "rw");
 
 /// The kernel and workgroup count of a per-token reduction: one workgroup a
 /// token (cooperative) or one invocation a token, 64 a workgroup (serial,
@@ -57,13 +65,6 @@ fn per_token(
         Ok((cooperative, ctx.groups(cooperative.entry, tokens)?))
     }
 }
-const COEF_BWD: Kernel = k("coefficients_backward", "rrrrrrw");
-const COLUMN_SUM: Kernel = k("column_sum", "rw");
-const MHC_DX: Kernel = k("mhc_dx", "rrrw");
-const MHC_PARAM_GRADS: Kernel = k("mhc_param_grads", "rrw");
-const HC_DX: Kernel = k("hc_dx", "rrrrw");
-const HC_THETA: Kernel = k("hc_theta_grads", "rrrw");
-const SCALE: Kernel = k("scale", "rw");
 
 /// Checks `1 ≤ n ≤ 8` and, for mHC, the SK backward's on-chip bound.
 fn check_streams(n: usize, sinkhorn: Option<&SinkhornConfig>) -> GpuResult<()> {
@@ -736,12 +737,8 @@ impl GpuWrapper {
                 ],
                 &[],
             );
-            ctx.dispatch(
-                &COLUMN_SUM,
-                &[&self.tok, &self.grads],
-                q,
-                ctx.groups("column_sum", cols)?,
-            )
+            let (kernel, g) = per_token(ctx, &COLUMN_SUM, &COLUMN_SUM_SERIAL, cols)?;
+            ctx.dispatch(kernel, &[&self.tok, &self.grads], q, g)
         };
         sum(k, 0, o[1])?;
         if scheme.is_dynamic() {

@@ -627,6 +627,16 @@ fn column_sum(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) 
     if (lid == 0u) { cs_dst[P.u4 + j] = cs_dst[P.u4 + j] + red[0]; }
 }
 
+// `column_sum` with one invocation a column (64 columns a workgroup), no barriers.
+@compute @workgroup_size(64)
+fn column_sum_serial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let j = group_index(wid, nwg) * 64u + lid;
+    if (j >= P.u1) { return; }
+    var s = 0.0;
+    for (var r = 0u; r < P.u0; r++) { s += cs_src[r * P.u2 + P.u3 + j]; }
+    cs_dst[P.u4 + j] = cs_dst[P.u4 + j] + s;
+}
+
 // mHC dynamic, ∂x: gx[t, m] += γ[m]·(φ[m, :]·∂p_t) + ∂r-factor_t·x[t, m]; one thread an element.
 @group(0) @binding(0) var<storage, read> md_x: array<f32>;
 @group(0) @binding(1) var<storage, read> md_prm: array<f32>;
