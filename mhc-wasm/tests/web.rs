@@ -272,7 +272,9 @@ async fn backend_report_matches_the_adapter_probe() {
 #[wasm_bindgen_test]
 async fn webgpu_matches_the_cpu_core() {
     let Some(adapter) = webgpu_adapter().await else {
-        wasm_bindgen_test::console_log!("no WebGPU adapter: checking the error instead of the GPU path");
+        wasm_bindgen_test::console_log!(
+            "no WebGPU adapter: checking the error instead of the GPU path"
+        );
         let m = create_error(&[("backend", "webgpu".into())], &text()).await;
         assert!(m.contains("navigator.gpu gave no adapter"), "{m}");
         return;
@@ -283,12 +285,23 @@ async fn webgpu_matches_the_cpu_core() {
     all.push(("backend", "webgpu".into()));
     let mut gpu = trainer(&all).await;
     assert_eq!(gpu.backend(), "webgpu");
-    assert!(gpu.backend_note().contains(&adapter), "{}", gpu.backend_note());
-    assert_eq!(gpu.num_params().await.unwrap(), cpu.num_params().await.unwrap());
+    assert!(
+        gpu.backend_note().contains(&adapter),
+        "{}",
+        gpu.backend_note()
+    );
+    assert_eq!(
+        gpu.num_params().await.unwrap(),
+        cpu.num_params().await.unwrap()
+    );
     let want = f64s(&cpu.step(6).await.unwrap(), "losses");
     let got = f64s(&gpu.step(6).await.unwrap(), "losses");
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert!((g - w).abs() < 1e-3, "step {}: WebGPU loss {g} vs CPU {w}", i + 1);
+        assert!(
+            (g - w).abs() < 1e-3,
+            "step {}: WebGPU loss {g} vs CPU {w}",
+            i + 1
+        );
     }
     let (c, w) = (
         gpu.coefficients(true).unwrap(),
