@@ -184,7 +184,9 @@ fn mhc_project(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
     }
 }
 
-// `mhc_project` with one invocation a token (64 tokens a workgroup), no barriers.
+// `mhc_project` with one invocation a token (64 tokens a workgroup), no
+// barriers; columns in blocks of 8 (two vec4 accumulators, φ indices past
+// K clamped and their sums dropped), so x and γ are loaded once a block.
 @compute @workgroup_size(64)
 fn mhc_project_serial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let t = group_index(wid, nwg) * 64u + lid;
@@ -196,13 +198,21 @@ fn mhc_project_serial(@builtin(local_invocation_index) lid: u32, @builtin(workgr
     var ss = 0.0;
     for (var m = 0u; m < nc; m++) { let xv = mp_x[base + m]; ss += xv * xv; }
     mp_norms[t * n] = sqrt(ss / f32(nc) + P.f0);
-    for (var j = 0u; j < k; j++) {
-        var acc = 0.0;
+    for (var j0 = 0u; j0 < k; j0 += 8u) {
+        let lo = min(vec4<u32>(j0, j0 + 1u, j0 + 2u, j0 + 3u), vec4<u32>(k - 1u));
+        let hi = min(vec4<u32>(j0 + 4u, j0 + 5u, j0 + 6u, j0 + 7u), vec4<u32>(k - 1u));
+        var a = vec4<f32>(0.0);
+        var b = vec4<f32>(0.0);
         for (var m = 0u; m < nc; m++) {
             let vg = mp_x[base + m] * mp_prm[P.u9 + m];
-            acc += vg * mp_prm[P.u8 + m * k + j];
+            let row = P.u8 + m * k;
+            a += vg * vec4<f32>(mp_prm[row + lo.x], mp_prm[row + lo.y], mp_prm[row + lo.z], mp_prm[row + lo.w]);
+            b += vg * vec4<f32>(mp_prm[row + hi.x], mp_prm[row + hi.y], mp_prm[row + hi.z], mp_prm[row + hi.w]);
         }
-        mp_proj[t * k + j] = acc;
+        for (var q = 0u; q < 4u; q++) {
+            if (j0 + q < k) { mp_proj[t * k + j0 + q] = a[q]; }
+            if (j0 + 4u + q < k) { mp_proj[t * k + j0 + 4u + q] = b[q]; }
+        }
     }
 }
 
