@@ -47,6 +47,7 @@ const COLUMN_SUM_SERIAL: Kernel = k("column_sum_serial", "rw");
 const MHC_DX: Kernel = k("mhc_dx", "rrrw");
 const MHC_PARAM_GRADS: Kernel = k("mhc_param_grads", "rrw");
 const HC_DX: Kernel = k("hc_dx", "rrrrw");
+const HC_DX_SERIAL: Kernel = k("hc_dx_serial", "rrrrw");
 const HC_THETA: Kernel = k("hc_theta_grads", "rrrw");
 const SCALE: Kernel = k("scale", "rw");
 
@@ -789,11 +790,12 @@ impl GpuWrapper {
                 )?;
             }
             Scheme::HcDynamic => {
+                let (kernel, g) = per_token(ctx, &HC_DX, &HC_DX_SERIAL, tokens * n)?;
                 ctx.dispatch(
-                    &HC_DX,
+                    kernel,
                     &[x, &self.params, &self.tok, &self.norms, grad_x],
                     p,
-                    ctx.groups("hc_dx", tokens * n)?,
+                    g,
                 )?;
                 ctx.dispatch(
                     &HC_THETA,

@@ -728,6 +728,27 @@ fn hc_dx(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: 
     }
 }
 
+// `hc_dx` with one invocation per (t, i) (64 a workgroup), no barriers.
+@compute @workgroup_size(64)
+fn hc_dx_serial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let w = group_index(wid, nwg) * 64u + lid;
+    let n = P.u1;
+    if (w >= P.u0 * n) { return; }
+    let c = P.u2;
+    let k = P.u3;
+    let t = w / n;
+    let i = w % n;
+    let base = (t * n + i) * c;
+    let inv = 1.0 / hd_norms[t * n + i];
+    var acc = 0.0;
+    for (var cc = 0u; cc < c; cc++) { acc += hc_dxt(t, i, cc, n, c, k) * hd_x[base + cc]; }
+    let m = acc * inv / f32(c);
+    for (var cc = 0u; cc < c; cc++) {
+        let d = hc_dxt(t, i, cc, n, c, k);
+        hd_gx[base + cc] = hd_gx[base + cc] + (d - hd_x[base + cc] * inv * m) * inv;
+    }
+}
+
 // HC dynamic, ∂θ: thread per (row, c), rows θ_pre, θ_post, θ_res[0..n):
 // ∂θ[c] += Σ_t Σ_i ∂u[t, col(row, i)]·x̃[t, i, c].
 @group(0) @binding(0) var<storage, read> ht_x: array<f32>;
