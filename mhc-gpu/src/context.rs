@@ -117,6 +117,7 @@ pub struct GpuContext {
     param_buffer: wgpu::Buffer,
     param_group: wgpu::BindGroup,
     recorder: Mutex<Recorder>,
+    serial: bool,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -226,7 +227,6 @@ impl GpuContext {
         Ok(Self {
             device,
             queue,
-            info,
             limits,
             status,
             param_layout,
@@ -239,7 +239,29 @@ impl GpuContext {
                 layouts: HashMap::new(),
                 pipelines: HashMap::new(),
             }),
+            serial: info.backend == wgpu::Backend::BrowserWebGpu
+                && info.device_type == wgpu::DeviceType::Cpu,
+            info,
         })
+    }
+
+    /// Whether the row-wise kernels (matmul, RMSNorm, the wrapper's
+    /// per-token projections and backward reductions) run **serially**: one
+    /// invocation per output element, row or token, without workgroup
+    /// memory or barriers, instead of cooperatively (tiles and tree
+    /// reductions in workgroup memory). Serial is the default on a browser's
+    /// software (fallback) adapter such as Chromium's SwiftShader, where a
+    /// workgroup barrier costs far more than the loads it saves (measured: a
+    /// step of the demo's model 3–4× faster); cooperative everywhere else.
+    /// Both compute the same sums (parity-tested against the core).
+    pub fn serial_kernels(&self) -> bool {
+        self.serial
+    }
+
+    /// Chooses serial (`true`) or cooperative kernels (see [`Self::serial_kernels`]),
+    /// before the context is shared.
+    pub fn set_serial_kernels(&mut self, serial: bool) {
+        self.serial = serial;
     }
 
     /// The adapter in one line, e.g. `llvmpipe (LLVM 15.0.6, 256 bits) | Vulkan | Cpu | Mesa 22.3.6`.
@@ -563,19 +585,45 @@ impl GpuContext {
         offset: usize,
         len: usize,
     ) -> GpuResult<Vec<T>> {
+        let mut out = self.read_many(&[(buf, offset, len)]).await?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// Reads several ranges `(buffer, offset, len)` back with one staging
+    /// buffer and one map, after every dispatch recorded so far: one round
+    /// trip to the GPU however many ranges (in a browser each map is a trip
+    /// through the event loop). Returns one vector per range, in order.
+    pub async fn read_many<T: Pod>(
+        &self,
+        ranges: &[(&GpuBuffer, usize, usize)],
+    ) -> GpuResult<Vec<Vec<T>>> {
         debug_assert_eq!(size_of::<T>(), 4);
-        if offset + len > buf.len {
-            return Err(GpuError::Shape {
-                what: "readback of a GPU buffer",
-                expected: buf.len - offset.min(buf.len),
-                got: len,
-            });
+        for &(buf, offset, len) in ranges {
+            if offset + len > buf.len {
+                return Err(GpuError::Shape {
+                    what: "readback of a GPU buffer",
+                    expected: buf.len - offset.min(buf.len),
+                    got: len,
+                });
+            }
         }
         self.check()?;
-        if len == 0 {
-            return Ok(Vec::new());
+        let total: usize = ranges.iter().map(|r| r.2).sum();
+        if total == 0 {
+            return Ok(ranges.iter().map(|_| Vec::new()).collect());
         }
-        let bytes = (len * 4) as u64;
+        let bytes = (total * 4) as u64;
+        if bytes > self.limits.max_buffer_size {
+            return Err(GpuError::LimitExceeded {
+                what: format!(
+                    "readback of {} ranges ({total} elements, bytes)",
+                    ranges.len()
+                ),
+                requested: bytes,
+                limit: self.limits.max_buffer_size,
+                hint: "read fewer tensors at a time",
+            });
+        }
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("mhc readback"),
             size: bytes,
@@ -585,11 +633,20 @@ impl GpuContext {
         {
             let mut rec = self.lock()?;
             let enc = self.encoder(&mut rec);
-            enc.copy_buffer_to_buffer(&buf.buffer, (offset * 4) as u64, &staging, 0, bytes);
+            let mut at = 0u64;
+            for &(buf, offset, len) in ranges {
+                if len > 0 {
+                    let n = (len * 4) as u64;
+                    enc.copy_buffer_to_buffer(&buf.buffer, (offset * 4) as u64, &staging, at, n);
+                    at += n;
+                }
+            }
             self.flush_locked(&mut rec);
         }
         let (tx, rx) = oneshot();
         staging.map_async(wgpu::MapMode::Read, .., move |r| tx.send(r));
+        // Native: drive the device until the map completes. In a browser the
+        // event loop does, and a blocking poll is impossible.
         #[cfg(not(target_arch = "wasm32"))]
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
@@ -604,7 +661,16 @@ impl GpuContext {
             let view = staging
                 .get_mapped_range(..)
                 .map_err(|e| GpuError::Readback(e.to_string()))?;
-            bytemuck::cast_slice::<u8, T>(&view).to_vec()
+            let all = bytemuck::cast_slice::<u8, T>(&view);
+            let mut at = 0;
+            ranges
+                .iter()
+                .map(|r| {
+                    let v = all[at..at + r.2].to_vec();
+                    at += r.2;
+                    v
+                })
+                .collect()
         };
         staging.unmap();
         Ok(out)

@@ -18,8 +18,11 @@ const fn k(entry: &'static str, access: &'static str) -> Kernel {
 }
 
 const MATMUL: Kernel = k("matmul", "rrw");
+const MATMUL_SERIAL: Kernel = k("matmul_serial", "rrw");
 const RMSNORM: Kernel = k("rmsnorm", "rrww");
+const RMSNORM_SERIAL: Kernel = k("rmsnorm_serial", "rrww");
 const RMSNORM_BWD: Kernel = k("rmsnorm_backward", "rrrrw");
+const RMSNORM_BWD_SERIAL: Kernel = k("rmsnorm_backward_serial", "rrrrw");
 const RMSNORM_GW: Kernel = k("rmsnorm_grad_weight", "rrrw");
 const GELU: Kernel = k("gelu", "rw");
 const GELU_BWD: Kernel = k("gelu_backward", "rrw");
@@ -27,6 +30,7 @@ const ATTN_FWD: Kernel = k("attention_forward", "rww");
 const ATTN_BWD_Q: Kernel = k("attention_backward_q", "rrrww");
 const ATTN_BWD_KV: Kernel = k("attention_backward_kv", "rrrrw");
 const CROSS_ENTROPY: Kernel = k("cross_entropy", "wrw");
+const CROSS_ENTROPY_SERIAL: Kernel = k("cross_entropy_serial", "wrw");
 const EMBED: Kernel = k("embed", "rrrw");
 const EMBED_BWD_TOK: Kernel = k("embed_backward_tokens", "rrrw");
 const EMBED_BWD_POS: Kernel = k("embed_backward_positions", "rw");
@@ -107,7 +111,7 @@ pub fn matmul_strided(
     need("matmul output", out, last(s.o0, s.m, s.ldo, s.n, 1))?;
     let max = ctx.limits().max_compute_workgroups_per_dimension as usize;
     let (gx, gy) = (s.n.div_ceil(16), s.m.div_ceil(16));
-    if gx > max || gy > max {
+    if !ctx.serial_kernels() && (gx > max || gy > max) {
         return Err(GpuError::LimitExceeded {
             what: format!("matmul workgroups for a {}×{} output", s.m, s.n),
             requested: gx.max(gy) as u64,
@@ -132,6 +136,12 @@ pub fn matmul_strided(
         ],
         &[],
     );
+    if ctx.serial_kernels() {
+        // One invocation a 4×4 block of the output.
+        let blocks = s.m.div_ceil(4) * s.n.div_ceil(4);
+        let g = ctx.groups("matmul_serial", blocks.div_ceil(64))?;
+        return ctx.dispatch(&MATMUL_SERIAL, &[a, b, out], p, g);
+    }
     ctx.dispatch(&MATMUL, &[a, b, out], p, (gx as u32, gy as u32))
 }
 
@@ -235,6 +245,10 @@ pub fn rmsnorm(
     need("rmsnorm y", y, rows * width)?;
     need("rmsnorm inv_rms", inv_rms, rows)?;
     let p = Params::new(&[u(rows, "rows")?, u(width, "width")?], &[eps]);
+    if ctx.serial_kernels() {
+        let g = ctx.groups("rmsnorm_serial", rows.div_ceil(64))?;
+        return ctx.dispatch(&RMSNORM_SERIAL, &[x, w, y, inv_rms], p, g);
+    }
     ctx.dispatch(
         &RMSNORM,
         &[x, w, y, inv_rms],
@@ -261,11 +275,16 @@ pub fn rmsnorm_backward(
     need("rmsnorm grad_x", grad_x, rows * width)?;
     need("rmsnorm grad_w", grad_w, width)?;
     let p = Params::new(&[u(rows, "rows")?, u(width, "width")?], &[]);
+    let (kernel, g) = if ctx.serial_kernels() {
+        (&RMSNORM_BWD_SERIAL, rows.div_ceil(64))
+    } else {
+        (&RMSNORM_BWD, rows)
+    };
     ctx.dispatch(
-        &RMSNORM_BWD,
+        kernel,
         &[x, w, inv_rms, grad_y, grad_x],
         p,
-        ctx.groups("rmsnorm_backward", rows)?,
+        ctx.groups(kernel.entry, g)?,
     )?;
     ctx.dispatch(
         &RMSNORM_GW,
@@ -422,11 +441,16 @@ pub fn cross_entropy(
         &[u(rows, "rows")?, u(vocab, "vocab")?],
         &[1.0 / rows as f32],
     );
+    let (kernel, g) = if ctx.serial_kernels() {
+        (&CROSS_ENTROPY_SERIAL, rows.div_ceil(64))
+    } else {
+        (&CROSS_ENTROPY, rows)
+    };
     ctx.dispatch(
-        &CROSS_ENTROPY,
+        kernel,
         &[logits, targets, loss_rows],
         p,
-        ctx.groups("cross_entropy", rows)?,
+        ctx.groups(kernel.entry, g)?,
     )
 }
 

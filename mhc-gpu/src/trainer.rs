@@ -23,6 +23,19 @@ use crate::wrapper::{GpuSublayer, GpuWrapper};
 
 const NORM_EPS: f32 = 1e-6;
 
+/// The mean of the per-row losses, or [`MhcError::NonFinite`].
+fn mean_loss(rows: &[f32]) -> GpuResult<f64> {
+    let loss = rows.iter().map(|&x| x as f64).sum::<f64>() / rows.len().max(1) as f64;
+    if !loss.is_finite() {
+        return Err(MhcError::NonFinite {
+            what: "loss",
+            index: 0,
+        }
+        .into());
+    }
+    Ok(loss)
+}
+
 /// A dense tensor on the device with its gradient and AdamW moments.
 pub struct DeviceParam {
     /// Values.
@@ -608,16 +621,7 @@ impl WgpuTrainer {
 
     async fn loss(&self) -> GpuResult<f64> {
         let rows = self.batch * self.config.context;
-        let losses: Vec<f32> = self.ctx.read(&self.loss_rows, 0, rows).await?;
-        let loss = losses.iter().map(|&x| x as f64).sum::<f64>() / rows as f64;
-        if !loss.is_finite() {
-            return Err(MhcError::NonFinite {
-                what: "loss",
-                index: 0,
-            }
-            .into());
-        }
-        Ok(loss)
+        mean_loss(&self.ctx.read(&self.loss_rows, 0, rows).await?)
     }
 
     /// One AdamW step on `tokens [batch, context + 1]` (the batch the CPU
@@ -715,8 +719,12 @@ impl WgpuTrainer {
             let g = conn.wrapper.grads_buffer();
             at += ops::sum_squares(&ctx, g, conn.wrapper.layout().total, &self.partials, at)?;
         }
-        let loss = self.loss().await?;
-        let partials: Vec<f32> = ctx.read(&self.partials, 0, at).await?;
+        // One readback for the per-row losses and the partial sums of squares.
+        let mut back = ctx
+            .read_many::<f32>(&[(&self.loss_rows, 0, rows), (&self.partials, 0, at)])
+            .await?;
+        let partials = back.pop().unwrap_or_default();
+        let loss = mean_loss(&back.pop().unwrap_or_default())?;
         let grad_norm = partials.iter().map(|&x| x as f64).sum::<f64>().sqrt();
         if !grad_norm.is_finite() {
             return Err(MhcError::NonFinite {
@@ -795,19 +803,41 @@ impl WgpuTrainer {
         Ok(total / batches.max(1) as f64)
     }
 
+    /// Every wrapped sublayer's coefficients of the last forward (a training
+    /// step's or an evaluation's), in the model's order (attention, MLP of
+    /// block 0, …): `2L` vectors of `[tokens, n² + 2n]`, each row `H_pre (n)`,
+    /// `H_post (n)`, `H_res (n × n, row-major)` — the layout of
+    /// [`mhc_core::model::Model::sublayer_coefficients`]. One readback.
+    pub async fn coefficients_async(&self) -> GpuResult<Vec<Vec<f32>>> {
+        let k = self.config.connection().coefficient_len();
+        let tokens = self.batch * self.config.context;
+        let conns = self.connections();
+        let ranges: Vec<(&GpuBuffer, usize, usize)> = conns
+            .iter()
+            .map(|c| (c.wrapper.coefficients_buffer(), 0, tokens * k))
+            .collect();
+        self.ctx.read_many(&ranges).await
+    }
+
     /// Amax gains of every `H_res` of the last forward (as [`mhc_core::model::Model::gain_report`]).
     pub async fn gain_report_async(&self) -> GpuResult<GainReport> {
+        let coefficients = self.coefficients_async().await?;
+        self.gain_report_of(&coefficients)
+    }
+
+    /// The gain report of coefficients read with [`Self::coefficients_async`]
+    /// (so that a caller needing both reads them once).
+    pub fn gain_report_of(&self, coefficients: &[Vec<f32>]) -> GpuResult<GainReport> {
         let n = self.config.streams;
         let k = self.config.connection().coefficient_len();
-        let mut per_layer = Vec::new();
-        for conn in self.connections() {
-            let coef = conn.wrapper.coefficients_host().await?;
-            per_layer.push(
+        let per_layer: Vec<Vec<f64>> = coefficients
+            .iter()
+            .map(|coef| {
                 coef.chunks_exact(k)
                     .flat_map(|row| row[2 * n..].iter().map(|&v| v as f64))
-                    .collect::<Vec<f64>>(),
-            );
-        }
+                    .collect()
+            })
+            .collect();
         Ok(GainReport::from_h_res(
             &per_layer,
             n,
@@ -843,12 +873,13 @@ impl WgpuTrainer {
             names.push("final_norm".to_string());
             names.push("head".to_string());
         }
-        let mut out = Vec::new();
-        for (name, s) in names.into_iter().zip(self.slots()) {
-            let data = match s {
+        let ranges: Vec<(&GpuBuffer, usize, usize)> = self
+            .slots()
+            .into_iter()
+            .map(|s| match s {
                 Slot::Dense(p) => {
                     let b = if gradients { &p.grad } else { &p.value };
-                    self.ctx.read(b, 0, b.len()).await?
+                    (b, 0, b.len())
                 }
                 Slot::Packed(c, off, len) => {
                     let b = if gradients {
@@ -856,12 +887,12 @@ impl WgpuTrainer {
                     } else {
                         c.wrapper.params_buffer()
                     };
-                    self.ctx.read(b, off, len).await?
+                    (b, off, len)
                 }
-            };
-            out.push((name, data));
-        }
-        Ok(out)
+            })
+            .collect();
+        let data = self.ctx.read_many(&ranges).await?;
+        Ok(names.into_iter().zip(data).collect())
     }
 
     /// Copies weights, AdamW moments and the step count into `cpu` (for checkpoints and sampling).
@@ -883,19 +914,28 @@ impl WgpuTrainer {
                 got: i,
             });
         }
-        for (i, s) in self.slots().iter().enumerate() {
-            let (m, v) = match s {
-                Slot::Dense(p) => (
-                    self.ctx.read(&p.m, 0, p.len()).await?,
-                    self.ctx.read(&p.v, 0, p.len()).await?,
-                ),
-                Slot::Packed(c, off, len) => (
-                    self.ctx.read(&c.m, *off, *len).await?,
-                    self.ctx.read(&c.v, *off, *len).await?,
-                ),
-            };
-            cpu.optimizer.m[i] = m;
-            cpu.optimizer.v[i] = v;
+        let slots = self.slots();
+        let ranges: Vec<(&GpuBuffer, usize, usize)> = slots
+            .iter()
+            .flat_map(|s| match s {
+                Slot::Dense(p) => [(&p.m, 0, p.len()), (&p.v, 0, p.len())],
+                Slot::Packed(c, off, len) => [(&c.m, *off, *len), (&c.v, *off, *len)],
+            })
+            .collect();
+        let moments = self.ctx.read_many(&ranges).await?;
+        if moments.len() != 2 * cpu.optimizer.m.len()
+            || cpu.optimizer.m.len() != cpu.optimizer.v.len()
+        {
+            return Err(GpuError::Shape {
+                what: "AdamW state (tensors)",
+                expected: slots.len(),
+                got: cpu.optimizer.m.len(),
+            });
+        }
+        let mut moments = moments.into_iter();
+        for (m, v) in cpu.optimizer.m.iter_mut().zip(cpu.optimizer.v.iter_mut()) {
+            *m = moments.next().unwrap_or_default();
+            *v = moments.next().unwrap_or_default();
         }
         cpu.optimizer.step = self.step;
         Ok(())
@@ -912,6 +952,11 @@ impl WgpuTrainer {
     /// [`Self::evaluate_async`], blocking.
     pub fn evaluate(&mut self, data: &[u8], batches: usize, seed: u64) -> GpuResult<f64> {
         pollster::block_on(self.evaluate_async(data, batches, seed))
+    }
+
+    /// [`Self::coefficients_async`], blocking.
+    pub fn coefficients(&self) -> GpuResult<Vec<Vec<f32>>> {
+        pollster::block_on(self.coefficients_async())
     }
 
     /// [`Self::gain_report_async`], blocking.

@@ -31,19 +31,41 @@ const fn k(entry: &'static str, access: &'static str) -> Kernel {
 const SK_FWD: Kernel = k("sinkhorn_forward", "rw");
 const SK_BWD: Kernel = k("sinkhorn_backward", "rrw");
 const MHC_PROJECT: Kernel = k("mhc_project", "rrww");
+const MHC_PROJECT_SERIAL: Kernel = k("mhc_project_serial", "rrww");
 const HC_PROJECT: Kernel = k("hc_project", "rrww");
+const HC_PROJECT_SERIAL: Kernel = k("hc_project_serial", "rrww");
 const COEFFICIENTS: Kernel = k("coefficients", "rrrww");
 const PRE: Kernel = k("pre_aggregate", "rrw");
 const POST: Kernel = k("post_res_merge", "rrrw");
 const POST_BWD: Kernel = k("post_res_backward", "rrrrwww");
+const POST_BWD_SERIAL: Kernel = k("post_res_backward_serial", "rrrrwww");
 const PRE_BWD: Kernel = k("pre_backward", "rrrww");
+const PRE_BWD_SERIAL: Kernel = k("pre_backward_serial", "rrrww");
 const COEF_BWD: Kernel = k("coefficients_backward", "rrrrrrw");
 const COLUMN_SUM: Kernel = k("column_sum", "rw");
+const COLUMN_SUM_SERIAL: Kernel = k("column_sum_serial", "rw");
 const MHC_DX: Kernel = k("mhc_dx", "rrrw");
 const MHC_PARAM_GRADS: Kernel = k("mhc_param_grads", "rrw");
 const HC_DX: Kernel = k("hc_dx", "rrrrw");
+const HC_DX_SERIAL: Kernel = k("hc_dx_serial", "rrrrw");
 const HC_THETA: Kernel = k("hc_theta_grads", "rrrw");
 const SCALE: Kernel = k("scale", "rw");
+
+/// The kernel and workgroup count of a per-token reduction: one workgroup a
+/// token (cooperative) or one invocation a token, 64 a workgroup (serial,
+/// see [`GpuContext::serial_kernels`]).
+fn per_token(
+    ctx: &GpuContext,
+    cooperative: &'static Kernel,
+    serial: &'static Kernel,
+    tokens: usize,
+) -> GpuResult<(&'static Kernel, (u32, u32))> {
+    if ctx.serial_kernels() {
+        Ok((serial, ctx.groups(serial.entry, tokens.div_ceil(64))?))
+    } else {
+        Ok((cooperative, ctx.groups(cooperative.entry, tokens)?))
+    }
+}
 
 /// Checks `1 ≤ n ≤ 8` and, for mHC, the SK backward's on-chip bound.
 fn check_streams(n: usize, sinkhorn: Option<&SinkhornConfig>) -> GpuResult<()> {
@@ -233,9 +255,9 @@ pub fn post_res_merge_backward(
     check_len("grad of x [T, n, C]", grad_x, s)?;
     check_len("grad of y [T, C]", grad_y, tokens * width)?;
     check_len("grad of coefficients [T, n²+2n]", grad_coefficients, kk)?;
-    let g = ctx.groups("post_res_backward", tokens)?;
+    let (kernel, g) = per_token(ctx, &POST_BWD, &POST_BWD_SERIAL, tokens)?;
     ctx.dispatch(
-        &POST_BWD,
+        kernel,
         &[
             x,
             coefficients,
@@ -270,9 +292,9 @@ pub fn pre_aggregate_backward(
     check_len("grad of h [T, C]", grad_h, tokens * width)?;
     check_len("grad of x [T, n, C]", grad_x, s)?;
     check_len("grad of coefficients [T, n²+2n]", grad_coefficients, kk)?;
-    let g = ctx.groups("pre_backward", tokens)?;
+    let (kernel, g) = per_token(ctx, &PRE_BWD, &PRE_BWD_SERIAL, tokens)?;
     ctx.dispatch(
-        &PRE_BWD,
+        kernel,
         &[x, coefficients, grad_h, grad_x, grad_coefficients],
         p,
         g,
@@ -573,18 +595,14 @@ impl GpuWrapper {
         let ctx = &*self.ctx;
         let p = self.block(tokens);
         match self.config.scheme {
-            Scheme::MhcDynamic => ctx.dispatch(
-                &MHC_PROJECT,
-                &[x, &self.params, &self.proj, &self.norms],
-                p,
-                ctx.groups("mhc_project", tokens)?,
-            )?,
-            Scheme::HcDynamic => ctx.dispatch(
-                &HC_PROJECT,
-                &[x, &self.params, &self.proj, &self.norms],
-                p,
-                ctx.groups("hc_project", tokens)?,
-            )?,
+            Scheme::MhcDynamic => {
+                let (kernel, g) = per_token(ctx, &MHC_PROJECT, &MHC_PROJECT_SERIAL, tokens)?;
+                ctx.dispatch(kernel, &[x, &self.params, &self.proj, &self.norms], p, g)?
+            }
+            Scheme::HcDynamic => {
+                let (kernel, g) = per_token(ctx, &HC_PROJECT, &HC_PROJECT_SERIAL, tokens)?;
+                ctx.dispatch(kernel, &[x, &self.params, &self.proj, &self.norms], p, g)?
+            }
             _ => {}
         }
         ctx.dispatch(
@@ -720,12 +738,8 @@ impl GpuWrapper {
                 ],
                 &[],
             );
-            ctx.dispatch(
-                &COLUMN_SUM,
-                &[&self.tok, &self.grads],
-                q,
-                ctx.groups("column_sum", cols)?,
-            )
+            let (kernel, g) = per_token(ctx, &COLUMN_SUM, &COLUMN_SUM_SERIAL, cols)?;
+            ctx.dispatch(kernel, &[&self.tok, &self.grads], q, g)
         };
         sum(k, 0, o[1])?;
         if scheme.is_dynamic() {
@@ -776,11 +790,12 @@ impl GpuWrapper {
                 )?;
             }
             Scheme::HcDynamic => {
+                let (kernel, g) = per_token(ctx, &HC_DX, &HC_DX_SERIAL, tokens * n)?;
                 ctx.dispatch(
-                    &HC_DX,
+                    kernel,
                     &[x, &self.params, &self.tok, &self.norms, grad_x],
                     p,
-                    ctx.groups("hc_dx", tokens * n)?,
+                    g,
                 )?;
                 ctx.dispatch(
                     &HC_THETA,

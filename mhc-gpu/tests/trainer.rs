@@ -110,17 +110,45 @@ fn train_config() -> TrainConfig {
     }
 }
 
+const EVERY_SCHEME: [(Scheme, usize); 5] = [
+    (Scheme::MhcDynamic, 4),
+    (Scheme::Residual, 1),
+    (Scheme::HcDynamic, 3),
+    (Scheme::MhcStatic, 2),
+    (Scheme::HcStatic, 2),
+];
+
 #[test]
 fn one_training_step_matches_the_core_for_every_scheme() {
     let Some(ctx) = context() else { return };
+    training_steps_match_the_core(ctx, &EVERY_SCHEME);
+}
+
+/// The same with the serial kernels (no workgroup memory or barriers) that
+/// a browser's software adapter uses by default, on a context of their own.
+#[test]
+fn serial_kernels_match_the_core_for_every_scheme() {
+    if context().is_none() {
+        return;
+    }
+    let mut ctx = mhc_gpu::GpuContext::new_blocking().unwrap();
+    assert!(
+        !ctx.serial_kernels(),
+        "native adapters default to cooperative kernels"
+    );
+    ctx.set_serial_kernels(true);
+    // n = 3: K = 15 coefficients, not a multiple of the serial kernels' blocks.
+    let mut schemes = EVERY_SCHEME.to_vec();
+    schemes.extend([(Scheme::MhcDynamic, 3), (Scheme::HcDynamic, 1)]);
+    training_steps_match_the_core(std::sync::Arc::new(ctx), &schemes);
+}
+
+fn training_steps_match_the_core(
+    ctx: std::sync::Arc<mhc_gpu::GpuContext>,
+    schemes: &[(Scheme, usize)],
+) {
     let data: Vec<u8> = (0..400u32).map(|i| ((i * 7 + i / 3) % 29) as u8).collect();
-    for (scheme, n) in [
-        (Scheme::MhcDynamic, 4),
-        (Scheme::Residual, 1),
-        (Scheme::HcDynamic, 3),
-        (Scheme::MhcStatic, 2),
-        (Scheme::HcStatic, 2),
-    ] {
+    for &(scheme, n) in schemes {
         let cfg = tiny(scheme, n);
         let mut cpu = Trainer::<f32>::new(cfg, train_config()).unwrap();
         let mut gpu = WgpuTrainer::from_cpu(ctx.clone(), &cpu).unwrap();
@@ -215,4 +243,61 @@ fn bad_token_batches_give_typed_errors() {
     let bad = vec![99u32; 2 * (cfg.context + 1)];
     let e = gpu.step(&bad).err().unwrap();
     assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+}
+
+#[test]
+fn last_step_coefficients_match_the_core() {
+    let Some(ctx) = context() else { return };
+    let data: Vec<u8> = (0..400u32).map(|i| ((i * 5 + i / 7) % 29) as u8).collect();
+    for (scheme, n) in [
+        (Scheme::MhcDynamic, 4),
+        (Scheme::HcDynamic, 3),
+        (Scheme::MhcStatic, 2),
+        (Scheme::Residual, 1),
+    ] {
+        let cfg = tiny(scheme, n);
+        let k = n * n + 2 * n;
+        let tokens = 2 * cfg.context;
+        let mut cpu = Trainer::<f32>::new(cfg, train_config()).unwrap();
+        let mut gpu = WgpuTrainer::from_cpu(ctx.clone(), &cpu).unwrap();
+        // Step 1 runs on identical weights; step 2 on weights updated once
+        // (AdamW may round differently, so a looser bound).
+        for (step, tol) in [(1, 2e-5f32), (2, 2e-3)] {
+            let mut tokens_batch = vec![0u32; 2 * (cfg.context + 1)];
+            let mut rng = cpu.rng.clone();
+            sample_batch(&data, 2, cfg.context, &mut rng, &mut tokens_batch).unwrap();
+            cpu.step(&data).unwrap();
+            gpu.step(&tokens_batch).unwrap();
+            let got = gpu.coefficients().unwrap();
+            assert_eq!(got.len(), cfg.sublayers(), "{scheme}: one per sublayer");
+            for (l, g) in got.iter().enumerate() {
+                let want = cpu.model.sublayer_coefficients(l).unwrap();
+                assert_eq!(
+                    g.len(),
+                    tokens * k,
+                    "{scheme} sublayer {l}: [tokens, n²+2n]"
+                );
+                assert_close(
+                    &format!("{scheme} n={n} step {step} sublayer {l} coefficients"),
+                    g,
+                    want,
+                    tol,
+                    tol,
+                );
+            }
+            if scheme == Scheme::Residual {
+                assert!(got.iter().flatten().all(|&v| v == 1.0), "residual: all 1");
+            }
+            let gains = gpu.gain_report_of(&got).unwrap();
+            let want = cpu.model.gain_report().unwrap();
+            for (d, (g, w)) in gains.composite.iter().zip(&want.composite).enumerate() {
+                assert!(
+                    (g.forward_max - w.forward_max).abs() <= 1e-3 * w.forward_max.abs().max(1.0),
+                    "{scheme} step {step} depth {d}: composite gain {} vs {}",
+                    g.forward_max,
+                    w.forward_max
+                );
+            }
+        }
+    }
 }

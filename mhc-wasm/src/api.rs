@@ -318,9 +318,9 @@ pub struct WasmTrainer {
 /// (missing fields take the defaults), `text` the training text (its UTF-8
 /// bytes are the tokens; the tail is held out for validation).
 ///
-/// With `backend: "auto"` it trains on WebGPU when this build has the
-/// WebGPU backend and `navigator.gpu` gives an adapter, else on the CPU
-/// core; `backend` / `backend_note` say which and why. Throws an `Error`
+/// With `backend: "auto"` it trains on WebGPU when `navigator.gpu` gives an
+/// adapter (and a device), else on the CPU core; `backend` / `backend_note`
+/// say which and why. `backend: "webgpu"` throws instead of falling back. Throws an `Error`
 /// with a message for a bad configuration (e.g. `n = 0`, heads not dividing
 /// the width, residual with `n ≠ 1`), an empty or too short text, or an
 /// unavailable backend.

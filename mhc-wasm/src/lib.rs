@@ -23,8 +23,10 @@
 //! Layout: [`settings`] (what a run is, defaults and checks), [`session`]
 //! (the run itself with its [`Backend`] enum — plain Rust,
 //! tested natively) and the `wasm_bindgen` layer ([`WasmTrainer`],
-//! [`create_trainer`]). The methods that will wait for the GPU are `async`
-//! already, so the page does not change when the WebGPU backend arrives.
+//! [`create_trainer`]). On WebGPU the trainer is `mhc-gpu`'s `WgpuTrainer`
+//! on wgpu's WebGPU backend (in a window or a dedicated worker); every
+//! method that waits for the GPU is `async` (`map_async`, never a blocking
+//! poll), so the worker's event loop keeps running.
 #![no_std]
 
 extern crate alloc;

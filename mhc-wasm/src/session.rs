@@ -1,20 +1,25 @@
 //! One training run in the browser, independent of JavaScript: the backend
 //! ([`Backend`]), the text, the last step's coefficients and gains, sampling.
 //!
-//! Everything here is plain Rust, so it is unit-tested natively; the
+//! Everything here is plain Rust, so it is unit-tested natively (the WebGPU
+//! backend natively on whatever wgpu adapter there is, e.g. lavapipe); the
 //! `wasm_bindgen` layer ([`crate::WasmTrainer`]) only converts to and from JS.
-//! The methods that will wait on the GPU (`step`, `evaluate`, `sample`,
-//! `refresh_snapshot`) are `async` already: the CPU backend finishes them in
-//! the first poll, the WebGPU backend will await its readbacks.
+//! The methods that wait on the GPU (`step`, `evaluate`, `sample`,
+//! `refresh_snapshot`) are `async`: the CPU backend finishes them in the
+//! first poll, the WebGPU backend awaits its readbacks (`map_async`; in a
+//! browser the event loop completes them, nothing blocks).
 
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::fmt;
 
-use mhc_core::model::data::split_train_validation;
-use mhc_core::model::{GainReport, StepStats, Trainer};
-use mhc_core::{MhcError, Rng};
+use mhc_core::Rng;
+use mhc_core::model::data::{sample_batch, split_train_validation};
+use mhc_core::model::{GainReport, Model, StepStats, Trainer};
+use mhc_gpu::{GpuContext, WgpuTrainer};
 
 use crate::settings::{BackendChoice, TrainerSettings, WebError};
 
@@ -25,57 +30,138 @@ pub const VALIDATION_SEED: u64 = 0x005E_ED0F_7A11;
 /// Validation batches per [`Session::evaluate`].
 pub const VALIDATION_BATCHES: usize = 4;
 
-/// Whether this build contains the WebGPU backend (`mhc-gpu`). It does not
-/// yet: the crate has not landed, and the CPU core trains.
-pub const WEBGPU_BUILT: bool = false;
+/// Whether this build contains the WebGPU backend (`mhc-gpu` on wgpu's
+/// WebGPU backend). It does.
+pub const WEBGPU_BUILT: bool = true;
 
 /// The device a session trains on.
-///
-/// # Slotting in WebGPU (`mhc-gpu`)
-/// A variant `WebGpu { gpu: mhc_gpu::WgpuTrainer, cpu: Box<Trainer<f32>> }`
-/// goes beside `Cpu`; `cpu` keeps the batch RNG (so both backends draw the
-/// same batches, as `mhc-train`'s CUDA path does) and mirrors the weights for
-/// sampling. What it needs from `mhc-gpu`, all usable on `wasm32` without
-/// blocking:
-/// - `GpuContext::new().await` (wgpu's WebGPU backend; `NoAdapter` error when
-///   `navigator.gpu` gives none) and a description of its adapter;
-/// - `WgpuTrainer::from_cpu(Arc<GpuContext>, &Trainer<f32>)`;
-/// - `step_async(&[u32])` on the `[batch, context + 1]` tokens that
-///   `mhc_core::model::data::sample_batch` drew with the CPU trainer's RNG;
-/// - `evaluate_async(data, batches, seed)`;
-/// - `gain_report_async()` and the per-sublayer coefficients of the last
-///   step, `[tokens, n² + 2n]` each (for the heatmaps, without copying every
-///   weight back at each chunk);
-/// - `sync_to_cpu_async(&mut Trainer<f32>)` before sampling.
-///
-/// Then [`choose_backend`] returns `"webgpu"` when an adapter is found
-/// ([`WEBGPU_BUILT`] becomes `true`), and [`Session::new`] builds the variant.
-#[derive(Debug)]
 pub enum Backend {
     /// The reference trainer of `mhc-core`, in f32.
     Cpu(Box<Trainer<f32>>),
+    /// `mhc-gpu`'s trainer on wgpu (WebGPU in a browser). The CPU trainer
+    /// keeps the batch RNG, so both backends draw the same batches (as
+    /// `mhc-train`'s GPU paths do), and receives the weights before sampling.
+    WebGpu {
+        /// The model, its gradients and AdamW state on the device.
+        gpu: Box<WgpuTrainer>,
+        /// Batch RNG; the weights as of the last [`Backend::cpu_trainer`].
+        cpu: Box<Trainer<f32>>,
+        /// Whether `cpu` holds the device's current weights.
+        cpu_current: bool,
+    },
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu(t) => f.debug_tuple("Cpu").field(t).finish(),
+            Self::WebGpu {
+                gpu, cpu_current, ..
+            } => f
+                .debug_struct("WebGpu")
+                .field("adapter", &gpu.context().adapter_name())
+                .field("step", &gpu.step_count())
+                .field("cpu_current", cpu_current)
+                .finish_non_exhaustive(),
+        }
+    }
 }
 
 impl Backend {
+    /// The WebGPU backend for `trainer`'s model and settings: opens the
+    /// default adapter (`navigator.gpu` in a browser, window or worker) and
+    /// uploads the model. Typed errors: no adapter, a refused device, a
+    /// buffer over the adapter's limits.
+    pub async fn webgpu(trainer: Trainer<f32>) -> Result<Self, WebError> {
+        // On wasm32 the context is not `Send` (WebGPU objects live on one
+        // thread); the trainer shares it through an `Arc` on every target.
+        #[allow(clippy::arc_with_non_send_sync)]
+        let ctx = Arc::new(GpuContext::new().await?);
+        let gpu = WgpuTrainer::from_cpu(ctx, &trainer)?;
+        Ok(Self::WebGpu {
+            gpu: Box::new(gpu),
+            cpu: Box::new(trainer),
+            cpu_current: true,
+        })
+    }
+
     /// One optimisation step on a random batch of `data`.
-    pub async fn step(&mut self, data: &[u8]) -> Result<StepStats, MhcError> {
+    pub async fn step(&mut self, data: &[u8]) -> Result<StepStats, WebError> {
         match self {
-            Self::Cpu(t) => t.step(data),
+            Self::Cpu(t) => Ok(t.step(data)?),
+            Self::WebGpu {
+                gpu,
+                cpu,
+                cpu_current,
+            } => {
+                let (batch, seq) = (cpu.config.batch, cpu.model.config().context);
+                let mut tokens = alloc::vec![0u32; batch * (seq + 1)];
+                sample_batch(data, batch, seq, &mut cpu.rng, &mut tokens)?;
+                *cpu_current = false;
+                Ok(gpu.step_async(&tokens).await?)
+            }
         }
     }
 
     /// Mean loss over the fixed validation batches.
-    pub async fn evaluate(&mut self, data: &[u8]) -> Result<f64, MhcError> {
+    pub async fn evaluate(&mut self, data: &[u8]) -> Result<f64, WebError> {
         match self {
-            Self::Cpu(t) => t.evaluate(data, VALIDATION_BATCHES, VALIDATION_SEED),
+            Self::Cpu(t) => Ok(t.evaluate(data, VALIDATION_BATCHES, VALIDATION_SEED)?),
+            Self::WebGpu { gpu, .. } => Ok(gpu
+                .evaluate_async(data, VALIDATION_BATCHES, VALIDATION_SEED)
+                .await?),
         }
     }
 
-    /// The CPU trainer holding the current weights and the last forward's
-    /// coefficients (for the GPU: after copying them back).
-    pub async fn cpu_trainer(&mut self) -> Result<&mut Trainer<f32>, MhcError> {
+    /// The CPU trainer holding the current weights (for the GPU: copied
+    /// back from the device first, when steps ran since the last copy).
+    pub async fn cpu_trainer(&mut self) -> Result<&mut Trainer<f32>, WebError> {
         match self {
             Self::Cpu(t) => Ok(t),
+            Self::WebGpu {
+                gpu,
+                cpu,
+                cpu_current,
+            } => {
+                if !*cpu_current {
+                    gpu.sync_to_cpu_async(cpu).await?;
+                    *cpu_current = true;
+                }
+                Ok(cpu)
+            }
+        }
+    }
+
+    /// The CPU model: its shape and configuration (its weights may lag the
+    /// device's; [`Self::cpu_trainer`] brings them up to date).
+    pub fn cpu_model(&self) -> &Model<f32> {
+        match self {
+            Self::Cpu(t) => &t.model,
+            Self::WebGpu { cpu, .. } => &cpu.model,
+        }
+    }
+
+    /// Every wrapped sublayer's coefficients of the last training step
+    /// (`[tokens, n² + 2n]` each) and their gain report.
+    pub async fn last_coefficients(&self) -> Result<(Vec<Vec<f32>>, GainReport), WebError> {
+        match self {
+            Self::Cpu(t) => {
+                let layers = t.model.config().sublayers();
+                let coefficients = (0..layers)
+                    .map(|l| {
+                        t.model
+                            .sublayer_coefficients(l)
+                            .map(<[f32]>::to_vec)
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                Ok((coefficients, t.model.gain_report()?))
+            }
+            Self::WebGpu { gpu, .. } => {
+                let coefficients = gpu.coefficients_async().await?;
+                let gains = gpu.gain_report_of(&coefficients)?;
+                Ok((coefficients, gains))
+            }
         }
     }
 
@@ -83,6 +169,7 @@ impl Backend {
     pub fn step_count(&self) -> u64 {
         match self {
             Self::Cpu(t) => t.step_count(),
+            Self::WebGpu { gpu, .. } => gpu.step_count(),
         }
     }
 
@@ -90,6 +177,7 @@ impl Backend {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Cpu(_) => "cpu",
+            Self::WebGpu { .. } => "webgpu",
         }
     }
 }
@@ -104,23 +192,14 @@ pub fn choose_backend(
     choice: BackendChoice,
     adapter: &AdapterProbe,
 ) -> Result<(&'static str, String), WebError> {
-    let not_built =
-        "the WebGPU backend is not built into this mhc-wasm yet (it waits for the mhc-gpu crate)";
     match (choice, adapter) {
         (BackendChoice::Cpu, _) => Ok(("cpu", String::from("CPU core (chosen)"))),
-        (BackendChoice::WebGpu, _) if !WEBGPU_BUILT => Err(WebError::Backend(format!(
-            "{not_built}; choose backend 'auto' or 'cpu'"
-        ))),
         (BackendChoice::WebGpu, None) => Err(WebError::Backend(String::from(
             "WebGPU was asked for but navigator.gpu gave no adapter (in Chromium start it with --enable-unsafe-webgpu)",
         ))),
         (BackendChoice::Auto, None) => Ok((
             "cpu",
             String::from("CPU core (navigator.gpu gave no WebGPU adapter)"),
-        )),
-        (BackendChoice::Auto, Some(a)) if !WEBGPU_BUILT => Ok((
-            "cpu",
-            format!("CPU core — WebGPU adapter found ({a}), but {not_built}"),
         )),
         (_, Some(a)) => Ok(("webgpu", format!("WebGPU: {a}"))),
     }
@@ -187,6 +266,7 @@ pub struct Session {
     settings: TrainerSettings,
     backend: Backend,
     backend_note: String,
+    num_params: usize,
     train: Vec<u8>,
     validation: Vec<u8>,
     sample_rng: Rng,
@@ -224,20 +304,27 @@ impl Session {
                 settings.context
             )));
         }
-        let (name, backend_note) = choose_backend(settings.backend, adapter)?;
-        let trainer = Trainer::<f32>::new(settings.model_config(), settings.train_config())?;
-        let backend = match name {
-            "cpu" => Backend::Cpu(Box::new(trainer)),
-            other => {
-                return Err(WebError::Backend(format!(
-                    "backend '{other}' is not part of this build"
-                )));
+        let (name, mut backend_note) = choose_backend(settings.backend, adapter)?;
+        let mut trainer = Trainer::<f32>::new(settings.model_config(), settings.train_config())?;
+        let num_params = trainer.model.num_params();
+        let backend = if name == "webgpu" {
+            match Backend::webgpu(trainer.clone()).await {
+                Ok(b) => b,
+                // Auto falls back to the CPU core, and says why.
+                Err(e) if settings.backend == BackendChoice::Auto => {
+                    backend_note = format!("CPU core — {backend_note} failed: {e}");
+                    Backend::Cpu(Box::new(trainer))
+                }
+                Err(e) => return Err(e),
             }
+        } else {
+            Backend::Cpu(Box::new(trainer))
         };
         Ok(Self {
             settings,
             backend,
             backend_note,
+            num_params,
             train: train.to_vec(),
             validation: validation.to_vec(),
             sample_rng: Rng::new(settings.seed ^ 0x5A3F_1E00),
@@ -268,7 +355,7 @@ impl Session {
 
     /// Scalar parameters of the model.
     pub async fn num_params(&mut self) -> Result<usize, WebError> {
-        Ok(self.backend.cpu_trainer().await?.model.num_params())
+        Ok(self.num_params)
     }
 
     /// Steps taken.
@@ -297,11 +384,12 @@ impl Session {
 
     async fn refresh_snapshot(&mut self) -> Result<(), WebError> {
         let step = self.backend.step_count();
-        let model = &self.backend.cpu_trainer().await?.model;
+        let model = self.backend.cpu_model();
         let n = model.config().streams;
         let layers = model.config().sublayers();
-        let tokens = model.last_tokens();
+        let tokens = self.settings.batch * self.settings.context;
         let k = n * n + 2 * n;
+        let (coefficients, gains) = self.backend.last_coefficients().await?;
         let mut snap = CoefficientSnapshot {
             step,
             layers,
@@ -311,15 +399,14 @@ impl Session {
             h_post: Vec::with_capacity(layers * tokens * n),
             h_res: Vec::with_capacity(layers * tokens * n * n),
         };
-        for l in 0..layers {
-            let coefficients = model.sublayer_coefficients(l).unwrap_or_default();
-            for row in coefficients.chunks_exact(k) {
+        for c in &coefficients {
+            for row in c.chunks_exact(k) {
                 snap.h_pre.extend_from_slice(&row[..n]);
                 snap.h_post.extend_from_slice(&row[n..2 * n]);
                 snap.h_res.extend_from_slice(&row[2 * n..]);
             }
         }
-        self.gains = Some(model.gain_report()?);
+        self.gains = Some(gains);
         self.snapshot = snap;
         Ok(())
     }
@@ -346,7 +433,7 @@ impl Session {
                 self.settings.context + 1
             )));
         }
-        Ok(self.backend.evaluate(&self.validation).await?)
+        self.backend.evaluate(&self.validation).await
     }
 
     /// `count` bytes sampled after `prompt` at `temperature` (≤ 0: greedy),
@@ -490,15 +577,126 @@ mod tests {
     fn backend_choice_says_why() {
         let adapter = Some(String::from("SwiftShader"));
         let (name, note) = choose_backend(BackendChoice::Auto, &adapter).unwrap();
-        assert_eq!(name, "cpu");
-        assert!(
-            note.contains("SwiftShader") && note.contains("not built"),
-            "{note}"
-        );
+        assert_eq!((name, note.as_str()), ("webgpu", "WebGPU: SwiftShader"));
+        let (name, _) = choose_backend(BackendChoice::WebGpu, &adapter).unwrap();
+        assert_eq!(name, "webgpu");
+        let (name, note) = choose_backend(BackendChoice::Cpu, &adapter).unwrap();
+        assert_eq!((name, note.as_str()), ("cpu", "CPU core (chosen)"));
         let (name, note) = choose_backend(BackendChoice::Auto, &None).unwrap();
         assert_eq!(name, "cpu");
         assert!(note.contains("no WebGPU adapter"), "{note}");
-        let e = choose_backend(BackendChoice::WebGpu, &adapter).unwrap_err();
-        assert!(e.to_string().contains("not built"), "{e}");
+        let e = choose_backend(BackendChoice::WebGpu, &None).unwrap_err();
+        assert!(e.to_string().contains("gave no adapter"), "{e}");
+    }
+
+    /// The WebGPU session natively, on wgpu's default adapter (lavapipe
+    /// here): the same batches, losses, coefficients and validation loss as
+    /// the CPU session within f32 tolerances, and sampling after copying the
+    /// weights back. Skips without an adapter.
+    #[test]
+    #[cfg(not(target_arch = "wasm32"))]
+    fn webgpu_session_matches_the_cpu_session() {
+        let text = synthetic_corpus(3, 20_000);
+        let settings = TrainerSettings {
+            backend: BackendChoice::WebGpu,
+            ..small(Scheme::MhcDynamic, 4)
+        };
+        let probe = Some(String::from("native wgpu adapter"));
+        let mut gpu = match pollster::block_on(Session::new(settings, &text, &probe)) {
+            Ok(s) => s,
+            Err(WebError::Backend(m)) if m.contains("no adapter") => {
+                std::eprintln!("skipping: {m}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(gpu.backend_name(), "webgpu");
+        assert_eq!(gpu.backend_note(), "WebGPU: native wgpu adapter");
+        let cpu_settings = TrainerSettings {
+            backend: BackendChoice::Cpu,
+            ..settings
+        };
+        let mut cpu = ready(Session::new(cpu_settings, &text, &None)).unwrap();
+        assert_eq!(
+            ready(cpu.num_params()),
+            pollster::block_on(gpu.num_params())
+        );
+
+        let want = ready(cpu.step(12)).unwrap();
+        let got = pollster::block_on(gpu.step(12)).unwrap();
+        assert_eq!(got.step, 12);
+        for (i, (g, w)) in got.losses.iter().zip(&want.losses).enumerate() {
+            assert!((g - w).abs() < 2e-3, "step {}: loss {g} vs {w}", i + 1);
+        }
+        assert!(got.losses[0] != got.losses[11], "the GPU model trains");
+        let (c, w) = (gpu.coefficients(), cpu.coefficients());
+        assert_eq!(
+            (c.layers, c.tokens, c.n, c.step),
+            (w.layers, w.tokens, w.n, 12)
+        );
+        for (name, g, w) in [
+            ("H_res", &c.h_res, &w.h_res),
+            ("H_pre", &c.h_pre, &w.h_pre),
+            ("H_post", &c.h_post, &w.h_post),
+        ] {
+            assert_eq!(g.len(), w.len());
+            let worst = g
+                .iter()
+                .zip(w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(worst < 1e-2, "{name}: max |Δ| {worst}");
+        }
+        let (gg, wg) = (gpu.gains().unwrap(), cpu.gains().unwrap());
+        assert!((gg.composite[3].forward_max - wg.composite[3].forward_max).abs() < 1e-2);
+
+        let (gv, wv) = (
+            pollster::block_on(gpu.evaluate()).unwrap(),
+            ready(cpu.evaluate()).unwrap(),
+        );
+        assert!((gv - wv).abs() < 5e-3, "validation loss {gv} vs {wv}");
+        // Sampling copies the weights back first: they are the CPU run's
+        // (within f32 drift), not the initial ones.
+        let text = pollster::block_on(gpu.sample("the ", 16, 0.0)).unwrap();
+        assert_eq!(text.chars().count(), 16, "{text:?}");
+        let mut fresh =
+            Trainer::<f32>::new(settings.model_config(), settings.train_config()).unwrap();
+        let flat = |t: &mut Trainer<f32>| {
+            let mut all = Vec::new();
+            t.model.for_each_param(|_, p, _| all.extend_from_slice(p));
+            all
+        };
+        let want = flat(ready(cpu.backend.cpu_trainer()).unwrap());
+        let initial = flat(&mut fresh);
+        match &mut gpu.backend {
+            Backend::WebGpu {
+                cpu, cpu_current, ..
+            } => {
+                assert!(*cpu_current);
+                assert_eq!(cpu.optimizer.step, 12);
+                let got = flat(cpu);
+                let drift = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                let moved = got
+                    .iter()
+                    .zip(&initial)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(drift < 1e-2 && moved > 1e-2, "drift {drift}, moved {moved}");
+            }
+            Backend::Cpu(_) => unreachable!(),
+        }
+        // Training on after sampling marks the CPU copy stale again.
+        pollster::block_on(gpu.step(1)).unwrap();
+        assert!(matches!(
+            &gpu.backend,
+            Backend::WebGpu {
+                cpu_current: false,
+                ..
+            }
+        ));
     }
 }

@@ -179,6 +179,9 @@ pub enum WebError {
     Data(String),
     /// The requested backend is not available (not built, or no adapter).
     Backend(String),
+    /// The WebGPU backend failed: a limit of the adapter, a validation or
+    /// readback error (`mhc-gpu`'s typed error).
+    Gpu(mhc_gpu::GpuError),
 }
 
 impl fmt::Display for WebError {
@@ -188,6 +191,7 @@ impl fmt::Display for WebError {
             Self::Config(m) => write!(f, "invalid configuration: {m}"),
             Self::Data(m) => write!(f, "training text: {m}"),
             Self::Backend(m) => write!(f, "backend: {m}"),
+            Self::Gpu(e) => write!(f, "WebGPU: {e}"),
         }
     }
 }
@@ -198,12 +202,54 @@ impl From<MhcError> for WebError {
     }
 }
 
+impl From<mhc_gpu::GpuError> for WebError {
+    /// Core errors (a diverged step, a bad token) stay [`WebError::Core`];
+    /// a missing adapter, a refused or lost device become
+    /// [`WebError::Backend`] with what to do in a browser; the rest (limits,
+    /// validation, readback) [`WebError::Gpu`].
+    fn from(e: mhc_gpu::GpuError) -> Self {
+        use mhc_gpu::GpuError;
+        match e {
+            GpuError::Core(e) => Self::Core(e),
+            GpuError::NoAdapter(m) => Self::Backend(format!(
+                "WebGPU gave no adapter ({m}); enable WebGPU in the browser (Chromium: \
+                 --enable-unsafe-webgpu) or choose the CPU backend"
+            )),
+            GpuError::DeviceRequest(m) => Self::Backend(format!(
+                "the WebGPU adapter refused to create a device ({m}); choose the CPU backend"
+            )),
+            GpuError::DeviceLost(m) => Self::Backend(format!(
+                "the WebGPU device was lost ({m}) and its weights with it: press Reset and \
+                 start again, or choose the CPU backend"
+            )),
+            other => Self::Gpu(other),
+        }
+    }
+}
+
 impl core::error::Error for WebError {}
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use alloc::string::ToString;
+
+    #[test]
+    fn gpu_errors_become_browser_messages() {
+        use mhc_gpu::GpuError;
+        let e = WebError::from(GpuError::NoAdapter("none".into()));
+        assert!(e.to_string().contains("--enable-unsafe-webgpu"), "{e}");
+        let e = WebError::from(GpuError::DeviceLost("Destroyed".into()));
+        assert!(e.to_string().contains("press Reset"), "{e}");
+        let e = WebError::from(GpuError::Core(MhcError::ZeroStreams));
+        assert_eq!(e, WebError::Core(MhcError::ZeroStreams));
+        let e = WebError::from(GpuError::Readback("map failed".into()));
+        assert!(
+            e.to_string()
+                .starts_with("WebGPU: reading a GPU buffer back failed"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn defaults_are_valid() {

@@ -46,6 +46,63 @@ fn matmul(@builtin(local_invocation_id) li: vec3<u32>, @builtin(workgroup_id) wi
     }
 }
 
+// The same product without workgroup memory or barriers: one invocation a
+// 4×4 block of the output (64 a workgroup, ⌈⌈M/4⌉·⌈N/4⌉/64⌉ workgroups),
+// each output summed over r in the same order as `matmul`. For software
+// adapters (SwiftShader), where a workgroup barrier costs far more than the
+// loads it saves. Rows and columns past the edge read the last one and are
+// not written.
+fn mm_store(row: u32, col: u32, v: f32) {
+    if (row < P.u0 && col < P.u1) {
+        let at = P.u11 + row * P.u7 + col;
+        if (P.u10 != 0u) {
+            mm_out[at] = mm_out[at] + v;
+        } else {
+            mm_out[at] = v;
+        }
+    }
+}
+
+fn mm_store4(row: u32, j0: u32, v: vec4<f32>) {
+    mm_store(row, j0, v.x);
+    mm_store(row, j0 + 1u, v.y);
+    mm_store(row, j0 + 2u, v.z);
+    mm_store(row, j0 + 3u, v.w);
+}
+
+@compute @workgroup_size(64)
+fn matmul_serial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let m = P.u0;
+    let n = P.u1;
+    let bn = (n + 3u) / 4u;
+    let idx = group_index(wid, nwg) * 64u + lid;
+    if (idx >= ((m + 3u) / 4u) * bn) { return; }
+    let i0 = (idx / bn) * 4u;
+    let j0 = (idx % bn) * 4u;
+    let ia = P.u8 + vec4<u32>(min(i0, m - 1u), min(i0 + 1u, m - 1u), min(i0 + 2u, m - 1u), min(i0 + 3u, m - 1u)) * P.u3;
+    let ib = P.u9 + vec4<u32>(min(j0, n - 1u), min(j0 + 1u, n - 1u), min(j0 + 2u, n - 1u), min(j0 + 3u, n - 1u)) * P.u6;
+    var c0 = vec4<f32>(0.0);
+    var c1 = vec4<f32>(0.0);
+    var c2 = vec4<f32>(0.0);
+    var c3 = vec4<f32>(0.0);
+    var ra = 0u;
+    var rb = 0u;
+    for (var r = 0u; r < P.u2; r++) {
+        let av = vec4<f32>(mm_a[ia.x + ra], mm_a[ia.y + ra], mm_a[ia.z + ra], mm_a[ia.w + ra]);
+        let bv = vec4<f32>(mm_b[ib.x + rb], mm_b[ib.y + rb], mm_b[ib.z + rb], mm_b[ib.w + rb]);
+        c0 += av.x * bv;
+        c1 += av.y * bv;
+        c2 += av.z * bv;
+        c3 += av.w * bv;
+        ra += P.u4;
+        rb += P.u5;
+    }
+    mm_store4(i0, j0, c0);
+    mm_store4(i0 + 1u, j0, c1);
+    mm_store4(i0 + 2u, j0, c2);
+    mm_store4(i0 + 3u, j0, c3);
+}
+
 // RMSNorm per row: y = x / √(mean(x²) + eps) ⊙ w, inv[r] = 1/rms. u0 rows, u1 C, f0 eps; one workgroup a row.
 @group(0) @binding(0) var<storage, read> rn_x: array<f32>;
 @group(0) @binding(1) var<storage, read> rn_w: array<f32>;
@@ -64,6 +121,19 @@ fn rmsnorm(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid
     let inv = 1.0 / sqrt(red[0] / f32(c) + P.f0);
     for (var j = lid; j < c; j += 64u) { rn_y[r * c + j] = rn_x[r * c + j] * inv * rn_w[j]; }
     if (lid == 0u) { rn_inv[r] = inv; }
+}
+
+// `rmsnorm` with one invocation a row (64 rows a workgroup), no barriers.
+@compute @workgroup_size(64)
+fn rmsnorm_serial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = group_index(wid, nwg) * 64u + lid;
+    if (r >= P.u0) { return; }
+    let c = P.u1;
+    var ss = 0.0;
+    for (var j = 0u; j < c; j++) { let v = rn_x[r * c + j]; ss += v * v; }
+    let inv = 1.0 / sqrt(ss / f32(c) + P.f0);
+    for (var j = 0u; j < c; j++) { rn_y[r * c + j] = rn_x[r * c + j] * inv * rn_w[j]; }
+    rn_inv[r] = inv;
 }
 
 // RMSNorm backward, ∂x per row: ∂x = (∂y⊙w − x̂·mean(∂y⊙w⊙x̂))·inv. u0 rows, u1 C.
@@ -85,6 +155,21 @@ fn rmsnorm_backward(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
     reduce64(lid, 1u);
     let m = red[0] / f32(c);
     for (var j = lid; j < c; j += 64u) {
+        rb_gx[r * c + j] = (rb_gy[r * c + j] * rb_w[j] - rb_x[r * c + j] * inv * m) * inv;
+    }
+}
+
+// `rmsnorm_backward` with one invocation a row (64 rows a workgroup), no barriers.
+@compute @workgroup_size(64)
+fn rmsnorm_backward_serial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = group_index(wid, nwg) * 64u + lid;
+    if (r >= P.u0) { return; }
+    let c = P.u1;
+    let inv = rb_inv[r];
+    var s = 0.0;
+    for (var j = 0u; j < c; j++) { s += rb_gy[r * c + j] * rb_w[j] * (rb_x[r * c + j] * inv); }
+    let m = s / f32(c);
+    for (var j = 0u; j < c; j++) {
         rb_gx[r * c + j] = (rb_gy[r * c + j] * rb_w[j] - rb_x[r * c + j] * inv * m) * inv;
     }
 }
@@ -292,6 +377,27 @@ fn cross_entropy(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_i
     workgroupBarrier();
     let inv = 1.0 / sum;
     for (var j = lid; j < v; j += 64u) {
+        var gv = exp(ce_logits[base + j] - m) * inv * P.f0;
+        if (j == tgt) { gv = gv - P.f0; }
+        ce_logits[base + j] = gv;
+    }
+}
+
+// `cross_entropy` with one invocation a row (64 rows a workgroup), no barriers.
+@compute @workgroup_size(64)
+fn cross_entropy_serial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = group_index(wid, nwg) * 64u + lid;
+    if (r >= P.u0) { return; }
+    let v = P.u1;
+    let base = r * v;
+    var m = -3.0e38;
+    for (var j = 0u; j < v; j++) { m = max(m, ce_logits[base + j]); }
+    var sum = 0.0;
+    for (var j = 0u; j < v; j++) { sum += exp(ce_logits[base + j] - m); }
+    let tgt = ce_targets[r];
+    ce_loss[r] = log(sum) - (ce_logits[base + tgt] - m);
+    let inv = 1.0 / sum;
+    for (var j = 0u; j < v; j++) {
         var gv = exp(ce_logits[base + j] - m) * inv * P.f0;
         if (j == tgt) { gv = gv - P.f0; }
         ce_logits[base + j] = gv;

@@ -184,6 +184,38 @@ fn mhc_project(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
     }
 }
 
+// `mhc_project` with one invocation a token (64 tokens a workgroup), no
+// barriers; columns in blocks of 8 (two vec4 accumulators, φ indices past
+// K clamped and their sums dropped), so x and γ are loaded once a block.
+@compute @workgroup_size(64)
+fn mhc_project_serial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = group_index(wid, nwg) * 64u + lid;
+    if (t >= P.u0) { return; }
+    let n = P.u1;
+    let k = P.u3;
+    let nc = n * P.u2;
+    let base = t * nc;
+    var ss = 0.0;
+    for (var m = 0u; m < nc; m++) { let xv = mp_x[base + m]; ss += xv * xv; }
+    mp_norms[t * n] = sqrt(ss / f32(nc) + P.f0);
+    for (var j0 = 0u; j0 < k; j0 += 8u) {
+        let lo = min(vec4<u32>(j0, j0 + 1u, j0 + 2u, j0 + 3u), vec4<u32>(k - 1u));
+        let hi = min(vec4<u32>(j0 + 4u, j0 + 5u, j0 + 6u, j0 + 7u), vec4<u32>(k - 1u));
+        var a = vec4<f32>(0.0);
+        var b = vec4<f32>(0.0);
+        for (var m = 0u; m < nc; m++) {
+            let vg = mp_x[base + m] * mp_prm[P.u9 + m];
+            let row = P.u8 + m * k;
+            a += vg * vec4<f32>(mp_prm[row + lo.x], mp_prm[row + lo.y], mp_prm[row + lo.z], mp_prm[row + lo.w]);
+            b += vg * vec4<f32>(mp_prm[row + hi.x], mp_prm[row + hi.y], mp_prm[row + hi.z], mp_prm[row + hi.w]);
+        }
+        for (var q = 0u; q < 4u; q++) {
+            if (j0 + q < k) { mp_proj[t * k + j0 + q] = a[q]; }
+            if (j0 + 4u + q < k) { mp_proj[t * k + j0 + 4u + q] = b[q]; }
+        }
+    }
+}
+
 // Stream i and weight offset of HC projection column j.
 fn hc_column(j: u32, n: u32, c: u32) -> vec2<u32> {
     if (j < n) { return vec2<u32>(j, P.u10); }
@@ -244,6 +276,30 @@ fn hc_project(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) 
             hp_proj[t * k + j0 + lid] = safe_tanh(red[lid * 64u] * (1.0 / hc_rms[col.x]));
         }
         workgroupBarrier();
+    }
+}
+
+// `hc_project` with one invocation a token (64 tokens a workgroup), no barriers.
+@compute @workgroup_size(64)
+fn hc_project_serial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = group_index(wid, nwg) * 64u + lid;
+    if (t >= P.u0) { return; }
+    let n = P.u1;
+    let c = P.u2;
+    let k = P.u3;
+    let base = t * n * c;
+    var rms: array<f32, 8>;
+    for (var i = 0u; i < n; i++) {
+        var ss = 0.0;
+        for (var cc = 0u; cc < c; cc++) { let xv = hp_x[base + i * c + cc]; ss += xv * xv; }
+        rms[i] = sqrt(ss / f32(c) + P.f0);
+        hp_norms[t * n + i] = rms[i];
+    }
+    for (var j = 0u; j < k; j++) {
+        let col = hc_column(j, n, c);
+        var acc = 0.0;
+        for (var cc = 0u; cc < c; cc++) { acc += hp_prm[col.y + cc] * hp_x[base + col.x * c + cc]; }
+        hp_proj[t * k + j] = safe_tanh(acc * (1.0 / rms[col.x]));
     }
 }
 
@@ -406,6 +462,40 @@ fn post_res_backward(@builtin(local_invocation_index) lid: u32, @builtin(workgro
     }
 }
 
+// `post_res_backward` with one invocation a token (64 tokens a workgroup), no barriers.
+@compute @workgroup_size(64)
+fn post_res_backward_serial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = group_index(wid, nwg) * 64u + lid;
+    if (t >= P.u0) { return; }
+    let n = P.u1;
+    let c = P.u2;
+    let row = t * P.u3;
+    let base = t * n * c;
+    var acc: array<f32, 72>;
+    for (var cc = 0u; cc < c; cc++) {
+        let y = pb_y[t * c + cc];
+        var xs: array<f32, 8>;
+        var gs: array<f32, 8>;
+        for (var i = 0u; i < n; i++) {
+            xs[i] = pb_x[base + i * c + cc];
+            gs[i] = pb_gout[base + i * c + cc];
+        }
+        var gy = 0.0;
+        for (var o = 0u; o < n; o++) {
+            gy += pb_coef[row + n + o] * gs[o];
+            acc[o] += gs[o] * y;
+            for (var i = 0u; i < n; i++) { acc[n + o * n + i] += gs[o] * xs[i]; }
+        }
+        pb_gy[t * c + cc] = gy;
+        for (var i = 0u; i < n; i++) {
+            var gx = 0.0;
+            for (var o = 0u; o < n; o++) { gx += pb_coef[row + 2u * n + o * n + i] * gs[o]; }
+            pb_gx[base + i * c + cc] = gx;
+        }
+    }
+    for (var j = 0u; j < n + n * n; j++) { pb_gc[row + n + j] = acc[j]; }
+}
+
 // Backward of the pre-aggregate, one workgroup a token: gx += H_pre[i]·gh
 // and the H_pre part of gc: gh·x_i.
 @group(0) @binding(0) var<storage, read> qb_x: array<f32>;
@@ -434,6 +524,27 @@ fn pre_backward(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
     for (var q = 0u; q < 8u; q++) { red[q * 64u + lid] = acc[q]; }
     reduce64(lid, 8u);
     if (lid < n) { qb_gc[row + lid] = red[lid * 64u]; }
+}
+
+// `pre_backward` with one invocation a token (64 tokens a workgroup), no barriers.
+@compute @workgroup_size(64)
+fn pre_backward_serial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = group_index(wid, nwg) * 64u + lid;
+    if (t >= P.u0) { return; }
+    let n = P.u1;
+    let c = P.u2;
+    let row = t * P.u3;
+    let base = t * n * c;
+    var acc: array<f32, 8>;
+    for (var cc = 0u; cc < c; cc++) {
+        let gh = qb_gh[t * c + cc];
+        for (var i = 0u; i < n; i++) {
+            let at = base + i * c + cc;
+            acc[i] += gh * qb_x[at];
+            qb_gx[at] = qb_gx[at] + qb_coef[row + i] * gh;
+        }
+    }
+    for (var i = 0u; i < n; i++) { qb_gc[row + i] = acc[i]; }
 }
 
 // Backward of the coefficients, one thread a token. Row t of `tok`
@@ -526,6 +637,16 @@ fn column_sum(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) 
     if (lid == 0u) { cs_dst[P.u4 + j] = cs_dst[P.u4 + j] + red[0]; }
 }
 
+// `column_sum` with one invocation a column (64 columns a workgroup), no barriers.
+@compute @workgroup_size(64)
+fn column_sum_serial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let j = group_index(wid, nwg) * 64u + lid;
+    if (j >= P.u1) { return; }
+    var s = 0.0;
+    for (var r = 0u; r < P.u0; r++) { s += cs_src[r * P.u2 + P.u3 + j]; }
+    cs_dst[P.u4 + j] = cs_dst[P.u4 + j] + s;
+}
+
 // mHC dynamic, ∂x: gx[t, m] += γ[m]·(φ[m, :]·∂p_t) + ∂r-factor_t·x[t, m]; one thread an element.
 @group(0) @binding(0) var<storage, read> md_x: array<f32>;
 @group(0) @binding(1) var<storage, read> md_prm: array<f32>;
@@ -602,6 +723,27 @@ fn hc_dx(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: 
     reduce64(lid, 1u);
     let m = red[0] * inv / f32(c);
     for (var cc = lid; cc < c; cc += 64u) {
+        let d = hc_dxt(t, i, cc, n, c, k);
+        hd_gx[base + cc] = hd_gx[base + cc] + (d - hd_x[base + cc] * inv * m) * inv;
+    }
+}
+
+// `hc_dx` with one invocation per (t, i) (64 a workgroup), no barriers.
+@compute @workgroup_size(64)
+fn hc_dx_serial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let w = group_index(wid, nwg) * 64u + lid;
+    let n = P.u1;
+    if (w >= P.u0 * n) { return; }
+    let c = P.u2;
+    let k = P.u3;
+    let t = w / n;
+    let i = w % n;
+    let base = (t * n + i) * c;
+    let inv = 1.0 / hd_norms[t * n + i];
+    var acc = 0.0;
+    for (var cc = 0u; cc < c; cc++) { acc += hc_dxt(t, i, cc, n, c, k) * hd_x[base + cc]; }
+    let m = acc * inv / f32(c);
+    for (var cc = 0u; cc < c; cc++) {
         let d = hc_dxt(t, i, cc, n, c, k);
         hd_gx[base + cc] = hd_gx[base + cc] + (d - hd_x[base + cc] * inv * m) * inv;
     }
