@@ -4,7 +4,7 @@
 //! several GPUs was available when it was written; `tests/cuda_data_parallel.rs`
 //! and `scripts/gpu-dataparallel.sh` are what a session with one runs first.
 //!
-//! One thread per GPU, each with its own [`CudaDevice`], [`GpuTrainer`]
+//! One thread per GPU, each with its own [`CudaDevice`], [`GpuTrainer`](super::GpuTrainer)
 //! replica and [`NcclAllReduce`] (an NCCL communicator is made and used by
 //! one thread). The step is the core's algorithm
 //! ([`mhc_core::model::parallel`]): every replica draws the same global
