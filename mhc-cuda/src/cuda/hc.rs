@@ -89,28 +89,7 @@ impl HcCuda {
             )));
         }
         let (n, c) = (config.n, config.width);
-        if n > 8 {
-            return Err(CudaError::Unsupported(format!(
-                "n = {n}: at most 8 streams"
-            )));
-        }
-        if c % 4 != 0 {
-            return Err(CudaError::Unsupported(format!(
-                "C = {c}: the width must be a multiple of 4"
-            )));
-        }
-        if capacity == 0 {
-            return Err(CudaError::Core(mhc_core::MhcError::EmptyBatch));
-        }
-        if capacity
-            .checked_mul(n * c)
-            .is_none_or(|e| e >= i32::MAX as usize)
-        {
-            return Err(CudaError::Unsupported(format!(
-                "{capacity} tokens × n·C = {} exceeds 2³¹ elements per buffer",
-                n * c
-            )));
-        }
+        super::wrapper::check_streams_and_capacity(config, capacity)?;
         params.validate(config)?;
         let k = config.coefficient_len();
         let rows = capacity * n;

@@ -176,6 +176,39 @@ fn cfg(grid: (u32, u32), block: u32) -> LaunchConfig {
     }
 }
 
+/// What every GPU wrapper's kernels take: `n ≤ 8` streams, a width that is a
+/// multiple of 4 (vector loads), and a non-empty batch whose buffers stay
+/// below 2³¹ elements (32-bit indices).
+pub(crate) fn check_streams_and_capacity(
+    config: &ConnectionConfig,
+    capacity: usize,
+) -> CudaResult<()> {
+    let (n, c) = (config.n, config.width);
+    if n > 8 {
+        return Err(CudaError::Unsupported(format!(
+            "n = {n}: at most 8 streams"
+        )));
+    }
+    if c % 4 != 0 {
+        return Err(CudaError::Unsupported(format!(
+            "C = {c}: the width must be a multiple of 4"
+        )));
+    }
+    if capacity == 0 {
+        return Err(CudaError::Core(mhc_core::MhcError::EmptyBatch));
+    }
+    if capacity
+        .checked_mul(n * c)
+        .is_none_or(|e| e >= i32::MAX as usize)
+    {
+        return Err(CudaError::Unsupported(format!(
+            "{capacity} tokens × n·C = {} exceeds 2³¹ elements per buffer",
+            n * c
+        )));
+    }
+    Ok(())
+}
+
 impl<S: StreamElement> MhcCuda<S> {
     /// Uploads `params` (mHC dynamic, `n ≤ 8`, `C % 4 == 0`) and allocates buffers for `capacity` tokens.
     pub fn new(
@@ -193,32 +226,11 @@ impl<S: StreamElement> MhcCuda<S> {
             )));
         }
         let (n, c) = (config.n, config.width);
-        if n > 8 {
-            return Err(CudaError::Unsupported(format!(
-                "n = {n}: at most 8 streams"
-            )));
-        }
+        check_streams_and_capacity(config, capacity)?;
         if config.sinkhorn.iterations > 64 {
             return Err(CudaError::Unsupported(format!(
                 "{} Sinkhorn–Knopp iterations: at most 64",
                 config.sinkhorn.iterations
-            )));
-        }
-        if c % 4 != 0 {
-            return Err(CudaError::Unsupported(format!(
-                "C = {c}: the width must be a multiple of 4"
-            )));
-        }
-        if capacity == 0 {
-            return Err(CudaError::Core(mhc_core::MhcError::EmptyBatch));
-        }
-        if capacity
-            .checked_mul(n * c)
-            .is_none_or(|e| e >= i32::MAX as usize)
-        {
-            return Err(CudaError::Unsupported(format!(
-                "{capacity} tokens × n·C = {} exceeds 2³¹ elements per buffer",
-                n * c
             )));
         }
         params.validate(config)?;
