@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# On the GPU machine: mhc-train on CUDA — a compare (residual and mHC on the
-# GPU, HC on the CPU), and resume on the GPU checked bit for bit against an
+# On the GPU machine: mhc-train on CUDA — a compare (residual, HC and mHC on the
+# GPU), and resume on the GPU checked bit for bit against an
 # uninterrupted GPU run. Results land in $OUT (or ./gpu-out).
 set -uo pipefail
 out=${OUT:-gpu-out}
