@@ -154,3 +154,52 @@ fn bad_model_input_is_a_typed_error() {
     assert_eq!(model.backward(), Err(MhcError::BackwardBeforeForward));
     assert!(Model::<f32>::new(tiny(Scheme::Residual, 2), 10, 0).is_err());
 }
+
+/// Sampling decodes incrementally (cached keys and values) while the sequence
+/// fits the context, then falls back to full forwards: the tokens must be
+/// exactly those of a full forward per token, for every scheme, in f64 and f32.
+#[test]
+fn incremental_sampling_equals_full_forwards() {
+    use mhc_core::model::sample_token;
+    fn check<T: mhc_core::Real>(scheme: Scheme, n: usize) {
+        let mut config = tiny(scheme, n);
+        config.context = 12;
+        config.vocab = 17;
+        let mut model = Model::<T>::new(config, 2 * config.context, 3).unwrap();
+        // Larger-than-default weights so the logits differ between tokens.
+        let mut rng = Rng::new(4);
+        model.for_each_param(|_, p, _| {
+            for v in p.iter_mut() {
+                *v = *v + T::of(0.3 * rng.normal());
+            }
+        });
+        let prompt = [3u32, 1, 4];
+        // 20 tokens: 9 decoded incrementally (3 + 9 = 12 = context), the rest by full forwards.
+        for temperature in [0.0, 0.9] {
+            let fast = model
+                .generate(&prompt, 20, temperature, &mut Rng::new(11))
+                .unwrap();
+            let mut sampler = Rng::new(11);
+            let mut seq = prompt.to_vec();
+            for _ in 0..20 {
+                let logits = model.next_logits(&seq).unwrap().to_vec();
+                seq.push(sample_token(&logits, temperature, &mut sampler));
+            }
+            assert_eq!(fast, seq[prompt.len()..], "{scheme} n={n} t={temperature}");
+        }
+        assert!(matches!(
+            model.generate(&[99], 2, 0.0, &mut Rng::new(1)),
+            Err(MhcError::TokenOutOfRange { .. })
+        ));
+    }
+    for (scheme, n) in [
+        (Scheme::Residual, 1),
+        (Scheme::HcDynamic, 3),
+        (Scheme::HcStatic, 2),
+        (Scheme::MhcDynamic, 4),
+        (Scheme::MhcStatic, 2),
+    ] {
+        check::<f64>(scheme, n);
+        check::<f32>(scheme, n);
+    }
+}

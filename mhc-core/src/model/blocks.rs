@@ -349,3 +349,95 @@ impl<T: Real> Sublayer<T> for Mlp<T> {
         Ok(())
     }
 }
+
+/// One new position of an [`Attention`] sublayer against the keys and values
+/// of the positions before it (incremental decoding): the same arithmetic, in
+/// the same order, as the last row of [`Attention`]'s batched forward, so the
+/// output is bit for bit that row's.
+pub(crate) struct CachedAttention<'a, T> {
+    /// The sublayer whose weights are used.
+    pub attn: &'a Attention<T>,
+    /// Rows `[pos, C]` of the keys so far; this position's row is appended.
+    pub keys: &'a mut Vec<T>,
+    /// Rows `[pos, C]` of the values so far; this position's row is appended.
+    pub values: &'a mut Vec<T>,
+    /// Scratch: normalised input, 1/rms, qkv, attention output, probabilities.
+    pub scratch: &'a mut CachedScratch<T>,
+}
+
+/// Buffers of [`CachedAttention`], reused across positions.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct CachedScratch<T> {
+    normed: Vec<T>,
+    inv_rms: Vec<T>,
+    qkv: Vec<T>,
+    attn: Vec<T>,
+    probs: Vec<T>,
+}
+
+impl<T: Real> Sublayer<T> for CachedAttention<'_, T> {
+    fn forward(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
+        let a = self.attn;
+        let (c, h) = (a.width, a.heads);
+        if input.len() != c || output.len() != c {
+            return Err(MhcError::ShapeMismatch {
+                what: "incremental attention input [1, C]",
+                expected: c,
+                got: input.len(),
+            });
+        }
+        let d = c / h;
+        let s = &mut *self.scratch;
+        grow(&mut s.normed, c);
+        grow(&mut s.inv_rms, 1);
+        grow(&mut s.qkv, 3 * c);
+        grow(&mut s.attn, c);
+        rmsnorm(
+            input,
+            &a.norm.value,
+            a.eps,
+            &mut s.normed[..c],
+            &mut s.inv_rms[..1],
+        );
+        matmul(&s.normed, &a.wqkv.value, &mut s.qkv, 1, c, 3 * c);
+        self.keys.extend_from_slice(&s.qkv[c..2 * c]);
+        self.values.extend_from_slice(&s.qkv[2 * c..3 * c]);
+        let t = self.keys.len() / c - 1;
+        grow(&mut s.probs, t + 1);
+        let scale = T::one() / T::of(d as f64).sqrt();
+        for hh in 0..h {
+            let q = &s.qkv[hh * d..(hh + 1) * d];
+            let p = &mut s.probs[..=t];
+            let mut max = T::neg_infinity();
+            for u in 0..=t {
+                let kr = u * c + hh * d;
+                p[u] = dot(q, &self.keys[kr..kr + d]) * scale;
+                max = max.max(p[u]);
+            }
+            let mut sum = T::zero();
+            for pu in p.iter_mut() {
+                *pu = (*pu - max).exp();
+                sum = sum + *pu;
+            }
+            let inv = T::one() / sum;
+            p.iter_mut().for_each(|v| *v = *v * inv);
+            let o = &mut s.attn[hh * d..(hh + 1) * d];
+            o.iter_mut().for_each(|v| *v = T::zero());
+            for u in 0..=t {
+                let vr = u * c + hh * d;
+                let pu = p[u];
+                for (ov, &vv) in o.iter_mut().zip(&self.values[vr..vr + d]) {
+                    *ov = *ov + pu * vv;
+                }
+            }
+        }
+        matmul(&s.attn, &a.wo.value, output, 1, c, c);
+        Ok(())
+    }
+
+    fn vjp(&mut self, _: &[T], _: &[T], _: &mut [T]) -> Result<()> {
+        Err(MhcError::Sublayer(
+            "incremental attention is for inference: it has no backward".into(),
+        ))
+    }
+}

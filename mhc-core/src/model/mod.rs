@@ -637,12 +637,87 @@ impl<T: Real> Model<T> {
             return Err(MhcError::EmptyBatch);
         }
         let mut seq = prompt.to_vec();
+        // While every position fits the context window, decode incrementally:
+        // each new token costs one position's forward against the cached keys
+        // and values (bit for bit what the full forward gives for the last
+        // position). Once the window slides, positions shift: full forwards.
+        let mut cache = DecodeCache::new(self);
+        let mut logits: Vec<T> = Vec::new();
         for _ in 0..count {
-            let logits = self.next_logits(&seq)?;
-            let next = sample_token(logits, temperature, rng);
+            if seq.len() <= self.config.context {
+                while cache.len < seq.len() {
+                    let token = seq[cache.len];
+                    logits.clear();
+                    logits.extend_from_slice(self.decode_next(token, &mut cache)?);
+                }
+            } else {
+                logits.clear();
+                logits.extend_from_slice(self.next_logits(&seq)?);
+            }
+            let next = sample_token(&logits, temperature, rng);
             seq.push(next);
         }
         Ok(seq.split_off(prompt.len()))
+    }
+
+    /// Logits after `token` at position `cache.len` (then advanced), from the
+    /// keys and values `cache` holds for the positions before it.
+    fn decode_next<'s>(&'s mut self, token: u32, cache: &mut DecodeCache<T>) -> Result<&'s [T]> {
+        let (c, n, v) = (self.config.width, self.config.streams, self.config.vocab);
+        let pos = cache.len;
+        if token as usize >= v {
+            return Err(MhcError::TokenOutOfRange { token, vocab: v });
+        }
+        if pos >= self.config.context {
+            return Err(MhcError::ShapeMismatch {
+                what: "incremental decoding position (< context)",
+                expected: self.config.context,
+                got: pos + 1,
+            });
+        }
+        let s = n * c;
+        let e = &self.token_embedding.value[token as usize * c..(token as usize + 1) * c];
+        let p = &self.position_embedding.value[pos * c..(pos + 1) * c];
+        for stream in 0..n {
+            for ((x, &ev), &pv) in cache.x[stream * c..(stream + 1) * c]
+                .iter_mut()
+                .zip(e)
+                .zip(p)
+            {
+                *x = ev + pv;
+            }
+        }
+        for (l, b) in self.blocks.iter_mut().enumerate() {
+            let mut attn = blocks::CachedAttention {
+                attn: &b.attn,
+                keys: &mut cache.keys[l],
+                values: &mut cache.values[l],
+                scratch: &mut cache.scratch,
+            };
+            b.attn_conn
+                .forward(&mut attn, &cache.x[..s], &mut cache.y[..s], &mut cache.ws)?;
+            b.mlp_conn
+                .forward(&mut b.mlp, &cache.y[..s], &mut cache.x[..s], &mut cache.ws)?;
+        }
+        let inv_n = T::one() / T::of(n as f64);
+        let r = &mut self.reduced[..c];
+        r.copy_from_slice(&cache.x[..c]);
+        for stream in 1..n {
+            for (rv, &xv) in r.iter_mut().zip(&cache.x[stream * c..(stream + 1) * c]) {
+                *rv = *rv + xv;
+            }
+        }
+        r.iter_mut().for_each(|v| *v = *v * inv_n);
+        rmsnorm(
+            &self.reduced[..c],
+            &self.final_norm.value,
+            T::of(1e-6),
+            &mut self.normed[..c],
+            &mut self.inv_rms[..1],
+        );
+        matmul(&self.normed, &self.head.value, &mut self.logits, 1, c, v);
+        cache.len += 1;
+        Ok(&self.logits[..v])
     }
 
     /// Amax gains of every `H_res` of the last forward and their composite over depth.
@@ -720,6 +795,34 @@ pub fn sample_token<T: Real>(logits: &[T], temperature: f64, rng: &mut Rng) -> u
         }
     }
     argmax as u32
+}
+
+/// What incremental decoding keeps between positions: per block the
+/// attention's keys and values so far, and one token's buffers.
+struct DecodeCache<T> {
+    keys: Vec<Vec<T>>,
+    values: Vec<Vec<T>>,
+    scratch: blocks::CachedScratch<T>,
+    ws: Workspace<T>,
+    x: Vec<T>,
+    y: Vec<T>,
+    len: usize,
+}
+
+impl<T: Real> DecodeCache<T> {
+    fn new(model: &Model<T>) -> Self {
+        let cfg = model.config;
+        let s = cfg.streams * cfg.width;
+        Self {
+            keys: vec![Vec::new(); cfg.layers],
+            values: vec![Vec::new(); cfg.layers],
+            scratch: blocks::CachedScratch::default(),
+            ws: Workspace::new(&cfg.connection(), 1),
+            x: vec![T::zero(); s],
+            y: vec![T::zero(); s],
+            len: 0,
+        }
+    }
 }
 
 /// Settings of a training run (the model's shape lives in [`ModelConfig`]).
@@ -918,5 +1021,47 @@ impl<T: Real> Trainer<T> {
             total += sum / batch as f64;
         }
         Ok(total / batches.max(1) as f64)
+    }
+}
+
+#[cfg(test)]
+mod decode_tests {
+    use super::*;
+
+    /// Incremental decoding gives, bit for bit, the logits of the full
+    /// forward's last position, position after position, for every scheme.
+    #[test]
+    fn cached_logits_equal_full_forward_logits() {
+        for (scheme, n) in [
+            (Scheme::Residual, 1),
+            (Scheme::HcDynamic, 3),
+            (Scheme::MhcDynamic, 4),
+            (Scheme::MhcStatic, 2),
+        ] {
+            let config = ModelConfig {
+                vocab: 13,
+                width: 8,
+                layers: 2,
+                heads: 2,
+                context: 7,
+                streams: n,
+                scheme,
+                sinkhorn_iterations: 20,
+            };
+            let mut model = Model::<f64>::new(config, config.context, 2).unwrap();
+            let mut rng = Rng::new(6);
+            model.for_each_param(|_, p, _| {
+                p.iter_mut().for_each(|v| *v += 0.3 * rng.normal());
+            });
+            let tokens = [5u32, 0, 12, 7, 7, 3, 9];
+            let mut cache = DecodeCache::new(&model);
+            for t in 0..tokens.len() {
+                let cached = model.decode_next(tokens[t], &mut cache).unwrap().to_vec();
+                let full = model.next_logits(&tokens[..=t]).unwrap().to_vec();
+                assert_eq!(cached, full, "{scheme} n={n} position {t}");
+            }
+            // The window is full: one more position is an error, not a wrong answer.
+            assert!(model.decode_next(1, &mut cache).is_err());
+        }
     }
 }
