@@ -84,6 +84,8 @@ struct TrainRow {
     context: usize,
     vocab: usize,
     precision: String,
+    /// "flash" or "gemm" (see `GpuTrainer::attention_kind`).
+    attention: String,
     step_ms: f64,
     tokens_per_s: f64,
     /// Device memory the trainer holds after warm-up (its buffers are static: also the peak).
@@ -96,9 +98,9 @@ fn bench_train(dev: &Arc<CudaDevice>, args: &Args, width: usize) -> Result<(), C
     use mhc_core::model::{ModelConfig, TrainConfig, Trainer};
     use mhc_cuda::cuda::GpuTrainer;
     println!(
-        "| scheme | d | layers | batch × context | vocab | products | step ms | tokens/s | GPU memory GiB |"
+        "| scheme | d | layers | batch × context | vocab | products | attention | step ms | tokens/s | GPU memory GiB |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
     for name in &args.schemes {
         let scheme: Scheme = name.parse().map_err(CudaError::Unsupported)?;
@@ -152,12 +154,13 @@ fn bench_train(dev: &Arc<CudaDevice>, args: &Args, width: usize) -> Result<(), C
         let tokens_per_s = (args.batch * args.context) as f64 / (ms / 1e3);
         let memory_gib = free_before.saturating_sub(free_after) as f64 / (1u64 << 30) as f64;
         println!(
-            "| {scheme} | {width} | {} | {} × {} | {} | {} | {ms:.1} | {:.0}k | {memory_gib:.1} |",
+            "| {scheme} | {width} | {} | {} × {} | {} | {} | {} | {ms:.1} | {:.0}k | {memory_gib:.1} |",
             args.layers,
             args.batch,
             args.context,
             args.vocab,
             args.precision.name(),
+            gpu.attention_kind(),
             tokens_per_s / 1e3,
         );
         rows.push(TrainRow {
@@ -170,6 +173,7 @@ fn bench_train(dev: &Arc<CudaDevice>, args: &Args, width: usize) -> Result<(), C
             context: args.context,
             vocab: args.vocab,
             precision: args.precision.name().into(),
+            attention: gpu.attention_kind().into(),
             step_ms: ms,
             tokens_per_s,
             memory_gib,

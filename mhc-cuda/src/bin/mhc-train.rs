@@ -374,10 +374,14 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
     if let Some(d) = &gpu
         && !gpu_runs.is_empty()
     {
+        let flash = gpu_runs
+            .iter()
+            .all(|s| mhc_cuda::cuda::ModelKernels::flash_for(s.width, s.heads, precision));
         line.push(format!(
-            "cuda ({}, f32 storage, {} matrix products) for {}",
+            "cuda ({}, f32 storage, {} matrix products, {} attention) for {}",
             d.name(),
             precision.name(),
+            if flash { "flash" } else { "GEMM" },
             names(&gpu_runs)
         ));
     }

@@ -49,8 +49,14 @@ impl DeviceParam {
 struct Ctx {
     k: ModelKernels,
     mm: MatMul,
-    /// Gradient of the attention probabilities: scratch shared by every layer's backward.
+    /// Attention by the flash kernels (bf16 products, no `seq × seq` scores)
+    /// rather than GEMMs around a softmax kernel.
+    flash: bool,
+    /// Scratch shared by every layer's attention backward: the gradient of the
+    /// probabilities (GEMM path) or the per-row `dO·O` (flash path)…
     dprobs: std::sync::Mutex<CudaSlice<f32>>,
+    /// …and the bf16 copy of the attention output's gradient (flash path).
+    dout16: std::sync::Mutex<CudaSlice<half::bf16>>,
 }
 
 /// RMSNorm → causal attention sublayer on the GPU.
@@ -65,6 +71,10 @@ struct GpuAttention {
     normed: CudaSlice<f32>,
     inv: CudaSlice<f32>,
     qkv: CudaSlice<f32>,
+    /// bf16 copy of `qkv`, the flash kernels' input (one element on the GEMM path).
+    qkv16: CudaSlice<half::bf16>,
+    /// The probabilities `[batch, heads, seq, seq]` (GEMM path) or the row
+    /// log-sum-exps `[batch, heads, seq]` (flash path).
     probs: CudaSlice<f32>,
     o: CudaSlice<f32>,
     d_o: CudaSlice<f32>,
@@ -99,16 +109,29 @@ impl CudaSublayer<f32> for GpuAttention {
             c,
             3 * c,
         )?;
-        k.attention_gemm(
-            mm,
-            &self.qkv,
-            self.batch,
-            self.seq,
-            self.heads,
-            c / self.heads,
-            &mut self.probs,
-            &mut self.o,
-        )?;
+        if self.ctx.flash {
+            k.to_bf16(&self.qkv, &mut self.qkv16)?;
+            k.flash_attention(
+                &self.qkv16,
+                self.batch,
+                self.seq,
+                self.heads,
+                c / self.heads,
+                &mut self.probs,
+                &mut self.o,
+            )?;
+        } else {
+            k.attention_gemm(
+                mm,
+                &self.qkv,
+                self.batch,
+                self.seq,
+                self.heads,
+                c / self.heads,
+                &mut self.probs,
+                &mut self.o,
+            )?;
+        }
         mm.matmul(&self.o, &self.wo.value, y, rows, c, c)
     }
     fn vjp(
@@ -120,25 +143,50 @@ impl CudaSublayer<f32> for GpuAttention {
         rows: usize,
         c: usize,
     ) -> CudaResult<()> {
-        let Ctx { k, mm, dprobs } = &*self.ctx;
+        let Ctx {
+            k,
+            mm,
+            flash,
+            dprobs,
+            dout16,
+        } = &*self.ctx;
         mm.matmul_grad_b(&self.o, dy, &mut self.wo.grad, rows, c, c)?;
         mm.matmul_grad_a(dy, &self.wo.value, &mut self.d_o, rows, c, c)?;
         {
             let mut scratch = dprobs
                 .lock()
                 .map_err(|_| CudaError::Driver("attention scratch poisoned".into()))?;
-            k.attention_gemm_backward(
-                mm,
-                &self.qkv,
-                &self.probs,
-                &self.d_o,
-                self.batch,
-                self.seq,
-                self.heads,
-                c / self.heads,
-                &mut scratch,
-                &mut self.dqkv,
-            )?;
+            if *flash {
+                let mut dout16 = dout16
+                    .lock()
+                    .map_err(|_| CudaError::Driver("attention scratch poisoned".into()))?;
+                k.flash_attention_backward(
+                    &self.qkv16,
+                    &self.o,
+                    &self.probs,
+                    &self.d_o,
+                    self.batch,
+                    self.seq,
+                    self.heads,
+                    c / self.heads,
+                    &mut scratch,
+                    &mut dout16,
+                    &mut self.dqkv,
+                )?;
+            } else {
+                k.attention_gemm_backward(
+                    mm,
+                    &self.qkv,
+                    &self.probs,
+                    &self.d_o,
+                    self.batch,
+                    self.seq,
+                    self.heads,
+                    c / self.heads,
+                    &mut scratch,
+                    &mut self.dqkv,
+                )?;
+            }
         }
         mm.matmul_grad_b(
             &self.normed,
@@ -406,10 +454,15 @@ impl GpuTrainer {
         let (c, n, v, ctxlen) = (config.width, config.streams, config.vocab, config.context);
         let rows = batch * ctxlen;
         let st = dev.stream().clone();
+        let flash = Self::attention_kind_for(&config, precision) == "flash";
+        // Per (sequence, head): the seq × seq probabilities, or one value per row (flash).
+        let att_len = batch * config.heads * if flash { ctxlen } else { ctxlen * ctxlen };
         let ctx = Arc::new(Ctx {
             k: ModelKernels::new(dev.clone())?,
             mm: MatMul::with_precision(&dev, precision)?,
-            dprobs: std::sync::Mutex::new(st.alloc_zeros(batch * config.heads * ctxlen * ctxlen)?),
+            flash,
+            dprobs: std::sync::Mutex::new(st.alloc_zeros(att_len)?),
+            dout16: std::sync::Mutex::new(st.alloc_zeros(if flash { rows * c } else { 1 })?),
         });
         let zeros = |len: usize| -> CudaResult<CudaSlice<f32>> { Ok(st.alloc_zeros(len)?) };
         let conn_cfg = config.connection();
@@ -426,7 +479,8 @@ impl GpuTrainer {
                 normed: zeros(rows * c)?,
                 inv: zeros(rows)?,
                 qkv: zeros(rows * 3 * c)?,
-                probs: zeros(batch * config.heads * ctxlen * ctxlen)?,
+                qkv16: st.alloc_zeros(if flash { rows * 3 * c } else { 1 })?,
+                probs: zeros(att_len)?,
                 o: zeros(rows * c)?,
                 d_o: zeros(rows * c)?,
                 dqkv: zeros(rows * 3 * c)?,
@@ -994,6 +1048,23 @@ impl GpuTrainer {
             n,
             self.config.scheme.is_manifold_constrained(),
         )?)
+    }
+
+    /// How attention is computed: `"flash"` (bf16 products without the
+    /// `seq × seq` scores: the kernels of [`ModelKernels::flash_attention`],
+    /// chosen at bf16 precision when the head dimension is 16, 32, 64 or 128)
+    /// or `"gemm"` (cuBLAS products around a causal-softmax kernel).
+    pub fn attention_kind(&self) -> &'static str {
+        if self.ctx.flash { "flash" } else { "gemm" }
+    }
+
+    /// The [`Self::attention_kind`] a trainer of `config` at `precision` gets.
+    pub fn attention_kind_for(config: &ModelConfig, precision: GemmPrecision) -> &'static str {
+        if ModelKernels::flash_for(config.width, config.heads, precision) {
+            "flash"
+        } else {
+            "gemm"
+        }
     }
 
     /// The device.

@@ -28,6 +28,19 @@ fn check(what: &'static str, len: usize, expected: usize) -> CudaResult<()> {
     }
 }
 
+/// Head dimensions the flash-attention kernels are compiled for.
+pub const FLASH_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
+
+/// A failed launch of a flash-attention kernel, with the shared memory it asked for.
+fn flash_launch_error(name: &str, smem: usize, e: cudarc::driver::DriverError) -> CudaError {
+    CudaError::Driver(format!(
+        "{name} (with {smem} B of dynamic shared memory): {e:?}"
+    ))
+}
+
+/// Query and key rows per tile of the flash-attention kernels.
+const FLASH_TILE: usize = 64;
+
 fn row_block(width: usize) -> u32 {
     (width.next_multiple_of(32)).clamp(32, 256) as u32
 }
@@ -652,6 +665,225 @@ impl ModelKernels {
                 })
             }?;
         }
+        Ok(())
+    }
+
+    /// `dst = bf16(src)` (round to nearest even), for the flash kernels' inputs.
+    pub fn to_bf16(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<half::bf16>) -> CudaResult<()> {
+        check("bf16 copy", dst.len(), src.len())?;
+        let f = self.f("cast_bf16")?;
+        let n = src.len() as i64;
+        let grid = self.grid(src.len())?;
+        let mut b = self.dev.stream().launch_builder(&f);
+        b.arg(src).arg(&n).arg(dst);
+        // SAFETY: grid-stride over src.len() elements; dst holds at least that many (checked).
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (grid, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }?;
+        Ok(())
+    }
+
+    /// Whether [`Self::flash_attention`] is compiled for heads of `head_dim`
+    /// (16, 32, 64 or 128).
+    pub fn flash_supported(head_dim: usize) -> bool {
+        FLASH_HEAD_DIMS.contains(&head_dim)
+    }
+
+    /// Whether the trainer runs attention of `width / heads` dimensional heads
+    /// at `precision` on the flash kernels: bf16 products and a supported head
+    /// dimension (f32 and tf32 keep the GEMM path, the parity reference).
+    pub fn flash_for(width: usize, heads: usize, precision: GemmPrecision) -> bool {
+        precision == GemmPrecision::Bf16
+            && heads > 0
+            && width.is_multiple_of(heads)
+            && Self::flash_supported(width / heads)
+    }
+
+    fn flash_check(
+        &self,
+        qkv: &CudaSlice<half::bf16>,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+        lse: &CudaSlice<f32>,
+        out: &CudaSlice<f32>,
+    ) -> CudaResult<()> {
+        if !Self::flash_supported(head_dim) {
+            return Err(CudaError::Unsupported(format!(
+                "flash attention with head dimension {head_dim} (compiled for {FLASH_HEAD_DIMS:?}; \
+                 use a width/heads ratio among them, or f32/tf32 products for the GEMM path)"
+            )));
+        }
+        if seq == 0 || batch == 0 || heads == 0 {
+            return Err(CudaError::Unsupported(format!(
+                "attention of batch {batch}, sequence {seq}, {heads} heads: all must be positive"
+            )));
+        }
+        if batch * heads > 65_535 || batch * seq * 3 * heads * head_dim >= 1 << 31 {
+            return Err(CudaError::Unsupported(format!(
+                "flash attention of batch {batch} × {heads} heads × sequence {seq}: at most 65535 \
+                 (batch, head) pairs and 2^31 elements of qkv; use a smaller batch per call"
+            )));
+        }
+        let c = heads * head_dim;
+        check("qkv", qkv.len(), batch * seq * 3 * c)?;
+        check("log-sum-exp rows", lse.len(), batch * heads * seq)?;
+        check("attention output", out.len(), batch * seq * c)
+    }
+
+    /// The kernel `name_<head_dim>` with `smem` bytes of dynamic shared memory allowed.
+    fn flash_function(&self, name: &str, head_dim: usize, smem: usize) -> CudaResult<CudaFunction> {
+        use cudarc::driver::sys::CUfunction_attribute as A;
+        let full = format!("{name}_{head_dim}");
+        let f = self.f(&full)?;
+        self.dev.context().bind_to_thread()?;
+        f.set_attribute(
+            A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(|e| {
+            CudaError::Driver(format!("{full}: allowing {smem} B of shared memory: {e:?}"))
+        })?;
+        Ok(f)
+    }
+
+    /// Causal multi-head attention of `qkv [batch·seq, 3C]` (a bf16 copy, see
+    /// [`Self::to_bf16`]) without the `seq × seq` scores (FlashAttention-2:
+    /// tiles of 64 queries × 64 keys, bf16 tensor-core products with f32
+    /// accumulation, online softmax in f32):
+    /// `out [batch·seq, C]`, and `lse [batch, heads, seq]` (the row
+    /// log-sum-exps, base 2) kept for [`Self::flash_attention_backward`].
+    /// The function of [`Self::attention`], at bf16 product precision; heads
+    /// of 16, 32, 64 or 128 ([`Self::flash_supported`]).
+    pub fn flash_attention(
+        &self,
+        qkv: &CudaSlice<half::bf16>,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+        lse: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+    ) -> CudaResult<()> {
+        self.flash_check(qkv, batch, seq, heads, head_dim, lse, out)?;
+        let smem = 4 * FLASH_TILE * (head_dim + 8) * 2;
+        let f = self.flash_function("flash_fwd", head_dim, smem)?;
+        let (seq_i, heads_i) = (seq as i32, heads as i32);
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let mut b = self.dev.stream().launch_builder(&f);
+        b.arg(qkv)
+            .arg(&seq_i)
+            .arg(&heads_i)
+            .arg(&scale)
+            .arg(out)
+            .arg(lse);
+        // SAFETY: grid (query tiles, batch·heads); rows ≥ seq are guarded in the kernel;
+        // qkv, out and lse hold batch·seq·3C, batch·seq·C and batch·heads·seq (checked).
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (seq.div_ceil(FLASH_TILE) as u32, (batch * heads) as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem as u32,
+            })
+        }
+        .map_err(|e| flash_launch_error("flash_fwd", smem, e))?;
+        Ok(())
+    }
+
+    /// Backward of [`Self::flash_attention`]: overwrites `dqkv [batch·seq, 3C]`
+    /// from `dout`, recomputing the probabilities from `qkv` and `lse`; `out`
+    /// is the forward's output; `dvec [batch, heads, seq]` and `dout16`
+    /// (`dout`'s bf16 copy, `[batch·seq, C]`) are scratch.
+    /// Deterministic (no atomics: dQ and dK/dV are separate passes).
+    pub fn flash_attention_backward(
+        &self,
+        qkv: &CudaSlice<half::bf16>,
+        out: &CudaSlice<f32>,
+        lse: &CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+        dvec: &mut CudaSlice<f32>,
+        dout16: &mut CudaSlice<half::bf16>,
+        dqkv: &mut CudaSlice<f32>,
+    ) -> CudaResult<()> {
+        self.flash_check(qkv, batch, seq, heads, head_dim, lse, out)?;
+        let c = heads * head_dim;
+        check("grad of attention output", dout.len(), batch * seq * c)?;
+        check(
+            "bf16 grad of attention output (scratch)",
+            dout16.len(),
+            batch * seq * c,
+        )?;
+        check("attention row scratch", dvec.len(), batch * heads * seq)?;
+        check("grad of qkv", dqkv.len(), batch * seq * 3 * c)?;
+        let st = self.dev.stream();
+        let (b_i, seq_i, heads_i, d_i) = (batch as i32, seq as i32, heads as i32, head_dim as i32);
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let f = self.f("flash_bwd_dot")?;
+        let mut b = st.launch_builder(&f);
+        b.arg(out)
+            .arg(dout)
+            .arg(&b_i)
+            .arg(&seq_i)
+            .arg(&heads_i)
+            .arg(&d_i)
+            .arg(&mut *dvec)
+            .arg(&mut *dout16);
+        // SAFETY: one warp per row < batch·heads·seq (grid-stride, guarded); sizes
+        // checked (dvec: batch·heads·seq, dout16: batch·seq·C).
+        unsafe { b.launch(self.softmax_launch((batch * heads * seq).min(1 << 20))) }?;
+        let tiles = seq.div_ceil(FLASH_TILE) as u32;
+        // Two buffers of (query tile, its dO) and (L, dvec); the block's own
+        // rows in shared memory too above 64 dimensions (registers below).
+        let own = if head_dim > 64 { 2 } else { 0 };
+        let smem_dkv = (4 + own) * FLASH_TILE * (head_dim + 8) * 2 + 4 * FLASH_TILE * 4;
+        let f = self.flash_function("flash_bwd_dkv", head_dim, smem_dkv)?;
+        let mut b = st.launch_builder(&f);
+        b.arg(qkv)
+            .arg(&*dout16)
+            .arg(lse)
+            .arg(&*dvec)
+            .arg(&seq_i)
+            .arg(&heads_i)
+            .arg(&scale)
+            .arg(&mut *dqkv);
+        // SAFETY: grid (key tiles, batch·heads); rows ≥ seq guarded; every buffer checked above.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (tiles, (batch * heads) as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem_dkv as u32,
+            })
+        }
+        .map_err(|e| flash_launch_error("flash_bwd_dkv", smem_dkv, e))?;
+        let smem_dq = (4 + own) * FLASH_TILE * (head_dim + 8) * 2;
+        let f = self.flash_function("flash_bwd_dq", head_dim, smem_dq)?;
+        let mut b = st.launch_builder(&f);
+        b.arg(qkv)
+            .arg(&*dout16)
+            .arg(lse)
+            .arg(&*dvec)
+            .arg(&seq_i)
+            .arg(&heads_i)
+            .arg(&scale)
+            .arg(dqkv);
+        // SAFETY: as above; this pass writes only the q columns of dqkv.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (tiles, (batch * heads) as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem_dq as u32,
+            })
+        }
+        .map_err(|e| flash_launch_error("flash_bwd_dq", smem_dq, e))?;
         Ok(())
     }
 

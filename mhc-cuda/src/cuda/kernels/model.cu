@@ -493,3 +493,507 @@ extern "C" __global__ void causal_softmax_bwd(const float* __restrict__ p, float
     d = warp_sum(d);
     for (int j = lane; j < S; j += 32) dr[j] = j <= i ? pr[j] * (dr[j] - d) * scale : 0.f;
 }
+
+// ---------------------------------------------------------------------------
+// Flash attention (FlashAttention-2 style): causal attention of qkv [B, S, 3C]
+// (bf16 copies; q at column h·D, k at C + h·D, v at 2C + h·D) without
+// materialising the S×S scores. bf16 tensor-core products (mma.sync m16n8k16, f32 accumulation),
+// online softmax in f32 in the log2 domain. One block = 4 warps = 64 query rows
+// (forward, dQ) or 64 key rows (dK/dV); tiles of 64 keys/queries are staged in
+// shared memory, row-major, by cp.async into two buffers (the next tile loads
+// while this one is used); operands needed transposed are read with ldmatrix.trans.
+// The forward keeps L = m + log2(l) per row (scaled-log2 units) for the
+// backward, which recomputes P = 2^(S·scale·log2e − L). dQ and dK/dV are two
+// kernels so that no atomics are needed: the result is deterministic.
+// Fragment layouts (PTX ISA, mma.m16n8k16): g = lane/4, t = lane%4;
+//   A (16×16, row): a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
+//   B (16×8, col):  b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g)
+//   C (16×8):       c0,c1 (g, 2t..2t+1), c2,c3 (g+8, 2t..2t+1)
+// ---------------------------------------------------------------------------
+#define FA_T 64          // rows of a query tile and of a key tile
+#define FA_INF __int_as_float(0x7f800000)
+#define FA_LOG2E 1.4426950408889634f
+
+__device__ __forceinline__ unsigned fa_bf16(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7f800000u) == 0x7f800000u) return (u >> 16) | ((u & 0x007fffffu) ? 0x40u : 0u);
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+__device__ __forceinline__ unsigned fa_pack(float lo, float hi) { return fa_bf16(lo) | (fa_bf16(hi) << 16); }
+__device__ __forceinline__ unsigned fa_ld32(const unsigned short* p) { return *(const unsigned*)p; }
+__device__ __forceinline__ void fa_mma(float* d, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ float fa_quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float fa_quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+__device__ __forceinline__ unsigned fa_smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+// 16 bytes global → shared, asynchronously; zero-filled when !valid (nothing is read).
+__device__ __forceinline__ void fa_cp16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(fa_smem_addr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void fa_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void fa_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+// B fragments of the n-tiles [n0, n0 + 8) and [n0 + 8, n0 + 16) for k rows
+// [k0, k0 + 16) of a row-major smem matrix M [k][stride] (ldmatrix.trans).
+__device__ __forceinline__ void fa_ldsm_t4(const unsigned short* M, int stride, int k0, int n0, unsigned* b) {
+    const int l = threadIdx.x & 31, mi = l >> 3, ri = l & 7;
+    const unsigned short* p = M + (k0 + (mi & 1) * 8 + ri) * stride + n0 + (mi >> 1) * 8;
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                 : "r"(fa_smem_addr(p))
+                 : "memory");
+}
+
+// The A fragment of rows [0, 16) × k columns [16·kc, 16·kc + 16) of a row-major bf16 matrix.
+__device__ __forceinline__ void fa_frag_a(const unsigned short* M, long stride, int kc, unsigned* a) {
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    const unsigned short* p = M + g * stride + 16 * kc + 2 * t;
+    a[0] = fa_ld32(p);
+    a[1] = fa_ld32(p + 8 * stride);
+    a[2] = fa_ld32(p + 8);
+    a[3] = fa_ld32(p + 8 * stride + 8);
+}
+
+// Starts copying rows [r0, r0 + 64) × columns [col, col + D) of a row-major bf16
+// matrix (row stride ld) into smem `rm` [64][D + 8]; rows ≥ S become zeros.
+template <int D>
+__device__ __forceinline__ void fa_stage(const unsigned short* __restrict__ src, long ld, int r0, int S, int col,
+                                         unsigned short* rm)
+{
+    for (int idx = threadIdx.x; idx < FA_T * D / 8; idx += blockDim.x) {
+        const int r = idx / (D / 8), d = (idx % (D / 8)) * 8;
+        const bool valid = r0 + r < S;
+        fa_cp16(rm + r * (D + 8) + d, src + (valid ? (long)(r0 + r) * ld + col + d : 0), valid);
+    }
+}
+
+// A fragments of 16 rows × D columns (bf16, row stride ld; rows ≥ S are zero) from global memory.
+template <int D>
+__device__ __forceinline__ void fa_frag_a_global(const unsigned short* __restrict__ src, long ld, int row, int S,
+                                                 unsigned (*a)[4])
+{
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    const unsigned short* p0 = src + (long)(row + g) * ld + 2 * t;
+    const unsigned short* p1 = src + (long)(row + g + 8) * ld + 2 * t;
+    const bool v0 = row + g < S, v1 = row + g + 8 < S;
+#pragma unroll
+    for (int kc = 0; kc < D / 16; ++kc) {
+        a[kc][0] = v0 ? fa_ld32(p0 + 16 * kc) : 0u;
+        a[kc][1] = v1 ? fa_ld32(p1 + 16 * kc) : 0u;
+        a[kc][2] = v0 ? fa_ld32(p0 + 16 * kc + 8) : 0u;
+        a[kc][3] = v1 ? fa_ld32(p1 + 16 * kc + 8) : 0u;
+    }
+}
+
+__device__ __forceinline__ void fa_zero8(float (*x)[4]) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) x[i][0] = x[i][1] = x[i][2] = x[i][3] = 0.f;
+}
+
+// acc (16 × 64) += A · Bᵀ: A = 16 rows × D (register fragments), B a row-major smem tile [64][D + 8].
+template <int D>
+__device__ __forceinline__ void fa_mma_abt(float (*acc)[4], const unsigned (*a)[4], const unsigned short* B)
+{
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+#pragma unroll
+    for (int kc = 0; kc < D / 16; ++kc)
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            const unsigned short* b = B + (nt * 8 + g) * (D + 8) + 16 * kc + 2 * t;
+            fa_mma(acc[nt], a[kc], fa_ld32(b), fa_ld32(b + 8));
+        }
+}
+
+// As fa_mma_abt, with A read from a row-major smem matrix (16 rows from `A`, stride D + 8).
+template <int D>
+__device__ __forceinline__ void fa_mma_abt_s(float (*acc)[4], const unsigned short* A, const unsigned short* B)
+{
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+#pragma unroll
+    for (int kc = 0; kc < D / 16; ++kc) {
+        unsigned a[4];
+        fa_frag_a(A, D + 8, kc, a);
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            const unsigned short* b = B + (nt * 8 + g) * (D + 8) + 16 * kc + 2 * t;
+            fa_mma(acc[nt], a, fa_ld32(b), fa_ld32(b + 8));
+        }
+    }
+}
+
+// acc (16 × D) += P · V: P (16 × 64) in C-fragment registers, V a row-major smem tile [64][D + 8].
+template <int D>
+__device__ __forceinline__ void fa_mma_pv(float (*acc)[4], const float (*p)[4], const unsigned short* V)
+{
+#pragma unroll
+    for (int kc = 0; kc < FA_T / 16; ++kc) {
+        const unsigned a[4] = {fa_pack(p[2 * kc][0], p[2 * kc][1]), fa_pack(p[2 * kc][2], p[2 * kc][3]),
+                               fa_pack(p[2 * kc + 1][0], p[2 * kc + 1][1]), fa_pack(p[2 * kc + 1][2], p[2 * kc + 1][3])};
+#pragma unroll
+        for (int np = 0; np < D / 16; ++np) {
+            unsigned b[4];
+            fa_ldsm_t4(V, D + 8, 16 * kc, 16 * np, b);
+            fa_mma(acc[2 * np], a, b[0], b[1]);
+            fa_mma(acc[2 * np + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// Forward. grid (ceil(S/64), B·H), 128 threads, smem 4·64·(D+8) bf16 (K and V, two buffers);
+// out [B, S, C] f32; lse [B·H, S] = m + log2(l) in units of log2 of the scaled scores.
+template <int D>
+__device__ __forceinline__ void flash_fwd_impl(const unsigned short* __restrict__ qkv, int S, int H, float scale,
+                                               float* __restrict__ out, float* __restrict__ lse)
+{
+    extern __shared__ __align__(16) unsigned short fa_smem[];
+    const int TS = FA_T * (D + 8);
+    const int C = H * D;
+    const long ld = 3L * C;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const int qt = gridDim.x - 1 - blockIdx.x; // the longest (diagonal-most) tiles first
+    const int q0 = qt * FA_T, warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    const unsigned short* base = qkv + (long)b * S * ld;
+    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+    fa_stage<D>(base, ld, 0, S, C + h * D, fa_smem);
+    fa_stage<D>(base, ld, 0, S, 2 * C + h * D, fa_smem + TS);
+    fa_commit();
+    unsigned qa[D / 16][4];
+    fa_frag_a_global<D>(base + h * D, ld, q0 + warp * 16, S, qa);
+    const float sl = scale * FA_LOG2E;
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m0 = -FA_INF, m1 = -FA_INF, l0 = 0.f, l1 = 0.f;
+    for (int kt = 0; kt <= qt; ++kt) {
+        const int k0 = kt * FA_T;
+        const unsigned short* Ks = fa_smem + (kt & 1) * 2 * TS;
+        const unsigned short* Vs = Ks + TS;
+        if (kt < qt) {
+            unsigned short* next = fa_smem + ((kt + 1) & 1) * 2 * TS;
+            fa_stage<D>(base, ld, k0 + FA_T, S, C + h * D, next);
+            fa_stage<D>(base, ld, k0 + FA_T, S, 2 * C + h * D, next + TS);
+            fa_commit();
+            fa_wait<1>();
+        } else {
+            fa_wait<0>();
+        }
+        __syncthreads();
+        float s[8][4];
+        fa_zero8(s);
+        fa_mma_abt<D>(s, qa, Ks);
+        const bool edge = kt == qt || k0 + FA_T > S;
+        float mx0 = -FA_INF, mx1 = -FA_INF;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = k0 + nt * 8 + 2 * t + (e & 1), row = e < 2 ? r0 : r1;
+                float v = s[nt][e] * sl;
+                if (edge && (key > row || key >= S)) v = -FA_INF;
+                s[nt][e] = v;
+                if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
+            }
+        // Key 0 is in the first tile and at or below every row: the maxima are finite from then on.
+        const float n0 = fmaxf(m0, fa_quad_max(mx0)), n1 = fmaxf(m1, fa_quad_max(mx1));
+        const float al0 = exp2f(m0 - n0), al1 = exp2f(m1 - n1);
+        m0 = n0;
+        m1 = n1;
+        float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            s[nt][0] = exp2f(s[nt][0] - n0);
+            s[nt][1] = exp2f(s[nt][1] - n0);
+            s[nt][2] = exp2f(s[nt][2] - n1);
+            s[nt][3] = exp2f(s[nt][3] - n1);
+            sum0 += s[nt][0] + s[nt][1];
+            sum1 += s[nt][2] + s[nt][3];
+        }
+        l0 = l0 * al0 + fa_quad_sum(sum0);
+        l1 = l1 * al1 + fa_quad_sum(sum1);
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+            o[i][0] *= al0;
+            o[i][1] *= al0;
+            o[i][2] *= al1;
+            o[i][3] *= al1;
+        }
+        fa_mma_pv<D>(o, s, Vs);
+        __syncthreads(); // this buffer is refilled next iteration
+    }
+    const float i0 = 1.f / l0, i1 = 1.f / l1;
+    float* ob = out + (long)b * S * C + h * D + 2 * t;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+        if (r0 < S) *(float2*)(ob + (long)r0 * C + nt * 8) = make_float2(o[nt][0] * i0, o[nt][1] * i0);
+        if (r1 < S) *(float2*)(ob + (long)r1 * C + nt * 8) = make_float2(o[nt][2] * i1, o[nt][3] * i1);
+    }
+    if (t == 0) {
+        if (r0 < S) lse[(long)bh * S + r0] = m0 + log2f(l0);
+        if (r1 < S) lse[(long)bh * S + r1] = m1 + log2f(l1);
+    }
+}
+
+// dvec [B·H, S] = Σ_d dO·O per row (one warp per row, grid-stride), and dout16 = bf16(dO).
+extern "C" __global__ void flash_bwd_dot(const float* __restrict__ o, const float* __restrict__ dout, int B, int S,
+                                         int H, int D, float* __restrict__ dvec, unsigned short* __restrict__ dout16)
+{
+    const long rows = (long)B * H * S;
+    const int lane = threadIdx.x & 31;
+    for (long r = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); r < rows;
+         r += (long)gridDim.x * (blockDim.x >> 5)) {
+        const long bh = r / S;
+        const int i = (int)(r % S), b = (int)(bh / H), h = (int)(bh % H);
+        const long off = ((long)b * S + i) * (long)H * D + (long)h * D;
+        float acc = 0.f;
+        for (int d = lane; d < D; d += 32) {
+            const float g = dout[off + d];
+            acc += o[off + d] * g;
+            dout16[off + d] = (unsigned short)fa_bf16(g);
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) dvec[r] = acc;
+    }
+}
+
+// Starts loading query tile qt (its rows of q and dO, L and dvec) into buffer `buf`
+// of the dK/dV kernel (two × (Q [64][D+8], dO [64][D+8]) bf16, then two × (L, dvec) [64] f32).
+template <int D>
+__device__ __forceinline__ void fa_stage_queries(const unsigned short* __restrict__ base, long ld,
+                                                 const unsigned short* __restrict__ dob, int C, int h,
+                                                 const float* __restrict__ lse, const float* __restrict__ dvec,
+                                                 long bh, int S, int qt, int buf, unsigned short* bufs, float* stats)
+{
+    const int TS = FA_T * (D + 8), q0 = qt * FA_T;
+    fa_stage<D>(base, ld, q0, S, h * D, bufs + buf * 2 * TS);
+    fa_stage<D>(dob, C, q0, S, h * D, bufs + buf * 2 * TS + TS);
+    float* st = stats + buf * 2 * FA_T;
+    for (int i = threadIdx.x; i < FA_T; i += blockDim.x) {
+        const bool in = q0 + i < S;
+        st[i] = in ? lse[bh * S + q0 + i] : FA_INF;
+        st[FA_T + i] = in ? dvec[bh * S + q0 + i] : 0.f;
+    }
+}
+
+// dK, dV. grid (ceil(S/64) key tiles, B·H), 128 threads; smem 4·64·(D+8) bf16 + 4·64 f32,
+// plus 2·64·(D+8) bf16 for the block's keys and values when D > 64 (D ≤ 64 keeps
+// them in registers). Each warp owns 16 keys and walks the query tiles at or after
+// the diagonal; writes the k and v columns of dqkv (f32).
+template <int D>
+__device__ __forceinline__ void flash_bwd_dkv_impl(const unsigned short* __restrict__ qkv,
+                                                   const unsigned short* __restrict__ dout,
+                                                   const float* __restrict__ lse, const float* __restrict__ dvec,
+                                                   int S, int H, float scale, float* __restrict__ dqkv)
+{
+    constexpr bool KV_SMEM = D > 64;
+    extern __shared__ __align__(16) unsigned short fa_smem[];
+    const int RS = D + 8, TS = FA_T * RS;
+    unsigned short* bufs = fa_smem;                                 // two × (query tile, its dO)
+    float* stats = (float*)(bufs + 4 * TS);                         // two × (L [64], dvec [64])
+    unsigned short* Kb = (unsigned short*)(stats + 4 * FA_T);       // D > 64: this block's keys
+    unsigned short* Vb = Kb + TS;                                   // and values
+    const int C = H * D;
+    const long ld = 3L * C;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const int tiles = (S + FA_T - 1) / FA_T;
+    const int kt = blockIdx.x, k0 = kt * FA_T; // low key tiles walk the most query tiles: first
+    const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    const unsigned short* base = qkv + (long)b * S * ld;
+    const unsigned short* dob = dout + (long)b * S * C;
+    const int kr0 = k0 + warp * 16 + g, kr1 = kr0 + 8;
+    unsigned ka[KV_SMEM ? 1 : D / 16][4], va[KV_SMEM ? 1 : D / 16][4];
+    if constexpr (KV_SMEM) {
+        fa_stage<D>(base, ld, k0, S, C + h * D, Kb);
+        fa_stage<D>(base, ld, k0, S, 2 * C + h * D, Vb);
+    }
+    fa_stage_queries<D>(base, ld, dob, C, h, lse, dvec, bh, S, kt, 0, bufs, stats);
+    fa_commit();
+    if constexpr (!KV_SMEM) {
+        fa_frag_a_global<D>(base + C + h * D, ld, k0 + warp * 16, S, ka);
+        fa_frag_a_global<D>(base + 2 * C + h * D, ld, k0 + warp * 16, S, va);
+    }
+    const float sl = scale * FA_LOG2E;
+    float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+    for (int qt = kt; qt < tiles; ++qt) {
+        const int q0 = qt * FA_T, buf = (qt - kt) & 1;
+        if (qt + 1 < tiles) {
+            fa_stage_queries<D>(base, ld, dob, C, h, lse, dvec, bh, S, qt + 1, buf ^ 1, bufs, stats);
+            fa_commit();
+            fa_wait<1>();
+        } else {
+            fa_wait<0>();
+        }
+        __syncthreads();
+        const unsigned short* Qs = bufs + buf * 2 * TS;
+        const unsigned short* dOs = Qs + TS;
+        const float* Ls = stats + buf * 2 * FA_T;
+        const float* Ds = Ls + FA_T;
+        // Sᵀ (16 keys × 64 queries) = K·Qᵀ and dPᵀ = V·dOᵀ.
+        float s[8][4], dp[8][4];
+        fa_zero8(s);
+        fa_zero8(dp);
+        if constexpr (KV_SMEM) {
+            fa_mma_abt_s<D>(s, Kb + warp * 16 * RS, Qs);
+            fa_mma_abt_s<D>(dp, Vb + warp * 16 * RS, dOs);
+        } else {
+            fa_mma_abt<D>(s, ka, Qs);
+            fa_mma_abt<D>(dp, va, dOs);
+        }
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int qi = nt * 8 + 2 * t + (e & 1), key = e < 2 ? kr0 : kr1;
+                const float p = (q0 + qi >= key && q0 + qi < S) ? exp2f(s[nt][e] * sl - Ls[qi]) : 0.f;
+                s[nt][e] = p;
+                dp[nt][e] = p * (dp[nt][e] - Ds[qi]);
+            }
+        fa_mma_pv<D>(dv, s, dOs); // dV += Pᵀ·dO
+        fa_mma_pv<D>(dk, dp, Qs); // dK += dSᵀ·Q (scaled below)
+        __syncthreads();          // this buffer is refilled next iteration
+    }
+    float* db = dqkv + (long)b * S * ld + h * D + 2 * t;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+        if (kr0 < S) {
+            *(float2*)(db + (long)kr0 * ld + C + nt * 8) = make_float2(dk[nt][0] * scale, dk[nt][1] * scale);
+            *(float2*)(db + (long)kr0 * ld + 2 * C + nt * 8) = make_float2(dv[nt][0], dv[nt][1]);
+        }
+        if (kr1 < S) {
+            *(float2*)(db + (long)kr1 * ld + C + nt * 8) = make_float2(dk[nt][2] * scale, dk[nt][3] * scale);
+            *(float2*)(db + (long)kr1 * ld + 2 * C + nt * 8) = make_float2(dv[nt][2], dv[nt][3]);
+        }
+    }
+}
+
+// dQ. grid (ceil(S/64) query tiles, B·H), 128 threads; smem 4·64·(D+8) bf16, plus
+// 2·64·(D+8) for the block's queries and their dO when D > 64 (D ≤ 64 keeps them in
+// registers). Each warp owns 16 queries and walks the key tiles at or below the
+// diagonal; writes the q columns of dqkv (f32).
+template <int D>
+__device__ __forceinline__ void flash_bwd_dq_impl(const unsigned short* __restrict__ qkv,
+                                                  const unsigned short* __restrict__ dout,
+                                                  const float* __restrict__ lse, const float* __restrict__ dvec,
+                                                  int S, int H, float scale, float* __restrict__ dqkv)
+{
+    constexpr bool Q_SMEM = D > 64;
+    extern __shared__ __align__(16) unsigned short fa_smem[];
+    const int RS = D + 8, TS = FA_T * RS;
+    unsigned short* bufs = fa_smem;     // two × (key tile, its values)
+    unsigned short* Qb = bufs + 4 * TS; // D > 64: this block's queries
+    unsigned short* dOb = Qb + TS;      // and their output gradient
+    const int C = H * D;
+    const long ld = 3L * C;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const int qt = gridDim.x - 1 - blockIdx.x, q0 = qt * FA_T;
+    const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    const unsigned short* base = qkv + (long)b * S * ld;
+    const unsigned short* dob = dout + (long)b * S * C;
+    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+    if constexpr (Q_SMEM) {
+        fa_stage<D>(base, ld, q0, S, h * D, Qb);
+        fa_stage<D>(dob, C, q0, S, h * D, dOb);
+    }
+    fa_stage<D>(base, ld, 0, S, C + h * D, bufs);
+    fa_stage<D>(base, ld, 0, S, 2 * C + h * D, bufs + TS);
+    fa_commit();
+    unsigned qa[Q_SMEM ? 1 : D / 16][4], da[Q_SMEM ? 1 : D / 16][4];
+    if constexpr (!Q_SMEM) {
+        fa_frag_a_global<D>(base + h * D, ld, q0 + warp * 16, S, qa);
+        fa_frag_a_global<D>(dob + h * D, C, q0 + warp * 16, S, da);
+    }
+    const float L0 = r0 < S ? lse[(long)bh * S + r0] : FA_INF, L1 = r1 < S ? lse[(long)bh * S + r1] : FA_INF;
+    const float D0 = r0 < S ? dvec[(long)bh * S + r0] : 0.f, D1 = r1 < S ? dvec[(long)bh * S + r1] : 0.f;
+    const float sl = scale * FA_LOG2E;
+    float dq[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+    for (int kt = 0; kt <= qt; ++kt) {
+        const int k0 = kt * FA_T;
+        const unsigned short* Ks = bufs + (kt & 1) * 2 * TS;
+        const unsigned short* Vs = Ks + TS;
+        if (kt < qt) {
+            unsigned short* next = bufs + ((kt + 1) & 1) * 2 * TS;
+            fa_stage<D>(base, ld, k0 + FA_T, S, C + h * D, next);
+            fa_stage<D>(base, ld, k0 + FA_T, S, 2 * C + h * D, next + TS);
+            fa_commit();
+            fa_wait<1>();
+        } else {
+            fa_wait<0>();
+        }
+        __syncthreads();
+        float s[8][4], dp[8][4];
+        fa_zero8(s);
+        fa_zero8(dp);
+        if constexpr (Q_SMEM) {
+            fa_mma_abt_s<D>(s, Qb + warp * 16 * RS, Ks);
+            fa_mma_abt_s<D>(dp, dOb + warp * 16 * RS, Vs);
+        } else {
+            fa_mma_abt<D>(s, qa, Ks);
+            fa_mma_abt<D>(dp, da, Vs);
+        }
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = k0 + nt * 8 + 2 * t + (e & 1), row = e < 2 ? r0 : r1;
+                const float p = (key <= row && key < S) ? exp2f(s[nt][e] * sl - (e < 2 ? L0 : L1)) : 0.f;
+                dp[nt][e] = p * (dp[nt][e] - (e < 2 ? D0 : D1));
+            }
+        fa_mma_pv<D>(dq, dp, Ks); // dQ += dS·K (scaled below)
+        __syncthreads();          // this buffer is refilled next iteration
+    }
+    float* db = dqkv + (long)b * S * ld + h * D + 2 * t;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+        if (r0 < S) *(float2*)(db + (long)r0 * ld + nt * 8) = make_float2(dq[nt][0] * scale, dq[nt][1] * scale);
+        if (r1 < S) *(float2*)(db + (long)r1 * ld + nt * 8) = make_float2(dq[nt][2] * scale, dq[nt][3] * scale);
+    }
+}
+
+// bf16 copy (round to nearest even) of n f32 values, grid-stride.
+extern "C" __global__ void cast_bf16(const float* __restrict__ x, long n, unsigned short* __restrict__ y)
+{
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        y[i] = (unsigned short)fa_bf16(x[i]);
+}
+
+#define FA_INSTANCES(D)                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) flash_fwd_##D(const unsigned short* __restrict__ qkv, int S,     \
+                                                                    int H, float scale, float* __restrict__ out,      \
+                                                                    float* __restrict__ lse)                          \
+    { flash_fwd_impl<D>(qkv, S, H, scale, out, lse); }                                                               \
+    extern "C" __global__ void __launch_bounds__(128) flash_bwd_dkv_##D(                                              \
+        const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dout,                              \
+        const float* __restrict__ lse, const float* __restrict__ dvec, int S, int H, float scale,                     \
+        float* __restrict__ dqkv)                                                                                      \
+    { flash_bwd_dkv_impl<D>(qkv, dout, lse, dvec, S, H, scale, dqkv); }                                              \
+    extern "C" __global__ void __launch_bounds__(128) flash_bwd_dq_##D(                                               \
+        const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dout,                              \
+        const float* __restrict__ lse, const float* __restrict__ dvec, int S, int H, float scale,                     \
+        float* __restrict__ dqkv)                                                                                      \
+    { flash_bwd_dq_impl<D>(qkv, dout, lse, dvec, S, H, scale, dqkv); }
+FA_INSTANCES(16)
+FA_INSTANCES(32)
+FA_INSTANCES(64)
+FA_INSTANCES(128)
