@@ -213,6 +213,41 @@ fn cublas_matmuls_match_mhc_core() {
             mm.matmul(&ad, &bd, &mut gad, m, k, n + 1),
             Err(CudaError::Shape { .. })
         ));
+
+        // bf16 products: operands rounded once (ModelKernels::to_bf16) and reused
+        // give the very bits of f32 operands rounded per call.
+        let kernels = ModelKernels::new(dev.clone()).unwrap();
+        let mm16 = MatMul::with_precision(&dev, GemmPrecision::Bf16).unwrap();
+        let (mut a16, mut g16) = (
+            st.alloc_zeros::<half::bf16>(m * k).unwrap(),
+            st.alloc_zeros::<half::bf16>(m * n).unwrap(),
+        );
+        kernels.to_bf16(&ad, &mut a16).unwrap();
+        kernels.to_bf16(&gd, &mut g16).unwrap();
+        let mut per_call = st.clone_htod(&gb_init).unwrap();
+        let mut once = st.clone_htod(&gb_init).unwrap();
+        mm16.matmul_grad_b(&ad, &gd, &mut per_call, m, k, n)
+            .unwrap();
+        mm16.matmul_grad_b(&a16, &g16, &mut once, m, k, n).unwrap();
+        let (x, y) = (
+            st.clone_dtoh(&per_call).unwrap(),
+            st.clone_dtoh(&once).unwrap(),
+        );
+        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()));
+        rel_l2(&format!("bf16 grad_b {m}x{k}x{n}"), &y, &gb_ref, 2e-2);
+        let mut o16 = st.clone_htod(&vec![f32::NAN; m * n]).unwrap();
+        mm16.matmul(&a16, &bd, &mut o16, m, k, n).unwrap();
+        rel_l2(
+            &format!("bf16 matmul {m}x{k}x{n}"),
+            &st.clone_dtoh(&o16).unwrap(),
+            &out_ref,
+            2e-2,
+        );
+        // bf16 operands need bf16 products.
+        assert!(matches!(
+            mm.matmul(&a16, &bd, &mut od, m, k, n),
+            Err(CudaError::Unsupported(_))
+        ));
     }
 }
 

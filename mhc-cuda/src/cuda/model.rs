@@ -19,8 +19,11 @@ use mhc_core::{ConnectionParams, Scheme};
 
 use super::{
     CudaDevice, CudaError, CudaResult, CudaSublayer, GemmPrecision, HcCuda, MatMul, MhcCuda,
-    ModelKernels,
+    ModelKernels, Operand,
 };
+
+type Bf16Buf = CudaSlice<half::bf16>;
+type Scratch<T> = std::sync::Mutex<T>;
 
 /// A dense tensor on the device with its gradient and AdamW moments.
 pub struct DeviceParam {
@@ -56,7 +59,41 @@ struct Ctx {
     /// probabilities (GEMM path) or the per-row `dO·O` (flash path)…
     dprobs: std::sync::Mutex<CudaSlice<f32>>,
     /// …and the bf16 copy of the attention output's gradient (flash path).
-    dout16: std::sync::Mutex<CudaSlice<half::bf16>>,
+    dout16: Scratch<Bf16Buf>,
+    /// At bf16 products: the bf16 copies of the gradients a backward feeds to
+    /// two products (rows × C, 3C, 4C); each is rounded once, not per product.
+    grad16: Scratch<[Bf16Buf; 3]>,
+}
+
+impl Ctx {
+    /// Whether products run on bf16 copies (made once per tensor and reused).
+    fn bf16(&self) -> bool {
+        self.mm.precision() == GemmPrecision::Bf16
+    }
+
+    /// `x` as a product operand: at bf16, rounded into `copy` (kept for later products).
+    fn round<'a>(&self, x: &'a CudaSlice<f32>, copy: &'a mut Bf16Buf) -> CudaResult<Operand<'a>> {
+        if self.bf16() {
+            self.k.to_bf16(x, copy)?;
+            Ok(Operand::Bf16(copy))
+        } else {
+            Ok(Operand::F32(x))
+        }
+    }
+
+    /// `x` as a product operand, using the copy a previous [`Self::round`] made.
+    fn rounded<'a>(&self, x: &'a CudaSlice<f32>, copy: &'a Bf16Buf) -> Operand<'a> {
+        if self.bf16() {
+            Operand::Bf16(copy)
+        } else {
+            Operand::F32(x)
+        }
+    }
+
+    fn scratch<'a, T>(m: &'a Scratch<T>) -> CudaResult<std::sync::MutexGuard<'a, T>> {
+        m.lock()
+            .map_err(|_| CudaError::Driver("GPU scratch poisoned".into()))
+    }
 }
 
 /// RMSNorm → causal attention sublayer on the GPU.
@@ -72,7 +109,10 @@ struct GpuAttention {
     inv: CudaSlice<f32>,
     qkv: CudaSlice<f32>,
     /// bf16 copy of `qkv`, the flash kernels' input (one element on the GEMM path).
-    qkv16: CudaSlice<half::bf16>,
+    qkv16: Bf16Buf,
+    /// bf16 copies of the products' inputs (one element at f32/tf32 products).
+    normed16: Bf16Buf,
+    o16: Bf16Buf,
     /// The probabilities `[batch, heads, seq, seq]` (GEMM path) or the row
     /// log-sum-exps `[batch, heads, seq]` (flash path).
     probs: CudaSlice<f32>,
@@ -101,14 +141,8 @@ impl CudaSublayer<f32> for GpuAttention {
             &mut self.normed,
             &mut self.inv,
         )?;
-        mm.matmul(
-            &self.normed,
-            &self.wqkv.value,
-            &mut self.qkv,
-            rows,
-            c,
-            3 * c,
-        )?;
+        let normed = self.ctx.round(&self.normed, &mut self.normed16)?;
+        mm.matmul(normed, &self.wqkv.value, &mut self.qkv, rows, c, 3 * c)?;
         if self.ctx.flash {
             k.to_bf16(&self.qkv, &mut self.qkv16)?;
             k.flash_attention(
@@ -132,7 +166,8 @@ impl CudaSublayer<f32> for GpuAttention {
                 &mut self.o,
             )?;
         }
-        mm.matmul(&self.o, &self.wo.value, y, rows, c, c)
+        let o = self.ctx.round(&self.o, &mut self.o16)?;
+        mm.matmul(o, &self.wo.value, y, rows, c, c)
     }
     fn vjp(
         &mut self,
@@ -149,9 +184,21 @@ impl CudaSublayer<f32> for GpuAttention {
             flash,
             dprobs,
             dout16,
+            ..
         } = &*self.ctx;
-        mm.matmul_grad_b(&self.o, dy, &mut self.wo.grad, rows, c, c)?;
-        mm.matmul_grad_a(dy, &self.wo.value, &mut self.d_o, rows, c, c)?;
+        let ctx = &*self.ctx;
+        let mut grad16 = Ctx::scratch(&ctx.grad16)?;
+        let [g_c, g_3c, _] = &mut *grad16;
+        let dy16 = ctx.round(dy, g_c)?;
+        mm.matmul_grad_b(
+            ctx.rounded(&self.o, &self.o16),
+            dy16,
+            &mut self.wo.grad,
+            rows,
+            c,
+            c,
+        )?;
+        mm.matmul_grad_a(dy16, &self.wo.value, &mut self.d_o, rows, c, c)?;
         {
             let mut scratch = dprobs
                 .lock()
@@ -188,22 +235,16 @@ impl CudaSublayer<f32> for GpuAttention {
                 )?;
             }
         }
+        let dqkv16 = ctx.round(&self.dqkv, g_3c)?;
         mm.matmul_grad_b(
-            &self.normed,
-            &self.dqkv,
+            ctx.rounded(&self.normed, &self.normed16),
+            dqkv16,
             &mut self.wqkv.grad,
             rows,
             c,
             3 * c,
         )?;
-        mm.matmul_grad_a(
-            &self.dqkv,
-            &self.wqkv.value,
-            &mut self.dnormed,
-            rows,
-            c,
-            3 * c,
-        )?;
+        mm.matmul_grad_a(dqkv16, &self.wqkv.value, &mut self.dnormed, rows, c, 3 * c)?;
         k.rmsnorm_backward(
             h,
             &self.norm.value,
@@ -227,6 +268,9 @@ struct GpuMlp {
     inv: CudaSlice<f32>,
     pre: CudaSlice<f32>,
     act: CudaSlice<f32>,
+    /// bf16 copies of the products' inputs (one element at f32/tf32 products).
+    normed16: Bf16Buf,
+    act16: Bf16Buf,
     dact: CudaSlice<f32>,
     dpre: CudaSlice<f32>,
     dnormed: CudaSlice<f32>,
@@ -251,9 +295,11 @@ impl CudaSublayer<f32> for GpuMlp {
             &mut self.normed,
             &mut self.inv,
         )?;
-        mm.matmul(&self.normed, &self.w1.value, &mut self.pre, rows, c, 4 * c)?;
+        let normed = self.ctx.round(&self.normed, &mut self.normed16)?;
+        mm.matmul(normed, &self.w1.value, &mut self.pre, rows, c, 4 * c)?;
         k.gelu(&self.pre, &mut self.act)?;
-        mm.matmul(&self.act, &self.w2.value, y, rows, 4 * c, c)
+        let act = self.ctx.round(&self.act, &mut self.act16)?;
+        mm.matmul(act, &self.w2.value, y, rows, 4 * c, c)
     }
     fn vjp(
         &mut self,
@@ -264,19 +310,31 @@ impl CudaSublayer<f32> for GpuMlp {
         rows: usize,
         c: usize,
     ) -> CudaResult<()> {
-        let Ctx { k, mm, .. } = &*self.ctx;
-        mm.matmul_grad_b(&self.act, dy, &mut self.w2.grad, rows, 4 * c, c)?;
-        mm.matmul_grad_a(dy, &self.w2.value, &mut self.dact, rows, 4 * c, c)?;
+        let ctx = &*self.ctx;
+        let Ctx { k, mm, .. } = ctx;
+        let mut grad16 = Ctx::scratch(&ctx.grad16)?;
+        let [g_c, _, g_4c] = &mut *grad16;
+        let dy16 = ctx.round(dy, g_c)?;
+        mm.matmul_grad_b(
+            ctx.rounded(&self.act, &self.act16),
+            dy16,
+            &mut self.w2.grad,
+            rows,
+            4 * c,
+            c,
+        )?;
+        mm.matmul_grad_a(dy16, &self.w2.value, &mut self.dact, rows, 4 * c, c)?;
         k.gelu_backward(&self.pre, &self.dact, &mut self.dpre)?;
-        mm.matmul_grad_b(&self.normed, &self.dpre, &mut self.w1.grad, rows, c, 4 * c)?;
-        mm.matmul_grad_a(
-            &self.dpre,
-            &self.w1.value,
-            &mut self.dnormed,
+        let dpre16 = ctx.round(&self.dpre, g_4c)?;
+        mm.matmul_grad_b(
+            ctx.rounded(&self.normed, &self.normed16),
+            dpre16,
+            &mut self.w1.grad,
             rows,
             c,
             4 * c,
         )?;
+        mm.matmul_grad_a(dpre16, &self.w1.value, &mut self.dnormed, rows, c, 4 * c)?;
         k.rmsnorm_backward(
             h,
             &self.norm.value,
@@ -393,6 +451,9 @@ pub struct GpuTrainer {
     normed: CudaSlice<f32>,
     inv: CudaSlice<f32>,
     logits: CudaSlice<f32>,
+    /// bf16 copies of the head's product inputs (one element at f32/tf32 products).
+    normed16: Bf16Buf,
+    logits16: Bf16Buf,
     loss_rows: CudaSlice<f32>,
     d_normed: CudaSlice<f32>,
     d_reduced: CudaSlice<f32>,
@@ -455,6 +516,7 @@ impl GpuTrainer {
         let rows = batch * ctxlen;
         let st = dev.stream().clone();
         let flash = Self::attention_kind_for(&config, precision) == "flash";
+        let bf16 = precision == GemmPrecision::Bf16;
         // Per (sequence, head): the seq × seq probabilities, or one value per row (flash).
         let att_len = batch * config.heads * if flash { ctxlen } else { ctxlen * ctxlen };
         let ctx = Arc::new(Ctx {
@@ -462,8 +524,15 @@ impl GpuTrainer {
             mm: MatMul::with_precision(&dev, precision)?,
             flash,
             dprobs: std::sync::Mutex::new(st.alloc_zeros(att_len)?),
-            dout16: std::sync::Mutex::new(st.alloc_zeros(if flash { rows * c } else { 1 })?),
+            dout16: Scratch::new(st.alloc_zeros(if flash { rows * c } else { 1 })?),
+            grad16: Scratch::new([
+                st.alloc_zeros(if bf16 { rows * c } else { 1 })?,
+                st.alloc_zeros(if bf16 { rows * 3 * c } else { 1 })?,
+                st.alloc_zeros(if bf16 { rows * 4 * c } else { 1 })?,
+            ]),
         });
+        let half =
+            |len: usize| -> CudaResult<Bf16Buf> { Ok(st.alloc_zeros(if bf16 { len } else { 1 })?) };
         let zeros = |len: usize| -> CudaResult<CudaSlice<f32>> { Ok(st.alloc_zeros(len)?) };
         let conn_cfg = config.connection();
         let mut blocks = Vec::new();
@@ -480,6 +549,8 @@ impl GpuTrainer {
                 inv: zeros(rows)?,
                 qkv: zeros(rows * 3 * c)?,
                 qkv16: st.alloc_zeros(if flash { rows * 3 * c } else { 1 })?,
+                normed16: half(rows * c)?,
+                o16: half(rows * c)?,
                 probs: zeros(att_len)?,
                 o: zeros(rows * c)?,
                 d_o: zeros(rows * c)?,
@@ -495,6 +566,8 @@ impl GpuTrainer {
                 inv: zeros(rows)?,
                 pre: zeros(rows * 4 * c)?,
                 act: zeros(rows * 4 * c)?,
+                normed16: half(rows * c)?,
+                act16: half(rows * 4 * c)?,
                 dact: zeros(rows * 4 * c)?,
                 dpre: zeros(rows * 4 * c)?,
                 dnormed: zeros(rows * c)?,
@@ -548,6 +621,8 @@ impl GpuTrainer {
             normed: zeros(rows * c)?,
             inv: zeros(rows)?,
             logits: zeros(rows * v)?,
+            normed16: half(rows * c)?,
+            logits16: half(rows * v)?,
             loss_rows: zeros(rows)?,
             d_normed: zeros(rows * c)?,
             d_reduced: zeros(rows * c)?,
@@ -631,7 +706,8 @@ impl GpuTrainer {
             &mut self.normed,
             &mut self.inv,
         )?;
-        mm.matmul(&self.normed, &self.head.value, &mut self.logits, rows, c, v)?;
+        let normed = self.ctx.round(&self.normed, &mut self.normed16)?;
+        mm.matmul(normed, &self.head.value, &mut self.logits, rows, c, v)?;
         k.cross_entropy(
             &mut self.logits,
             &self.targets_dev,
@@ -701,15 +777,16 @@ impl GpuTrainer {
         let ctx = self.ctx.clone();
         let Ctx { k, mm, .. } = &*ctx;
         // Backward.
-        mm.matmul_grad_b(&self.normed, &self.logits, &mut self.head.grad, rows, c, v)?;
-        mm.matmul_grad_a(
-            &self.logits,
-            &self.head.value,
-            &mut self.d_normed,
+        let dlogits = ctx.round(&self.logits, &mut self.logits16)?;
+        mm.matmul_grad_b(
+            ctx.rounded(&self.normed, &self.normed16),
+            dlogits,
+            &mut self.head.grad,
             rows,
             c,
             v,
         )?;
+        mm.matmul_grad_a(dlogits, &self.head.value, &mut self.d_normed, rows, c, v)?;
         k.rmsnorm_backward(
             &self.reduced,
             &self.final_norm.value,

@@ -1124,17 +1124,49 @@ impl std::str::FromStr for GemmPrecision {
     }
 }
 
-/// Rounds f32 to bf16 (nearest even) for [`GemmPrecision::Bf16`]'s tensor-core inputs.
-const CAST_SOURCE: &str = r#"
-extern "C" __global__ void f32_to_bf16(const float* __restrict__ in, long n, unsigned short* __restrict__ out)
-{
-    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        unsigned int u = __float_as_uint(in[i]);
-        u += 0x7fffu + ((u >> 16) & 1u);
-        out[i] = (unsigned short)(u >> 16);
+/// A matrix operand of [`MatMul`]: f32 values (at bf16 precision rounded into
+/// a scratch copy on each call), or a bf16 copy made once and reused
+/// ([`ModelKernels::to_bf16`]; only at [`GemmPrecision::Bf16`]).
+#[derive(Clone, Copy)]
+pub enum Operand<'a> {
+    /// f32 values.
+    F32(&'a CudaSlice<f32>),
+    /// bf16 values.
+    Bf16(&'a CudaSlice<half::bf16>),
+}
+
+impl Operand<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Self::F32(s) => s.len(),
+            Self::Bf16(s) => s.len(),
+        }
     }
 }
-"#;
+
+impl<'a> From<&'a CudaSlice<f32>> for Operand<'a> {
+    fn from(s: &'a CudaSlice<f32>) -> Self {
+        Self::F32(s)
+    }
+}
+
+impl<'a> From<&'a CudaSlice<half::bf16>> for Operand<'a> {
+    fn from(s: &'a CudaSlice<half::bf16>) -> Self {
+        Self::Bf16(s)
+    }
+}
+
+impl<'a> From<&'a mut CudaSlice<f32>> for Operand<'a> {
+    fn from(s: &'a mut CudaSlice<f32>) -> Self {
+        Self::F32(s)
+    }
+}
+
+impl<'a> From<&'a mut CudaSlice<half::bf16>> for Operand<'a> {
+    fn from(s: &'a mut CudaSlice<half::bf16>) -> Self {
+        Self::Bf16(s)
+    }
+}
 
 /// bf16 copies of a product's two operands ([`GemmPrecision::Bf16`]), grown on demand.
 struct Bf16Scratch {
@@ -1192,10 +1224,11 @@ impl MatMul {
         let blas = cudarc::cublas::CudaBlas::new(dev.stream().clone())
             .map_err(|e| CudaError::Driver(format!("cuBLAS: {e}")))?;
         let bf16 = if precision == GemmPrecision::Bf16 {
-            let module = dev.module("cast", CAST_SOURCE, Vec::new())?;
+            // The model kernels' cast (round to nearest even), as ModelKernels::to_bf16.
+            let module = dev.module("model", MODEL_KERNEL_SOURCE, Vec::new())?;
             let st = dev.stream();
             Some(std::sync::Mutex::new(Bf16Scratch {
-                cast: module.load_function("f32_to_bf16")?,
+                cast: module.load_function("cast_bf16")?,
                 grid: dev.multiprocessors()? * 8,
                 a: st.alloc_zeros(1)?,
                 b: st.alloc_zeros(1)?,
@@ -1269,59 +1302,14 @@ impl MatMul {
     fn gemm(
         &self,
         cfg: cudarc::cublas::GemmConfig<f32>,
-        a: &CudaSlice<f32>,
-        b: &CudaSlice<f32>,
+        a: Operand,
+        b: Operand,
         c: &mut CudaSlice<f32>,
     ) -> CudaResult<()> {
         use cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T;
         use cudarc::driver::{DevicePtr, DevicePtrMut};
         let st = self.stream.clone();
-        if let Some(scratch) = &self.bf16 {
-            // bf16 tensor cores: round both operands into bf16 copies, accumulate in f32.
-            let mut guard = scratch
-                .lock()
-                .map_err(|_| CudaError::Driver("bf16 GEMM scratch poisoned".into()))?;
-            let sc = &mut *guard;
-            for (src, dst) in [(a, &mut sc.a), (b, &mut sc.b)] {
-                if dst.len() < src.len() {
-                    *dst = st.alloc_zeros(src.len())?;
-                }
-                let n = src.len() as i64;
-                let mut lb = st.launch_builder(&sc.cast);
-                lb.arg(src).arg(&n).arg(&mut *dst);
-                // SAFETY: grid-stride over src.len() elements; dst holds at least that many.
-                unsafe {
-                    lb.launch(LaunchConfig {
-                        grid_dim: (sc.grid.max(1), 1, 1),
-                        block_dim: (256, 1, 1),
-                        shared_mem_bytes: 0,
-                    })
-                }?;
-            }
-            let (pa, _ga) = sc.a.device_ptr(&st);
-            let (pb, _gb) = sc.b.device_ptr(&st);
-            let (pc, _gc) = c.device_ptr_mut(&st);
-            let g = Batched {
-                trans_a: cfg.transa == CUBLAS_OP_T,
-                trans_b: cfg.transb == CUBLAS_OP_T,
-                m: cfg.m as usize,
-                n: cfg.n as usize,
-                k: cfg.k as usize,
-                alpha: cfg.alpha,
-                a: (pa, cfg.lda as usize, 0),
-                b: (pb, cfg.ldb as usize, 0),
-                beta: cfg.beta,
-                c: (pc, cfg.ldc as usize, 0),
-                batch: 1,
-                bf16_inputs: true,
-            };
-            // SAFETY: the bf16 copies hold as many elements as a and b, which the callers checked.
-            return unsafe { self.batched(g) };
-        }
-        let (pa, _ga) = a.device_ptr(&st);
-        let (pb, _gb) = b.device_ptr(&st);
-        let (pc, _gc) = c.device_ptr_mut(&st);
-        let g = Batched {
+        let g = |pa, pb, pc, bf16_inputs| Batched {
             trans_a: cfg.transa == CUBLAS_OP_T,
             trans_b: cfg.transb == CUBLAS_OP_T,
             m: cfg.m as usize,
@@ -1333,23 +1321,68 @@ impl MatMul {
             beta: cfg.beta,
             c: (pc, cfg.ldc as usize, 0),
             batch: 1,
-            bf16_inputs: false,
+            bf16_inputs,
         };
-        // SAFETY: the callers check that a, b and c hold the m·k, k·n and m·n elements the configuration addresses.
-        unsafe { self.batched(g) }
+        let Some(scratch) = &self.bf16 else {
+            let (Operand::F32(a), Operand::F32(b)) = (a, b) else {
+                return Err(CudaError::Unsupported(format!(
+                    "bf16 operands need bf16 products (this MatMul multiplies at {})",
+                    self.precision.name()
+                )));
+            };
+            let (pa, _ga) = a.device_ptr(&st);
+            let (pb, _gb) = b.device_ptr(&st);
+            let (pc, _gc) = c.device_ptr_mut(&st);
+            // SAFETY: the callers check that a, b and c hold the m·k, k·n and m·n elements the configuration addresses.
+            return unsafe { self.batched(g(pa, pb, pc, false)) };
+        };
+        // bf16 tensor cores: f32 operands are rounded into bf16 copies; f32 accumulation.
+        let mut guard = scratch
+            .lock()
+            .map_err(|_| CudaError::Driver("bf16 GEMM scratch poisoned".into()))?;
+        let sc = &mut *guard;
+        for (src, dst) in [(a, &mut sc.a), (b, &mut sc.b)] {
+            let Operand::F32(src) = src else { continue };
+            if dst.len() < src.len() {
+                *dst = st.alloc_zeros(src.len())?;
+            }
+            let n = src.len() as i64;
+            let mut lb = st.launch_builder(&sc.cast);
+            lb.arg(src).arg(&n).arg(&mut *dst);
+            // SAFETY: grid-stride over src.len() elements; dst holds at least that many.
+            unsafe {
+                lb.launch(LaunchConfig {
+                    grid_dim: (sc.grid.max(1), 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+            }?;
+        }
+        let (pa, _ga) = match a {
+            Operand::F32(_) => sc.a.device_ptr(&st),
+            Operand::Bf16(x) => x.device_ptr(&st),
+        };
+        let (pb, _gb) = match b {
+            Operand::F32(_) => sc.b.device_ptr(&st),
+            Operand::Bf16(x) => x.device_ptr(&st),
+        };
+        let (pc, _gc) = c.device_ptr_mut(&st);
+        // SAFETY: the bf16 operands (copies or given) hold as many elements as the callers checked.
+        unsafe { self.batched(g(pa, pb, pc, true)) }
     }
 
     /// `out[m, n] = a[m, k] · b[k, n]`.
-    pub fn matmul(
+    pub fn matmul<'a>(
         &self,
-        a: &CudaSlice<f32>,
-        b: &CudaSlice<f32>,
+        a: impl Into<Operand<'a>>,
+        b: impl Into<Operand<'a>>,
         out: &mut CudaSlice<f32>,
         m: usize,
         k: usize,
         n: usize,
     ) -> CudaResult<()> {
         use cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N;
+        let (a, b) = (a.into(), b.into());
         check("matmul a", a.len(), m * k)?;
         check("matmul b", b.len(), k * n)?;
         check("matmul out", out.len(), m * n)?;
@@ -1370,16 +1403,17 @@ impl MatMul {
     }
 
     /// `grad_a[m, k] = grad_out[m, n] · b[k, n]ᵀ` (overwrites).
-    pub fn matmul_grad_a(
+    pub fn matmul_grad_a<'a>(
         &self,
-        grad_out: &CudaSlice<f32>,
-        b: &CudaSlice<f32>,
+        grad_out: impl Into<Operand<'a>>,
+        b: impl Into<Operand<'a>>,
         grad_a: &mut CudaSlice<f32>,
         m: usize,
         k: usize,
         n: usize,
     ) -> CudaResult<()> {
         use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        let (grad_out, b) = (grad_out.into(), b.into());
         check("grad_out", grad_out.len(), m * n)?;
         check("b", b.len(), k * n)?;
         check("grad_a", grad_a.len(), m * k)?;
@@ -1399,16 +1433,17 @@ impl MatMul {
     }
 
     /// `grad_b[k, n] += a[m, k]ᵀ · grad_out[m, n]` (accumulates).
-    pub fn matmul_grad_b(
+    pub fn matmul_grad_b<'a>(
         &self,
-        a: &CudaSlice<f32>,
-        grad_out: &CudaSlice<f32>,
+        a: impl Into<Operand<'a>>,
+        grad_out: impl Into<Operand<'a>>,
         grad_b: &mut CudaSlice<f32>,
         m: usize,
         k: usize,
         n: usize,
     ) -> CudaResult<()> {
         use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        let (a, grad_out) = (a.into(), grad_out.into());
         check("a", a.len(), m * k)?;
         check("grad_out", grad_out.len(), m * n)?;
         check("grad_b", grad_b.len(), k * n)?;
