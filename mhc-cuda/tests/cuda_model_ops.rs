@@ -105,6 +105,36 @@ fn model_kernels_match_mhc_core() {
             1e-5,
         );
 
+        // The _bf16 twins write exactly the f32 results rounded to nearest even.
+        let bits = |v: Vec<half::bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let round = |v: Vec<f32>| {
+            v.iter()
+                .map(|&x| half::bf16::from_f32(x).to_bits())
+                .collect::<Vec<_>>()
+        };
+        let mut h16 = st.alloc_zeros::<half::bf16>(rows * c).unwrap();
+        let mut inv16 = st.clone_htod(&vec![f32::NAN; rows]).unwrap();
+        k.rmsnorm_bf16(&xd, &wd, rows, c, 1e-6, &mut h16, &mut inv16)
+            .unwrap();
+        assert_eq!(
+            bits(st.clone_dtoh(&h16).unwrap()),
+            round(st.clone_dtoh(&yd).unwrap())
+        );
+        assert_eq!(
+            st.clone_dtoh(&inv16).unwrap(),
+            st.clone_dtoh(&invd).unwrap()
+        );
+        k.gelu_bf16(&ud, &mut h16).unwrap();
+        assert_eq!(
+            bits(st.clone_dtoh(&h16).unwrap()),
+            round(st.clone_dtoh(&ad).unwrap())
+        );
+        k.gelu_backward_bf16(&ud, &dad, &mut h16).unwrap();
+        assert_eq!(
+            bits(st.clone_dtoh(&h16).unwrap()),
+            round(st.clone_dtoh(&dud).unwrap())
+        );
+
         // Cross-entropy (vocab = c here) and its gradient.
         let logits = randn(&mut rng, rows * c, 3.0);
         let targets: Vec<u32> = (0..rows).map(|_| rng.below(c as u64) as u32).collect();
@@ -461,7 +491,7 @@ fn attention_sublayer_matches_mhc_core() {
             let mut qkv16 = st.alloc_zeros::<half::bf16>(rows * 3 * c).unwrap();
             let mut dout16 = st.alloc_zeros::<half::bf16>(rows * c).unwrap();
             k.to_bf16(&qkv, &mut qkv16).unwrap();
-            k.flash_attention(&qkv16, batch, seq, heads, head_dim, &mut lse, &mut o)
+            k.flash_attention(&qkv16, batch, seq, heads, head_dim, &mut lse, &mut o, None)
                 .unwrap();
             mmp.matmul(&o, &wod, &mut y, rows, c, c).unwrap();
             rel_l2(
@@ -486,7 +516,8 @@ fn attention_sublayer_matches_mhc_core() {
                 head_dim,
                 &mut dvec,
                 &mut dout16,
-                &mut dqkv,
+                Some(&mut dqkv),
+                None,
             )
             .unwrap();
             mmp.matmul_grad_b(&normed, &dqkv, &mut dwqkv, rows, c, 3 * c)
@@ -573,25 +604,50 @@ fn flash_attention_matches_the_gemm_path() {
                 .all(|(a, &b)| *a == half::bf16::from_f32(b)),
             "to_bf16 is not round-to-nearest-even"
         );
-        k.flash_attention(&qkv16, batch, seq, heads, head_dim, &mut lse, &mut o)
-            .unwrap();
-        let mut backward = |dqkv: &mut cudarc::driver::CudaSlice<f32>| {
-            k.flash_attention_backward(
-                &qkv16,
-                &o,
-                &lse,
-                &dout,
-                batch,
-                seq,
-                heads,
-                head_dim,
-                &mut dvec,
-                &mut dout16,
-                dqkv,
-            )
-            .unwrap()
+        let mut o16 = st.alloc_zeros::<half::bf16>(rows * c).unwrap();
+        k.flash_attention(
+            &qkv16,
+            batch,
+            seq,
+            heads,
+            head_dim,
+            &mut lse,
+            &mut o,
+            Some(&mut o16),
+        )
+        .unwrap();
+        let bits = |v: Vec<half::bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let round = |v: &[f32]| {
+            v.iter()
+                .map(|&x| half::bf16::from_f32(x).to_bits())
+                .collect::<Vec<_>>()
         };
-        backward(&mut dqkv);
+        assert_eq!(
+            bits(st.clone_dtoh(&o16).unwrap()),
+            round(&st.clone_dtoh(&o).unwrap()),
+            "the bf16 output is not the f32 output rounded"
+        );
+        let mut backward =
+            |dqkv: &mut cudarc::driver::CudaSlice<f32>,
+             dqkv16: Option<&mut cudarc::driver::CudaSlice<half::bf16>>| {
+                k.flash_attention_backward(
+                    &qkv16,
+                    &o,
+                    &lse,
+                    &dout,
+                    batch,
+                    seq,
+                    heads,
+                    head_dim,
+                    &mut dvec,
+                    &mut dout16,
+                    Some(dqkv),
+                    dqkv16,
+                )
+                .unwrap()
+            };
+        let mut dqkv16 = st.alloc_zeros::<half::bf16>(rows * 3 * c).unwrap();
+        backward(&mut dqkv, Some(&mut dqkv16));
         let label = format!("flash attention {batch}×{seq}, {heads} heads of {head_dim}");
         let o_ref_h = st.clone_dtoh(&o_ref).unwrap();
         rel_l2(
@@ -619,8 +675,13 @@ fn flash_attention_matches_the_gemm_path() {
                 rel_l2(&format!("{label}: grad of {name}"), &got, &want, 2e-2);
             }
         }
+        assert_eq!(
+            bits(st.clone_dtoh(&dqkv16).unwrap()),
+            round(&dqkv_h),
+            "{label}: the bf16 gradient is not the f32 gradient rounded"
+        );
         let mut again = nan(rows * 3 * c);
-        backward(&mut again);
+        backward(&mut again, None);
         let again_h = st.clone_dtoh(&again).unwrap();
         assert!(
             again_h
@@ -636,11 +697,11 @@ fn flash_attention_matches_the_gemm_path() {
         st.alloc_zeros::<f32>(2 * 8 * 48).unwrap(),
     );
     assert!(matches!(
-        k.flash_attention(&qkv, 2, 8, 2, 24, &mut lse, &mut o),
+        k.flash_attention(&qkv, 2, 8, 2, 24, &mut lse, &mut o, None),
         Err(CudaError::Unsupported(_))
     ));
     assert!(matches!(
-        k.flash_attention(&qkv, 2, 9, 2, 32, &mut lse, &mut o),
+        k.flash_attention(&qkv, 2, 9, 2, 32, &mut lse, &mut o, None),
         Err(CudaError::Shape { .. })
     ));
 }

@@ -90,6 +90,25 @@ impl Ctx {
         }
     }
 
+    /// RMSNorm of `x` into the product input: at bf16 straight into `y16`
+    /// (rounded as written; `y` is not written), else into `y`.
+    fn norm(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        rows: usize,
+        c: usize,
+        y: &mut CudaSlice<f32>,
+        y16: &mut Bf16Buf,
+        inv: &mut CudaSlice<f32>,
+    ) -> CudaResult<()> {
+        if self.bf16() {
+            self.k.rmsnorm_bf16(x, w, rows, c, 1e-6, y16, inv)
+        } else {
+            self.k.rmsnorm(x, w, rows, c, 1e-6, y, inv)
+        }
+    }
+
     fn scratch<'a, T>(m: &'a Scratch<T>) -> CudaResult<std::sync::MutexGuard<'a, T>> {
         m.lock()
             .map_err(|_| CudaError::Driver("GPU scratch poisoned".into()))
@@ -131,19 +150,20 @@ impl CudaSublayer<f32> for GpuAttention {
         rows: usize,
         c: usize,
     ) -> CudaResult<()> {
-        let Ctx { k, mm, .. } = &*self.ctx;
-        k.rmsnorm(
+        let ctx = &*self.ctx;
+        let Ctx { k, mm, .. } = ctx;
+        ctx.norm(
             h,
             &self.norm.value,
             rows,
             c,
-            1e-6,
             &mut self.normed,
+            &mut self.normed16,
             &mut self.inv,
         )?;
-        let normed = self.ctx.round(&self.normed, &mut self.normed16)?;
+        let normed = ctx.rounded(&self.normed, &self.normed16);
         mm.matmul(normed, &self.wqkv.value, &mut self.qkv, rows, c, 3 * c)?;
-        if self.ctx.flash {
+        if ctx.flash {
             k.to_bf16(&self.qkv, &mut self.qkv16)?;
             k.flash_attention(
                 &self.qkv16,
@@ -153,7 +173,9 @@ impl CudaSublayer<f32> for GpuAttention {
                 c / self.heads,
                 &mut self.probs,
                 &mut self.o,
+                Some(&mut self.o16),
             )?;
+            return mm.matmul(&self.o16, &self.wo.value, y, rows, c, c);
         } else {
             k.attention_gemm(
                 mm,
@@ -166,7 +188,7 @@ impl CudaSublayer<f32> for GpuAttention {
                 &mut self.o,
             )?;
         }
-        let o = self.ctx.round(&self.o, &mut self.o16)?;
+        let o = ctx.round(&self.o, &mut self.o16)?;
         mm.matmul(o, &self.wo.value, y, rows, c, c)
     }
     fn vjp(
@@ -218,7 +240,8 @@ impl CudaSublayer<f32> for GpuAttention {
                     c / self.heads,
                     &mut scratch,
                     &mut dout16,
-                    &mut self.dqkv,
+                    None,
+                    Some(g_3c),
                 )?;
             } else {
                 k.attention_gemm_backward(
@@ -235,7 +258,12 @@ impl CudaSublayer<f32> for GpuAttention {
                 )?;
             }
         }
-        let dqkv16 = ctx.round(&self.dqkv, g_3c)?;
+        // The flash backward wrote the bf16 gradient itself.
+        let dqkv16 = if *flash {
+            Operand::Bf16(g_3c)
+        } else {
+            ctx.round(&self.dqkv, g_3c)?
+        };
         mm.matmul_grad_b(
             ctx.rounded(&self.normed, &self.normed16),
             dqkv16,
@@ -285,20 +313,25 @@ impl CudaSublayer<f32> for GpuMlp {
         rows: usize,
         c: usize,
     ) -> CudaResult<()> {
-        let Ctx { k, mm, .. } = &*self.ctx;
-        k.rmsnorm(
+        let ctx = &*self.ctx;
+        let Ctx { k, mm, .. } = ctx;
+        ctx.norm(
             h,
             &self.norm.value,
             rows,
             c,
-            1e-6,
             &mut self.normed,
+            &mut self.normed16,
             &mut self.inv,
         )?;
-        let normed = self.ctx.round(&self.normed, &mut self.normed16)?;
+        let normed = ctx.rounded(&self.normed, &self.normed16);
         mm.matmul(normed, &self.w1.value, &mut self.pre, rows, c, 4 * c)?;
-        k.gelu(&self.pre, &mut self.act)?;
-        let act = self.ctx.round(&self.act, &mut self.act16)?;
+        if ctx.bf16() {
+            k.gelu_bf16(&self.pre, &mut self.act16)?;
+        } else {
+            k.gelu(&self.pre, &mut self.act)?;
+        }
+        let act = ctx.rounded(&self.act, &self.act16);
         mm.matmul(act, &self.w2.value, y, rows, 4 * c, c)
     }
     fn vjp(
@@ -324,8 +357,13 @@ impl CudaSublayer<f32> for GpuMlp {
             c,
         )?;
         mm.matmul_grad_a(dy16, &self.w2.value, &mut self.dact, rows, 4 * c, c)?;
-        k.gelu_backward(&self.pre, &self.dact, &mut self.dpre)?;
-        let dpre16 = ctx.round(&self.dpre, g_4c)?;
+        let dpre16 = if ctx.bf16() {
+            k.gelu_backward_bf16(&self.pre, &self.dact, g_4c)?;
+            Operand::Bf16(g_4c)
+        } else {
+            k.gelu_backward(&self.pre, &self.dact, &mut self.dpre)?;
+            Operand::F32(&self.dpre)
+        };
         mm.matmul_grad_b(
             ctx.rounded(&self.normed, &self.normed16),
             dpre16,
@@ -533,6 +571,11 @@ impl GpuTrainer {
         });
         let half =
             |len: usize| -> CudaResult<Bf16Buf> { Ok(st.alloc_zeros(if bf16 { len } else { 1 })?) };
+        // f32 buffers that only feed products: at bf16 their producers write the
+        // bf16 copies directly, and they shrink to one element.
+        let f32_operand = |len: usize| -> CudaResult<CudaSlice<f32>> {
+            Ok(st.alloc_zeros(if bf16 { 1 } else { len })?)
+        };
         let zeros = |len: usize| -> CudaResult<CudaSlice<f32>> { Ok(st.alloc_zeros(len)?) };
         let conn_cfg = config.connection();
         let mut blocks = Vec::new();
@@ -545,7 +588,7 @@ impl GpuTrainer {
                 batch,
                 seq: ctxlen,
                 heads: config.heads,
-                normed: zeros(rows * c)?,
+                normed: f32_operand(rows * c)?,
                 inv: zeros(rows)?,
                 qkv: zeros(rows * 3 * c)?,
                 qkv16: st.alloc_zeros(if flash { rows * 3 * c } else { 1 })?,
@@ -554,7 +597,11 @@ impl GpuTrainer {
                 probs: zeros(att_len)?,
                 o: zeros(rows * c)?,
                 d_o: zeros(rows * c)?,
-                dqkv: zeros(rows * 3 * c)?,
+                dqkv: if flash {
+                    zeros(1)?
+                } else {
+                    zeros(rows * 3 * c)?
+                },
                 dnormed: zeros(rows * c)?,
             };
             let mlp = GpuMlp {
@@ -562,14 +609,14 @@ impl GpuTrainer {
                 norm: DeviceParam::upload(&dev, &b.mlp.norm.value, false)?,
                 w1: DeviceParam::upload(&dev, &b.mlp.w1.value, true)?,
                 w2: DeviceParam::upload(&dev, &b.mlp.w2.value, true)?,
-                normed: zeros(rows * c)?,
+                normed: f32_operand(rows * c)?,
                 inv: zeros(rows)?,
                 pre: zeros(rows * 4 * c)?,
-                act: zeros(rows * 4 * c)?,
+                act: f32_operand(rows * 4 * c)?,
                 normed16: half(rows * c)?,
                 act16: half(rows * 4 * c)?,
                 dact: zeros(rows * 4 * c)?,
-                dpre: zeros(rows * 4 * c)?,
+                dpre: f32_operand(rows * 4 * c)?,
                 dnormed: zeros(rows * c)?,
             };
             let conn = |p: &ConnectionParams<f32>| -> CudaResult<Connection> {
@@ -618,7 +665,7 @@ impl GpuTrainer {
             tokens_dev: st.alloc_zeros(rows)?,
             targets_dev: st.alloc_zeros(rows)?,
             reduced: zeros(rows * c)?,
-            normed: zeros(rows * c)?,
+            normed: f32_operand(rows * c)?,
             inv: zeros(rows)?,
             logits: zeros(rows * v)?,
             normed16: half(rows * c)?,
@@ -697,16 +744,16 @@ impl GpuTrainer {
         }
         let last = &self.states[self.config.sublayers()];
         k.streams_mean(last, rows, n, c, &mut self.reduced, false)?;
-        k.rmsnorm(
+        self.ctx.norm(
             &self.reduced,
             &self.final_norm.value,
             rows,
             c,
-            1e-6,
             &mut self.normed,
+            &mut self.normed16,
             &mut self.inv,
         )?;
-        let normed = self.ctx.round(&self.normed, &mut self.normed16)?;
+        let normed = self.ctx.rounded(&self.normed, &self.normed16);
         mm.matmul(normed, &self.head.value, &mut self.logits, rows, c, v)?;
         k.cross_entropy(
             &mut self.logits,

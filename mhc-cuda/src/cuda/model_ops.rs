@@ -71,11 +71,40 @@ impl ModelKernels {
         y: &mut CudaSlice<f32>,
         inv_rms: &mut CudaSlice<f32>,
     ) -> CudaResult<()> {
+        self.rmsnorm_into("rmsnorm_fwd", x, w, rows, c, eps, y, inv_rms)
+    }
+
+    /// [`Self::rmsnorm`] with `y` rounded to bf16 as it is written (the same
+    /// values as [`Self::to_bf16`] of the f32 result): a product's input.
+    pub fn rmsnorm_bf16(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        rows: usize,
+        c: usize,
+        eps: f32,
+        y: &mut CudaSlice<half::bf16>,
+        inv_rms: &mut CudaSlice<f32>,
+    ) -> CudaResult<()> {
+        self.rmsnorm_into("rmsnorm_fwd_bf16", x, w, rows, c, eps, y, inv_rms)
+    }
+
+    fn rmsnorm_into<T: cudarc::driver::DeviceRepr>(
+        &self,
+        name: &str,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        rows: usize,
+        c: usize,
+        eps: f32,
+        y: &mut CudaSlice<T>,
+        inv_rms: &mut CudaSlice<f32>,
+    ) -> CudaResult<()> {
         check("rmsnorm x", x.len(), rows * c)?;
         check("rmsnorm w", w.len(), c)?;
         check("rmsnorm y", y.len(), rows * c)?;
         check("rmsnorm inv_rms", inv_rms.len(), rows)?;
-        let f = self.f("rmsnorm_fwd")?;
+        let f = self.f(name)?;
         let c_i = c as i32;
         let mut b = self.dev.stream().launch_builder(&f);
         b.arg(x).arg(w).arg(&c_i).arg(&eps).arg(y).arg(inv_rms);
@@ -181,12 +210,12 @@ impl ModelKernels {
         Ok(())
     }
 
-    fn elementwise(
+    fn elementwise<T: cudarc::driver::DeviceRepr>(
         &self,
         name: &str,
         a: &CudaSlice<f32>,
         b2: Option<&CudaSlice<f32>>,
-        out: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<T>,
     ) -> CudaResult<()> {
         let len = a.len();
         check("elementwise output", out.len(), len)?;
@@ -226,6 +255,21 @@ impl ModelKernels {
         du: &mut CudaSlice<f32>,
     ) -> CudaResult<()> {
         self.elementwise("gelu_bwd", u, Some(da), du)
+    }
+
+    /// [`Self::gelu`] written as bf16 (a product's input).
+    pub fn gelu_bf16(&self, u: &CudaSlice<f32>, a: &mut CudaSlice<half::bf16>) -> CudaResult<()> {
+        self.elementwise("gelu_fwd_bf16", u, None, a)
+    }
+
+    /// [`Self::gelu_backward`] written as bf16 (a product's input).
+    pub fn gelu_backward_bf16(
+        &self,
+        u: &CudaSlice<f32>,
+        da: &CudaSlice<f32>,
+        du: &mut CudaSlice<half::bf16>,
+    ) -> CudaResult<()> {
+        self.elementwise("gelu_bwd_bf16", u, Some(da), du)
     }
 
     /// Softmax cross-entropy of `logits [rows, vocab]` against `targets`:
@@ -757,7 +801,8 @@ impl ModelKernels {
     /// tiles of 64 queries × 64 keys, bf16 tensor-core products with f32
     /// accumulation, online softmax in f32):
     /// `out [batch·seq, C]`, and `lse [batch, heads, seq]` (the row
-    /// log-sum-exps, base 2) kept for [`Self::flash_attention_backward`].
+    /// log-sum-exps, base 2) kept for [`Self::flash_attention_backward`];
+    /// `out16`, when given, receives `out` rounded to bf16 (a product's input).
     /// The function of [`Self::attention`], at bf16 product precision; heads
     /// of 16, 32, 64 or 128 ([`Self::flash_supported`]).
     pub fn flash_attention(
@@ -769,19 +814,24 @@ impl ModelKernels {
         head_dim: usize,
         lse: &mut CudaSlice<f32>,
         out: &mut CudaSlice<f32>,
+        out16: Option<&mut CudaSlice<half::bf16>>,
     ) -> CudaResult<()> {
         self.flash_check(qkv, batch, seq, heads, head_dim, lse, out)?;
+        if let Some(o) = &out16 {
+            check("bf16 attention output", o.len(), out.len())?;
+        }
         let smem = 4 * FLASH_TILE * (head_dim + 8) * 2;
         let f = self.flash_function("flash_fwd", head_dim, smem)?;
         let (seq_i, heads_i) = (seq as i32, heads as i32);
         let scale = 1.0 / (head_dim as f32).sqrt();
         let mut b = self.dev.stream().launch_builder(&f);
-        b.arg(qkv)
-            .arg(&seq_i)
-            .arg(&heads_i)
-            .arg(&scale)
-            .arg(out)
-            .arg(lse);
+        let null = 0u64;
+        b.arg(qkv).arg(&seq_i).arg(&heads_i).arg(&scale).arg(out);
+        match out16 {
+            Some(o) => b.arg(o),
+            None => b.arg(&null),
+        };
+        b.arg(lse);
         // SAFETY: grid (query tiles, batch·heads); rows ≥ seq are guarded in the kernel;
         // qkv, out and lse hold batch·seq·3C, batch·seq·C and batch·heads·seq (checked).
         unsafe {
@@ -796,9 +846,10 @@ impl ModelKernels {
     }
 
     /// Backward of [`Self::flash_attention`]: overwrites `dqkv [batch·seq, 3C]`
-    /// from `dout`, recomputing the probabilities from `qkv` and `lse`; `out`
-    /// is the forward's output; `dvec [batch, heads, seq]` and `dout16`
-    /// (`dout`'s bf16 copy, `[batch·seq, C]`) are scratch.
+    /// (f32, and/or its bf16 rounding `dqkv16`: at least one) from `dout`,
+    /// recomputing the probabilities from `qkv` and `lse`; `out` is the
+    /// forward's output; `dvec [batch, heads, seq]` and `dout16` (`dout`'s
+    /// bf16 copy, `[batch·seq, C]`) are scratch.
     /// Deterministic (no atomics: dQ and dK/dV are separate passes).
     pub fn flash_attention_backward(
         &self,
@@ -812,9 +863,15 @@ impl ModelKernels {
         head_dim: usize,
         dvec: &mut CudaSlice<f32>,
         dout16: &mut CudaSlice<half::bf16>,
-        dqkv: &mut CudaSlice<f32>,
+        mut dqkv: Option<&mut CudaSlice<f32>>,
+        mut dqkv16: Option<&mut CudaSlice<half::bf16>>,
     ) -> CudaResult<()> {
         self.flash_check(qkv, batch, seq, heads, head_dim, lse, out)?;
+        if dqkv.is_none() && dqkv16.is_none() {
+            return Err(CudaError::Unsupported(
+                "flash attention backward with neither an f32 nor a bf16 gradient output".into(),
+            ));
+        }
         let c = heads * head_dim;
         check("grad of attention output", dout.len(), batch * seq * c)?;
         check(
@@ -823,8 +880,14 @@ impl ModelKernels {
             batch * seq * c,
         )?;
         check("attention row scratch", dvec.len(), batch * heads * seq)?;
-        check("grad of qkv", dqkv.len(), batch * seq * 3 * c)?;
+        if let Some(d) = &dqkv {
+            check("grad of qkv", d.len(), batch * seq * 3 * c)?;
+        }
+        if let Some(d) = &dqkv16 {
+            check("bf16 grad of qkv", d.len(), batch * seq * 3 * c)?;
+        }
         let st = self.dev.stream();
+        let null = 0u64;
         let (b_i, seq_i, heads_i, d_i) = (batch as i32, seq as i32, heads as i32, head_dim as i32);
         let scale = 1.0 / (head_dim as f32).sqrt();
         let f = self.f("flash_bwd_dot")?;
@@ -853,9 +916,17 @@ impl ModelKernels {
             .arg(&*dvec)
             .arg(&seq_i)
             .arg(&heads_i)
-            .arg(&scale)
-            .arg(&mut *dqkv);
-        // SAFETY: grid (key tiles, batch·heads); rows ≥ seq guarded; every buffer checked above.
+            .arg(&scale);
+        match &mut dqkv {
+            Some(d) => b.arg(&mut **d),
+            None => b.arg(&null),
+        };
+        match &mut dqkv16 {
+            Some(d) => b.arg(&mut **d),
+            None => b.arg(&null),
+        };
+        // SAFETY: grid (key tiles, batch·heads); rows ≥ seq guarded; every buffer
+        // checked above; a null output is skipped by the kernel.
         unsafe {
             b.launch(LaunchConfig {
                 grid_dim: (tiles, (batch * heads) as u32, 1),
@@ -873,8 +944,15 @@ impl ModelKernels {
             .arg(&*dvec)
             .arg(&seq_i)
             .arg(&heads_i)
-            .arg(&scale)
-            .arg(dqkv);
+            .arg(&scale);
+        match &mut dqkv {
+            Some(d) => b.arg(&mut **d),
+            None => b.arg(&null),
+        };
+        match &mut dqkv16 {
+            Some(d) => b.arg(&mut **d),
+            None => b.arg(&null),
+        };
         // SAFETY: as above; this pass writes only the q columns of dqkv.
         unsafe {
             b.launch(LaunchConfig {

@@ -32,9 +32,21 @@ __device__ __forceinline__ float block_max_all(float v, float* scratch) {
     return m;
 }
 
+// bf16 bits of f, rounded to nearest even (NaN stays NaN, ±Inf stays ±Inf).
+__device__ __forceinline__ unsigned bf16_bits(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7f800000u) == 0x7f800000u) return (u >> 16) | ((u & 0x007fffffu) ? 0x40u : 0u);
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+// Stores of an f32 result into f32 or bf16 outputs (kernels with a _bf16 twin).
+__device__ __forceinline__ void put(float* p, long i, float v) { p[i] = v; }
+__device__ __forceinline__ void put(unsigned short* p, long i, float v) { p[i] = (unsigned short)bf16_bits(v); }
+
 // y = x / sqrt(mean(x²) + eps) ⊙ w per row; inv_rms[r] = 1/rms. One block per row.
-extern "C" __global__ void rmsnorm_fwd(const float* __restrict__ x, const float* __restrict__ w, int C, float eps,
-                                       float* __restrict__ y, float* __restrict__ inv_rms)
+// rmsnorm_fwd_bf16 writes y rounded to bf16 (the same f32 values, then rounded).
+template <typename T>
+__device__ __forceinline__ void rmsnorm_fwd_impl(const float* __restrict__ x, const float* __restrict__ w, int C,
+                                                 float eps, T* __restrict__ y, float* __restrict__ inv_rms)
 {
     __shared__ float scratch[32];
     const long r = blockIdx.x;
@@ -42,9 +54,15 @@ extern "C" __global__ void rmsnorm_fwd(const float* __restrict__ x, const float*
     float ss = 0.f;
     for (int c = threadIdx.x; c < C; c += blockDim.x) ss += xr[c] * xr[c];
     float inv = rsqrtf(block_sum_all(ss, scratch) / (float)C + eps);
-    for (int c = threadIdx.x; c < C; c += blockDim.x) y[r * C + c] = xr[c] * inv * w[c];
+    for (int c = threadIdx.x; c < C; c += blockDim.x) put(y, r * C + c, xr[c] * inv * w[c]);
     if (threadIdx.x == 0) inv_rms[r] = inv;
 }
+extern "C" __global__ void rmsnorm_fwd(const float* __restrict__ x, const float* __restrict__ w, int C, float eps,
+                                       float* __restrict__ y, float* __restrict__ inv_rms)
+{ rmsnorm_fwd_impl(x, w, C, eps, y, inv_rms); }
+extern "C" __global__ void rmsnorm_fwd_bf16(const float* __restrict__ x, const float* __restrict__ w, int C, float eps,
+                                            unsigned short* __restrict__ y, float* __restrict__ inv_rms)
+{ rmsnorm_fwd_impl(x, w, C, eps, y, inv_rms); }
 
 // dx = (dy⊙w − x̂·mean(dy⊙w⊙x̂))·inv per row (one block per row).
 extern "C" __global__ void rmsnorm_bwd_dx(const float* __restrict__ x, const float* __restrict__ w,
@@ -98,24 +116,36 @@ extern "C" __global__ void rmsnorm_bwd_dw_sum(const float* __restrict__ part, in
 #define GELU_K 0.7978845608028654f
 #define GELU_A 0.044715f
 
-extern "C" __global__ void gelu_fwd(const float* __restrict__ u, long len, float* __restrict__ a)
+template <typename T>
+__device__ __forceinline__ void gelu_fwd_impl(const float* __restrict__ u, long len, T* __restrict__ a)
 {
     for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < len; e += (long)gridDim.x * blockDim.x) {
         float v = u[e];
-        a[e] = 0.5f * v * (1.f + tanhf(GELU_K * (v + GELU_A * v * v * v)));
+        put(a, e, 0.5f * v * (1.f + tanhf(GELU_K * (v + GELU_A * v * v * v))));
     }
 }
+extern "C" __global__ void gelu_fwd(const float* __restrict__ u, long len, float* __restrict__ a)
+{ gelu_fwd_impl(u, len, a); }
+extern "C" __global__ void gelu_fwd_bf16(const float* __restrict__ u, long len, unsigned short* __restrict__ a)
+{ gelu_fwd_impl(u, len, a); }
 
 // du = da · gelu'(u)
-extern "C" __global__ void gelu_bwd(const float* __restrict__ u, const float* __restrict__ da, long len, float* __restrict__ du)
+template <typename T>
+__device__ __forceinline__ void gelu_bwd_impl(const float* __restrict__ u, const float* __restrict__ da, long len,
+                                              T* __restrict__ du)
 {
     for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < len; e += (long)gridDim.x * blockDim.x) {
         float v = u[e];
         float t = tanhf(GELU_K * (v + GELU_A * v * v * v));
         float d = 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * GELU_K * (1.f + 3.f * GELU_A * v * v);
-        du[e] = da[e] * d;
+        put(du, e, da[e] * d);
     }
 }
+extern "C" __global__ void gelu_bwd(const float* __restrict__ u, const float* __restrict__ da, long len, float* __restrict__ du)
+{ gelu_bwd_impl(u, da, len, du); }
+extern "C" __global__ void gelu_bwd_bf16(const float* __restrict__ u, const float* __restrict__ da, long len,
+                                         unsigned short* __restrict__ du)
+{ gelu_bwd_impl(u, da, len, du); }
 
 // Softmax cross-entropy per row (one block per row): loss[r] = log Σ exp(l − max) − (l_t − max);
 // logits are overwritten with (softmax − onehot)/R, the gradient of the mean loss.
@@ -514,12 +544,12 @@ extern "C" __global__ void causal_softmax_bwd(const float* __restrict__ p, float
 #define FA_INF __int_as_float(0x7f800000)
 #define FA_LOG2E 1.4426950408889634f
 
-__device__ __forceinline__ unsigned fa_bf16(float f) {
-    unsigned u = __float_as_uint(f);
-    if ((u & 0x7f800000u) == 0x7f800000u) return (u >> 16) | ((u & 0x007fffffu) ? 0x40u : 0u);
-    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+__device__ __forceinline__ unsigned fa_pack(float lo, float hi) { return bf16_bits(lo) | (bf16_bits(hi) << 16); }
+// Two adjacent results at element e of an f32 and/or a bf16 output (either may be null).
+__device__ __forceinline__ void fa_put2(float* f, unsigned short* h, long e, float x, float y) {
+    if (f) *(float2*)(f + e) = make_float2(x, y);
+    if (h) *(unsigned*)(h + e) = fa_pack(x, y);
 }
-__device__ __forceinline__ unsigned fa_pack(float lo, float hi) { return fa_bf16(lo) | (fa_bf16(hi) << 16); }
 __device__ __forceinline__ unsigned fa_ld32(const unsigned short* p) { return *(const unsigned*)p; }
 __device__ __forceinline__ void fa_mma(float* d, const unsigned* a, unsigned b0, unsigned b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -660,7 +690,8 @@ __device__ __forceinline__ void fa_mma_pv(float (*acc)[4], const float (*p)[4], 
 // out [B, S, C] f32; lse [B·H, S] = m + log2(l) in units of log2 of the scaled scores.
 template <int D>
 __device__ __forceinline__ void flash_fwd_impl(const unsigned short* __restrict__ qkv, int S, int H, float scale,
-                                               float* __restrict__ out, float* __restrict__ lse)
+                                               float* __restrict__ out, unsigned short* __restrict__ out16,
+                                               float* __restrict__ lse)
 {
     extern __shared__ __align__(16) unsigned short fa_smem[];
     const int TS = FA_T * (D + 8);
@@ -738,11 +769,15 @@ __device__ __forceinline__ void flash_fwd_impl(const unsigned short* __restrict_
         __syncthreads(); // this buffer is refilled next iteration
     }
     const float i0 = 1.f / l0, i1 = 1.f / l1;
-    float* ob = out + (long)b * S * C + h * D + 2 * t;
+    const long ob = (long)b * S * C + h * D + 2 * t;
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt) {
-        if (r0 < S) *(float2*)(ob + (long)r0 * C + nt * 8) = make_float2(o[nt][0] * i0, o[nt][1] * i0);
-        if (r1 < S) *(float2*)(ob + (long)r1 * C + nt * 8) = make_float2(o[nt][2] * i1, o[nt][3] * i1);
+        const float2 v0 = make_float2(o[nt][0] * i0, o[nt][1] * i0), v1 = make_float2(o[nt][2] * i1, o[nt][3] * i1);
+        const long e0 = ob + (long)r0 * C + nt * 8, e1 = ob + (long)r1 * C + nt * 8;
+        if (r0 < S) *(float2*)(out + e0) = v0;
+        if (r1 < S) *(float2*)(out + e1) = v1;
+        if (out16 && r0 < S) *(unsigned*)(out16 + e0) = fa_pack(v0.x, v0.y);
+        if (out16 && r1 < S) *(unsigned*)(out16 + e1) = fa_pack(v1.x, v1.y);
     }
     if (t == 0) {
         if (r0 < S) lse[(long)bh * S + r0] = m0 + log2f(l0);
@@ -765,7 +800,7 @@ extern "C" __global__ void flash_bwd_dot(const float* __restrict__ o, const floa
         for (int d = lane; d < D; d += 32) {
             const float g = dout[off + d];
             acc += o[off + d] * g;
-            dout16[off + d] = (unsigned short)fa_bf16(g);
+            dout16[off + d] = (unsigned short)bf16_bits(g);
         }
         acc = warp_sum(acc);
         if (lane == 0) dvec[r] = acc;
@@ -799,7 +834,8 @@ template <int D>
 __device__ __forceinline__ void flash_bwd_dkv_impl(const unsigned short* __restrict__ qkv,
                                                    const unsigned short* __restrict__ dout,
                                                    const float* __restrict__ lse, const float* __restrict__ dvec,
-                                                   int S, int H, float scale, float* __restrict__ dqkv)
+                                                   int S, int H, float scale, float* __restrict__ dqkv,
+                                                   unsigned short* __restrict__ dqkv16)
 {
     constexpr bool KV_SMEM = D > 64;
     extern __shared__ __align__(16) unsigned short fa_smem[];
@@ -872,16 +908,16 @@ __device__ __forceinline__ void flash_bwd_dkv_impl(const unsigned short* __restr
         fa_mma_pv<D>(dk, dp, Qs); // dK += dSᵀ·Q (scaled below)
         __syncthreads();          // this buffer is refilled next iteration
     }
-    float* db = dqkv + (long)b * S * ld + h * D + 2 * t;
+    const long db = (long)b * S * ld + h * D + 2 * t;
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt) {
         if (kr0 < S) {
-            *(float2*)(db + (long)kr0 * ld + C + nt * 8) = make_float2(dk[nt][0] * scale, dk[nt][1] * scale);
-            *(float2*)(db + (long)kr0 * ld + 2 * C + nt * 8) = make_float2(dv[nt][0], dv[nt][1]);
+            fa_put2(dqkv, dqkv16, db + (long)kr0 * ld + C + nt * 8, dk[nt][0] * scale, dk[nt][1] * scale);
+            fa_put2(dqkv, dqkv16, db + (long)kr0 * ld + 2 * C + nt * 8, dv[nt][0], dv[nt][1]);
         }
         if (kr1 < S) {
-            *(float2*)(db + (long)kr1 * ld + C + nt * 8) = make_float2(dk[nt][2] * scale, dk[nt][3] * scale);
-            *(float2*)(db + (long)kr1 * ld + 2 * C + nt * 8) = make_float2(dv[nt][2], dv[nt][3]);
+            fa_put2(dqkv, dqkv16, db + (long)kr1 * ld + C + nt * 8, dk[nt][2] * scale, dk[nt][3] * scale);
+            fa_put2(dqkv, dqkv16, db + (long)kr1 * ld + 2 * C + nt * 8, dv[nt][2], dv[nt][3]);
         }
     }
 }
@@ -894,7 +930,8 @@ template <int D>
 __device__ __forceinline__ void flash_bwd_dq_impl(const unsigned short* __restrict__ qkv,
                                                   const unsigned short* __restrict__ dout,
                                                   const float* __restrict__ lse, const float* __restrict__ dvec,
-                                                  int S, int H, float scale, float* __restrict__ dqkv)
+                                                  int S, int H, float scale, float* __restrict__ dqkv,
+                                                  unsigned short* __restrict__ dqkv16)
 {
     constexpr bool Q_SMEM = D > 64;
     extern __shared__ __align__(16) unsigned short fa_smem[];
@@ -963,11 +1000,11 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const unsigned short* __restri
         fa_mma_pv<D>(dq, dp, Ks); // dQ += dS·K (scaled below)
         __syncthreads();          // this buffer is refilled next iteration
     }
-    float* db = dqkv + (long)b * S * ld + h * D + 2 * t;
+    const long db = (long)b * S * ld + h * D + 2 * t;
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt) {
-        if (r0 < S) *(float2*)(db + (long)r0 * ld + nt * 8) = make_float2(dq[nt][0] * scale, dq[nt][1] * scale);
-        if (r1 < S) *(float2*)(db + (long)r1 * ld + nt * 8) = make_float2(dq[nt][2] * scale, dq[nt][3] * scale);
+        if (r0 < S) fa_put2(dqkv, dqkv16, db + (long)r0 * ld + nt * 8, dq[nt][0] * scale, dq[nt][1] * scale);
+        if (r1 < S) fa_put2(dqkv, dqkv16, db + (long)r1 * ld + nt * 8, dq[nt][2] * scale, dq[nt][3] * scale);
     }
 }
 
@@ -975,24 +1012,24 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const unsigned short* __restri
 extern "C" __global__ void cast_bf16(const float* __restrict__ x, long n, unsigned short* __restrict__ y)
 {
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        y[i] = (unsigned short)fa_bf16(x[i]);
+        y[i] = (unsigned short)bf16_bits(x[i]);
 }
 
 #define FA_INSTANCES(D)                                                                                              \
-    extern "C" __global__ void __launch_bounds__(128) flash_fwd_##D(const unsigned short* __restrict__ qkv, int S,     \
-                                                                    int H, float scale, float* __restrict__ out,      \
-                                                                    float* __restrict__ lse)                          \
-    { flash_fwd_impl<D>(qkv, S, H, scale, out, lse); }                                                               \
+    extern "C" __global__ void __launch_bounds__(128) flash_fwd_##D(                                                  \
+        const unsigned short* __restrict__ qkv, int S, int H, float scale, float* __restrict__ out,                   \
+        unsigned short* __restrict__ out16, float* __restrict__ lse)                                                  \
+    { flash_fwd_impl<D>(qkv, S, H, scale, out, out16, lse); }                                                        \
     extern "C" __global__ void __launch_bounds__(128) flash_bwd_dkv_##D(                                              \
         const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dout,                              \
         const float* __restrict__ lse, const float* __restrict__ dvec, int S, int H, float scale,                     \
-        float* __restrict__ dqkv)                                                                                      \
-    { flash_bwd_dkv_impl<D>(qkv, dout, lse, dvec, S, H, scale, dqkv); }                                              \
+        float* __restrict__ dqkv, unsigned short* __restrict__ dqkv16)                                                \
+    { flash_bwd_dkv_impl<D>(qkv, dout, lse, dvec, S, H, scale, dqkv, dqkv16); }                                      \
     extern "C" __global__ void __launch_bounds__(128) flash_bwd_dq_##D(                                               \
         const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dout,                              \
         const float* __restrict__ lse, const float* __restrict__ dvec, int S, int H, float scale,                     \
-        float* __restrict__ dqkv)                                                                                      \
-    { flash_bwd_dq_impl<D>(qkv, dout, lse, dvec, S, H, scale, dqkv); }
+        float* __restrict__ dqkv, unsigned short* __restrict__ dqkv16)                                                \
+    { flash_bwd_dq_impl<D>(qkv, dout, lse, dvec, S, H, scale, dqkv, dqkv16); }
 FA_INSTANCES(16)
 FA_INSTANCES(32)
 FA_INSTANCES(64)
