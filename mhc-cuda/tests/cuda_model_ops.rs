@@ -21,6 +21,13 @@ fn device() -> Option<Arc<CudaDevice>> {
     }
 }
 
+fn h16_out(
+    st: &Arc<cudarc::driver::CudaStream>,
+    len: usize,
+) -> cudarc::driver::CudaSlice<half::bf16> {
+    st.alloc_zeros(len).unwrap()
+}
+
 fn randn(rng: &mut Rng, len: usize, std: f64) -> Vec<f32> {
     (0..len).map(|_| (rng.normal() * std) as f32).collect()
 }
@@ -273,6 +280,25 @@ fn cublas_matmuls_match_mhc_core() {
             &out_ref,
             2e-2,
         );
+        // A bf16 output: the bf16 product's f32 result, rounded once more.
+        let mut out16 = st.alloc_zeros::<half::bf16>(m * n).unwrap();
+        mm16.matmul_to_bf16(&a16, &bd, &mut out16, m, k, n).unwrap();
+        let out16: Vec<f32> = st
+            .clone_dtoh(&out16)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_f32())
+            .collect();
+        rel_l2(
+            &format!("bf16-output matmul {m}x{k}x{n}"),
+            &out16,
+            &st.clone_dtoh(&o16).unwrap(),
+            4e-3,
+        );
+        assert!(matches!(
+            mm.matmul_to_bf16(&ad, &bd, &mut h16_out(&st, m * n), m, k, n),
+            Err(CudaError::Unsupported(_))
+        ));
         // bf16 operands need bf16 products.
         assert!(matches!(
             mm.matmul(&a16, &bd, &mut od, m, k, n),

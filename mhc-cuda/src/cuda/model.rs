@@ -127,7 +127,8 @@ struct GpuAttention {
     normed: CudaSlice<f32>,
     inv: CudaSlice<f32>,
     qkv: CudaSlice<f32>,
-    /// bf16 copy of `qkv`, the flash kernels' input (one element on the GEMM path).
+    /// `qkv` in bf16, the flash kernels' input (then `qkv` itself is one
+    /// element; `qkv16` is one element on the GEMM path).
     qkv16: Bf16Buf,
     /// bf16 copies of the products' inputs (one element at f32/tf32 products).
     normed16: Bf16Buf,
@@ -162,9 +163,9 @@ impl CudaSublayer<f32> for GpuAttention {
             &mut self.inv,
         )?;
         let normed = ctx.rounded(&self.normed, &self.normed16);
-        mm.matmul(normed, &self.wqkv.value, &mut self.qkv, rows, c, 3 * c)?;
         if ctx.flash {
-            k.to_bf16(&self.qkv, &mut self.qkv16)?;
+            // The flash kernels read bf16: the product writes it directly.
+            mm.matmul_to_bf16(normed, &self.wqkv.value, &mut self.qkv16, rows, c, 3 * c)?;
             k.flash_attention(
                 &self.qkv16,
                 self.batch,
@@ -177,6 +178,7 @@ impl CudaSublayer<f32> for GpuAttention {
             )?;
             return mm.matmul(&self.o16, &self.wo.value, y, rows, c, c);
         } else {
+            mm.matmul(normed, &self.wqkv.value, &mut self.qkv, rows, c, 3 * c)?;
             k.attention_gemm(
                 mm,
                 &self.qkv,
@@ -590,7 +592,11 @@ impl GpuTrainer {
                 heads: config.heads,
                 normed: f32_operand(rows * c)?,
                 inv: zeros(rows)?,
-                qkv: zeros(rows * 3 * c)?,
+                qkv: if flash {
+                    zeros(1)?
+                } else {
+                    zeros(rows * 3 * c)?
+                },
                 qkv16: st.alloc_zeros(if flash { rows * 3 * c } else { 1 })?,
                 normed16: half(rows * c)?,
                 o16: half(rows * c)?,

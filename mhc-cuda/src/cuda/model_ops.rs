@@ -540,6 +540,7 @@ impl ModelKernels {
                         c: (p + f * (b * heads * ss) as u64, seq, ss),
                         batch: heads,
                         bf16_inputs: false,
+                        bf16_output: false,
                     })
                 }?;
             }
@@ -572,6 +573,7 @@ impl ModelKernels {
                     c: (o + f * (b * seq * c) as u64, c, head_dim),
                     batch: heads,
                     bf16_inputs: false,
+                    bf16_output: false,
                 })
             }?;
         }
@@ -640,6 +642,7 @@ impl ModelKernels {
                         c: (dp_b, seq, ss),
                         batch: heads,
                         bf16_inputs: false,
+                        bf16_output: false,
                     })?;
                     mm.batched(Batched {
                         trans_a: false,
@@ -654,6 +657,7 @@ impl ModelKernels {
                         c: (dbase + f * (2 * c) as u64, 3 * c, head_dim),
                         batch: heads,
                         bf16_inputs: false,
+                        bf16_output: false,
                     })
                 }?;
             }
@@ -692,6 +696,7 @@ impl ModelKernels {
                     c: (dbase, 3 * c, head_dim),
                     batch: heads,
                     bf16_inputs: false,
+                    bf16_output: false,
                 })?;
                 mm.batched(Batched {
                     trans_a: false,
@@ -706,6 +711,7 @@ impl ModelKernels {
                     c: (dbase + f * c as u64, 3 * c, head_dim),
                     batch: heads,
                     bf16_inputs: false,
+                    bf16_output: false,
                 })
             }?;
         }
@@ -1270,6 +1276,8 @@ struct Batched {
     batch: usize,
     /// A and B hold bf16 (f32 accumulation and output), else f32.
     bf16_inputs: bool,
+    /// C is written as bf16 (only with bf16 inputs), else f32.
+    bf16_output: bool,
 }
 
 /// Row-major f32 matrix products on cuBLAS at a chosen [`GemmPrecision`], the
@@ -1366,7 +1374,11 @@ impl MatMul {
                 g.b.2 as i64,
                 (&g.beta) as *const f32 as *const _,
                 g.c.0 as *mut _,
-                f32t,
+                if g.bf16_output {
+                    cudaDataType::CUDA_R_16BF
+                } else {
+                    f32t
+                },
                 i(g.c.1),
                 g.c.2 as i64,
                 i(g.batch),
@@ -1384,8 +1396,24 @@ impl MatMul {
         b: Operand,
         c: &mut CudaSlice<f32>,
     ) -> CudaResult<()> {
+        use cudarc::driver::DevicePtrMut;
+        let (pc, _gc) = c.device_ptr_mut(&self.stream);
+        // SAFETY: the callers check that c holds the m·n elements the configuration addresses.
+        unsafe { self.gemm_to(cfg, a, b, pc, false) }
+    }
+
+    /// # Safety
+    /// `pc` must address the `m·n` elements of the output (`bf16_output`: bf16, else f32).
+    unsafe fn gemm_to(
+        &self,
+        cfg: cudarc::cublas::GemmConfig<f32>,
+        a: Operand,
+        b: Operand,
+        pc: u64,
+        bf16_output: bool,
+    ) -> CudaResult<()> {
         use cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T;
-        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        use cudarc::driver::DevicePtr;
         let st = self.stream.clone();
         let g = |pa, pb, pc, bf16_inputs| Batched {
             trans_a: cfg.transa == CUBLAS_OP_T,
@@ -1400,6 +1428,7 @@ impl MatMul {
             c: (pc, cfg.ldc as usize, 0),
             batch: 1,
             bf16_inputs,
+            bf16_output,
         };
         let Some(scratch) = &self.bf16 else {
             let (Operand::F32(a), Operand::F32(b)) = (a, b) else {
@@ -1408,9 +1437,13 @@ impl MatMul {
                     self.precision.name()
                 )));
             };
+            if bf16_output {
+                return Err(CudaError::Unsupported(
+                    "bf16 outputs need bf16 products".into(),
+                ));
+            }
             let (pa, _ga) = a.device_ptr(&st);
             let (pb, _gb) = b.device_ptr(&st);
-            let (pc, _gc) = c.device_ptr_mut(&st);
             // SAFETY: the callers check that a, b and c hold the m·k, k·n and m·n elements the configuration addresses.
             return unsafe { self.batched(g(pa, pb, pc, false)) };
         };
@@ -1444,7 +1477,6 @@ impl MatMul {
             Operand::F32(_) => sc.b.device_ptr(&st),
             Operand::Bf16(x) => x.device_ptr(&st),
         };
-        let (pc, _gc) = c.device_ptr_mut(&st);
         // SAFETY: the bf16 operands (copies or given) hold as many elements as the callers checked.
         unsafe { self.batched(g(pa, pb, pc, true)) }
     }
@@ -1478,6 +1510,41 @@ impl MatMul {
             ldc: n as i32,
         };
         self.gemm(cfg, b, a, out)
+    }
+
+    /// `out[m, n] = a[m, k] · b[k, n]` written as bf16 (rounded by cuBLAS from
+    /// the f32 accumulation): a product whose result only feeds bf16 kernels.
+    /// Only at [`GemmPrecision::Bf16`].
+    pub fn matmul_to_bf16<'a>(
+        &self,
+        a: impl Into<Operand<'a>>,
+        b: impl Into<Operand<'a>>,
+        out: &mut CudaSlice<half::bf16>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> CudaResult<()> {
+        use cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N;
+        use cudarc::driver::DevicePtrMut;
+        let (a, b) = (a.into(), b.into());
+        check("matmul a", a.len(), m * k)?;
+        check("matmul b", b.len(), k * n)?;
+        check("matmul out", out.len(), m * n)?;
+        let cfg = cudarc::cublas::GemmConfig {
+            transa: CUBLAS_OP_N,
+            transb: CUBLAS_OP_N,
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha: 1.0,
+            lda: n as i32,
+            ldb: k as i32,
+            beta: 0.0,
+            ldc: n as i32,
+        };
+        let (pc, _gc) = out.device_ptr_mut(&self.stream);
+        // SAFETY: out holds m·n bf16 (checked), a and b their m·k and k·n elements.
+        unsafe { self.gemm_to(cfg, b, a, pc, true) }
     }
 
     /// `grad_a[m, k] = grad_out[m, n] · b[k, n]ᵀ` (overwrites).
