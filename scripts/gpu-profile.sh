@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # On the GPU machine: per-kernel times of one GPT training step (d = 768,
-# residual, bf16 products) with Nsight Compute, summed by kernel name.
+# the scheme given, default residual; bf16 products) with Nsight Compute, summed by kernel name.
 # Output: $OUT/profile_<scheme>.txt. Needs .device-bin/ (scripts/build-device-bin.sh).
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 scheme=${1:-residual}
+# About one step after the warm-up (measured on the H200: ~800 kernels per residual
+# step, ~1100 per mHC step); SKIP/COUNT override.
+case "$scheme" in
+  residual) skip=2500; count=1000 ;;
+  *) skip=5000; count=1600 ;;
+esac
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
 [ -n "$NCU" ] || { echo "ncu not found"; exit 0; }
 # Skip the set-up and warm-up steps' kernels, then profile about one step.
 timeout "${PROFILE_TIMEOUT:-150}" "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv \
-  --launch-skip "${SKIP:-6000}" --launch-count "${COUNT:-1800}" \
+  --launch-skip "${SKIP:-$skip}" --launch-count "${COUNT:-$count}" \
   .device-bin/mhc-bench --train-width 768 --schemes "$scheme" --reps 5 > /tmp/ncu.csv 2> /tmp/ncu.err
 python3 - "$scheme" "$out" <<'PY'
 import csv, collections, sys

@@ -27,7 +27,8 @@ for d in (768, 2048):
     for k, r in peers.items():
         rows.append((k, r["step_ms"], r["tokens_per_s"], r["peak_gib"], ""))
     for s, r in ours.items():
-        name = {"residual": "residual", "hc": "HC n=4", "mhc": "mHC n=4"}[s] + ", mhc-train (CUDA, bf16 products)"
+        attention = r.get("attention")
+        name = {"residual": "residual", "hc": "HC n=4", "mhc": "mHC n=4"}[s] + ", mhc-train (CUDA, " + r["precision"] + " products" + (f", {attention} attention" if attention else "") + ")"
         if s == "residual":
             ratio = r["tokens_per_s"] / eager["tokens_per_s"]
             shape["residual_vs_eager"] = ratio

@@ -132,6 +132,13 @@ fn bench_train(dev: &Arc<CudaDevice>, args: &Args, width: usize) -> Result<(), C
             seed: 0,
         };
         let mut cpu = Trainer::<f32>::new(model, train)?;
+        // Memory freed by the previous model stays cached by the stream-ordered
+        // allocator: release it, or the next model's delta would reuse it unseen.
+        if let Err(e) = dev.release_cached_memory() {
+            eprintln!(
+                "note: the allocator cache was not released ({e}); later models' memory may read low"
+            );
+        }
         let (free_before, _) = dev.memory()?;
         let mut gpu = GpuTrainer::from_cpu_with(dev.clone(), &mut cpu, args.precision)?;
         drop(cpu);

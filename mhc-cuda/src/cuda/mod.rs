@@ -241,6 +241,20 @@ impl CudaDevice {
         Ok(self.ctx.mem_get_info()?)
     }
 
+    /// Waits for the stream, then hands the memory the stream-ordered allocator
+    /// keeps cached (freed buffers) back to the device, so that [`Self::memory`]
+    /// counts only live buffers (e.g. between benchmarks of several models).
+    pub fn release_cached_memory(&self) -> CudaResult<()> {
+        self.stream.synchronize()?;
+        // SAFETY: the device handle comes from this context; the default pool of a
+        // valid device is valid, and trimming only releases unused memory.
+        unsafe {
+            let pool = cudarc::driver::result::device::get_default_mem_pool(self.ctx.cu_device())?;
+            cudarc::driver::result::mem_pool::trim_to(pool, 0)?;
+        }
+        Ok(())
+    }
+
     /// Fails with [`CudaError::OutOfMemory`] if fewer than `bytes` are free.
     pub fn ensure_free(&self, bytes: usize) -> CudaResult<()> {
         let (free, _) = self.memory()?;
