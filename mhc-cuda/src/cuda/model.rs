@@ -109,6 +109,22 @@ impl Ctx {
         }
     }
 
+    /// Backward of `y = x·W` for a parameter `W [k, n]` over `rows`:
+    /// `W.grad += xᵀ·dy` and `dx = dy·Wᵀ`.
+    fn linear_backward(
+        &self,
+        x: Operand,
+        w: &mut DeviceParam,
+        dy: Operand,
+        dx: &mut CudaSlice<f32>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> CudaResult<()> {
+        self.mm.matmul_grad_b(x, dy, &mut w.grad, rows, k, n)?;
+        self.mm.matmul_grad_a(dy, &w.value, dx, rows, k, n)
+    }
+
     fn scratch<'a, T>(m: &'a Scratch<T>) -> CudaResult<std::sync::MutexGuard<'a, T>> {
         m.lock()
             .map_err(|_| CudaError::Driver("GPU scratch poisoned".into()))
@@ -214,15 +230,15 @@ impl CudaSublayer<f32> for GpuAttention {
         let mut grad16 = Ctx::scratch(&ctx.grad16)?;
         let [g_c, g_3c, _] = &mut *grad16;
         let dy16 = ctx.round(dy, g_c)?;
-        mm.matmul_grad_b(
+        ctx.linear_backward(
             ctx.rounded(&self.o, &self.o16),
+            &mut self.wo,
             dy16,
-            &mut self.wo.grad,
+            &mut self.d_o,
             rows,
             c,
             c,
         )?;
-        mm.matmul_grad_a(dy16, &self.wo.value, &mut self.d_o, rows, c, c)?;
         {
             let mut scratch = dprobs
                 .lock()
@@ -266,15 +282,15 @@ impl CudaSublayer<f32> for GpuAttention {
         } else {
             ctx.round(&self.dqkv, g_3c)?
         };
-        mm.matmul_grad_b(
+        ctx.linear_backward(
             ctx.rounded(&self.normed, &self.normed16),
+            &mut self.wqkv,
             dqkv16,
-            &mut self.wqkv.grad,
+            &mut self.dnormed,
             rows,
             c,
             3 * c,
         )?;
-        mm.matmul_grad_a(dqkv16, &self.wqkv.value, &mut self.dnormed, rows, c, 3 * c)?;
         k.rmsnorm_backward(
             h,
             &self.norm.value,
@@ -346,19 +362,19 @@ impl CudaSublayer<f32> for GpuMlp {
         c: usize,
     ) -> CudaResult<()> {
         let ctx = &*self.ctx;
-        let Ctx { k, mm, .. } = ctx;
+        let Ctx { k, .. } = ctx;
         let mut grad16 = Ctx::scratch(&ctx.grad16)?;
         let [g_c, _, g_4c] = &mut *grad16;
         let dy16 = ctx.round(dy, g_c)?;
-        mm.matmul_grad_b(
+        ctx.linear_backward(
             ctx.rounded(&self.act, &self.act16),
+            &mut self.w2,
             dy16,
-            &mut self.w2.grad,
+            &mut self.dact,
             rows,
             4 * c,
             c,
         )?;
-        mm.matmul_grad_a(dy16, &self.w2.value, &mut self.dact, rows, 4 * c, c)?;
         let dpre16 = if ctx.bf16() {
             k.gelu_backward_bf16(&self.pre, &self.dact, g_4c)?;
             Operand::Bf16(g_4c)
@@ -366,15 +382,15 @@ impl CudaSublayer<f32> for GpuMlp {
             k.gelu_backward(&self.pre, &self.dact, &mut self.dpre)?;
             Operand::F32(&self.dpre)
         };
-        mm.matmul_grad_b(
+        ctx.linear_backward(
             ctx.rounded(&self.normed, &self.normed16),
+            &mut self.w1,
             dpre16,
-            &mut self.w1.grad,
+            &mut self.dnormed,
             rows,
             c,
             4 * c,
         )?;
-        mm.matmul_grad_a(dpre16, &self.w1.value, &mut self.dnormed, rows, c, 4 * c)?;
         k.rmsnorm_backward(
             h,
             &self.norm.value,
@@ -828,18 +844,18 @@ impl GpuTrainer {
         let (loss, inputs) = self.forward(tokens)?;
         let dev = self.dev.clone();
         let ctx = self.ctx.clone();
-        let Ctx { k, mm, .. } = &*ctx;
+        let Ctx { k, .. } = &*ctx;
         // Backward.
         let dlogits = ctx.round(&self.logits, &mut self.logits16)?;
-        mm.matmul_grad_b(
+        ctx.linear_backward(
             ctx.rounded(&self.normed, &self.normed16),
+            &mut self.head,
             dlogits,
-            &mut self.head.grad,
+            &mut self.d_normed,
             rows,
             c,
             v,
         )?;
-        mm.matmul_grad_a(dlogits, &self.head.value, &mut self.d_normed, rows, c, v)?;
         k.rmsnorm_backward(
             &self.reduced,
             &self.final_norm.value,

@@ -914,61 +914,41 @@ impl ModelKernels {
         // rows in shared memory too above 64 dimensions (registers below).
         let own = if head_dim > 64 { 2 } else { 0 };
         let smem_dkv = (4 + own) * FLASH_TILE * (head_dim + 8) * 2 + 4 * FLASH_TILE * 4;
-        let f = self.flash_function("flash_bwd_dkv", head_dim, smem_dkv)?;
-        let mut b = st.launch_builder(&f);
-        b.arg(qkv)
-            .arg(&*dout16)
-            .arg(lse)
-            .arg(&*dvec)
-            .arg(&seq_i)
-            .arg(&heads_i)
-            .arg(&scale);
-        match &mut dqkv {
-            Some(d) => b.arg(&mut **d),
-            None => b.arg(&null),
-        };
-        match &mut dqkv16 {
-            Some(d) => b.arg(&mut **d),
-            None => b.arg(&null),
-        };
-        // SAFETY: grid (key tiles, batch·heads); rows ≥ seq guarded; every buffer
-        // checked above; a null output is skipped by the kernel.
-        unsafe {
-            b.launch(LaunchConfig {
-                grid_dim: (tiles, (batch * heads) as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: smem_dkv as u32,
-            })
-        }
-        .map_err(|e| flash_launch_error("flash_bwd_dkv", smem_dkv, e))?;
         let smem_dq = (4 + own) * FLASH_TILE * (head_dim + 8) * 2;
-        let f = self.flash_function("flash_bwd_dq", head_dim, smem_dq)?;
-        let mut b = st.launch_builder(&f);
-        b.arg(qkv)
-            .arg(&*dout16)
-            .arg(lse)
-            .arg(&*dvec)
-            .arg(&seq_i)
-            .arg(&heads_i)
-            .arg(&scale);
-        match &mut dqkv {
-            Some(d) => b.arg(&mut **d),
-            None => b.arg(&null),
+        // The two passes take the same arguments: dK/dV (over key tiles) writes
+        // the k and v columns of the gradient, dQ (over query tiles) the q columns.
+        let mut pass = |name: &str, smem: usize| -> CudaResult<()> {
+            let f = self.flash_function(name, head_dim, smem)?;
+            let mut b = st.launch_builder(&f);
+            b.arg(qkv)
+                .arg(&*dout16)
+                .arg(lse)
+                .arg(&*dvec)
+                .arg(&seq_i)
+                .arg(&heads_i)
+                .arg(&scale);
+            match &mut dqkv {
+                Some(d) => b.arg(&mut **d),
+                None => b.arg(&null),
+            };
+            match &mut dqkv16 {
+                Some(d) => b.arg(&mut **d),
+                None => b.arg(&null),
+            };
+            // SAFETY: grid (tiles, batch·heads); rows ≥ seq guarded in the kernels;
+            // every buffer checked above; a null output is skipped by the kernels.
+            unsafe {
+                b.launch(LaunchConfig {
+                    grid_dim: (tiles, (batch * heads) as u32, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: smem as u32,
+                })
+            }
+            .map_err(|e| flash_launch_error(name, smem, e))?;
+            Ok(())
         };
-        match &mut dqkv16 {
-            Some(d) => b.arg(&mut **d),
-            None => b.arg(&null),
-        };
-        // SAFETY: as above; this pass writes only the q columns of dqkv.
-        unsafe {
-            b.launch(LaunchConfig {
-                grid_dim: (tiles, (batch * heads) as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: smem_dq as u32,
-            })
-        }
-        .map_err(|e| flash_launch_error("flash_bwd_dq", smem_dq, e))?;
-        Ok(())
+        pass("flash_bwd_dkv", smem_dkv)?;
+        pass("flash_bwd_dq", smem_dq)
     }
 
     /// `x0 [rows, streams, C]`: token plus position embedding, copied to every stream (position = row mod seq).
