@@ -378,7 +378,7 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
             .iter()
             .all(|s| mhc_cuda::cuda::ModelKernels::flash_for(s.width, s.heads, precision));
         line.push(format!(
-            "cuda ({}, f32 storage, {} matrix products, {} attention) for {}",
+            "cuda ({}, f32 weights and streams, {} matrix products, {} attention) for {}",
             d.name(),
             precision.name(),
             if flash { "flash" } else { "GEMM" },

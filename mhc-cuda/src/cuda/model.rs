@@ -1,9 +1,13 @@
-//! The reference model on the GPU (f32): the same architecture, parameters
-//! and update as [`mhc_core::model::Trainer`], built from the parity-tested
+//! The reference model on the GPU: the same architecture, parameters and
+//! update as [`mhc_core::model::Trainer`], built from the parity-tested
 //! kernels of [`super::ModelKernels`], cuBLAS ([`super::MatMul`]) and the fused
-//! mHC wrapper ([`super::MhcCuda`]). One training step matches the CPU
-//! reference (`tests/cuda_trainer.rs`). Schemes: residual, HC and mHC (dynamic;
-//! the static variants give [`CudaError::Unsupported`]).
+//! mHC wrapper ([`super::MhcCuda`]). At f32 products one training step matches
+//! the CPU reference (`tests/cuda_trainer.rs`); at bf16 products (the default
+//! of `mhc-train`) every product input exists once as bf16 — written so by its
+//! producer, or rounded once and reused — and attention runs on the flash
+//! kernels where the head dimension allows ([`GpuTrainer::attention_kind`]).
+//! Schemes: residual, HC and mHC (dynamic; the static variants give
+//! [`CudaError::Unsupported`]).
 //!
 //! Dense parameters, their gradients and AdamW moments live on the device;
 //! the small connection parameters (φ, γ, b, α) are updated on the host with
