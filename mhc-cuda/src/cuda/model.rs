@@ -3,8 +3,9 @@
 //! kernels of [`super::ModelKernels`], cuBLAS ([`super::MatMul`]) and the fused
 //! mHC wrapper ([`super::MhcCuda`]). At f32 products one training step matches
 //! the CPU reference (`tests/cuda_trainer.rs`); at bf16 products (the default
-//! of `mhc-train`) every product input exists once as bf16 — written so by its
-//! producer, or rounded once and reused — and attention runs on the flash
+//! of `mhc-train`) every activation and gradient a product reads exists once
+//! as bf16 — written so by its producer, or rounded once and reused (weights
+//! are rounded per product) — and attention runs on the flash
 //! kernels where the head dimension allows ([`GpuTrainer::attention_kind`]).
 //! Schemes: residual, HC and mHC (dynamic; the static variants give
 //! [`CudaError::Unsupported`]).
