@@ -2,7 +2,7 @@
 // headless Chromium through playwright-core:
 //   1. CPU pass: load the page, start the three schemes, pause and resume,
 //      see the loss fall and the charts and heatmaps change, sample text,
-//      check the phone layout, screenshot docs/web-demo.png, reload offline.
+//      check the phone layout, take a screenshot, reload offline.
 //      Without WebGPU flags, choosing WebGPU must fail with a message.
 //   2. WebGPU pass (--enable-unsafe-webgpu: Chromium's SwiftShader adapter):
 //      the same short run (seed, step count → lr schedule) on the CPU core,
@@ -15,7 +15,8 @@
 //      E2E_STEPS (default 150), E2E_GPU_STEPS (steps of the WebGPU pass,
 //      default 20: SwiftShader is slow), E2E_BENCH_STEPS (default 100) and
 //      E2E_GPU_BENCH_STEPS (default 40) for steps/s of one model alone,
-//      E2E_SCREENSHOT (default docs/web-demo.png).
+//      E2E_SCREENSHOT (default tests/e2e/out/web-demo.png, git-ignored; set it
+//      to docs/web-demo.png to refresh the README's figure).
 import { chromium } from 'playwright-core';
 import { spawn } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
@@ -32,7 +33,7 @@ const gpuSteps = Number(process.env.E2E_GPU_STEPS || 20);
 // (Chromium 156); a wrong gradient or update shows as ≫ 1e-3 within a few
 // steps (the loss falls by ~1.3 nats/byte over them).
 const GPU_TOLERANCE = 1e-3;
-const screenshot = join(root, process.env.E2E_SCREENSHOT || 'docs/web-demo.png');
+const screenshot = join(root, process.env.E2E_SCREENSHOT || 'tests/e2e/out/web-demo.png');
 const SCHEMES = ['residual', 'hc', 'mhc'];
 const results = { steps, passes: {} };
 let passed = 0;
