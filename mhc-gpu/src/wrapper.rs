@@ -164,7 +164,16 @@ pub fn sinkhorn_knopp_backward(
     ctx.dispatch(&SK_BWD, &[logits, grad_output, grad_logits], p, g)
 }
 
-fn apply_params(n: usize, width: usize, tokens: usize) -> GpuResult<Params> {
+/// The parameters of the merge kernels, after checking the shape and that the
+/// stream state `x [T, n, C]` and the `coefficients [T, n²+2n]` every one of
+/// them reads have their lengths.
+fn apply_params(
+    n: usize,
+    width: usize,
+    tokens: usize,
+    x: &GpuBuffer,
+    coefficients: &GpuBuffer,
+) -> GpuResult<Params> {
     check_streams(n, None)?;
     if width == 0 {
         return Err(MhcError::ZeroWidth.into());
@@ -173,6 +182,12 @@ fn apply_params(n: usize, width: usize, tokens: usize) -> GpuResult<Params> {
         return Err(MhcError::EmptyBatch.into());
     }
     check_elements("stream state x [T, n, C]", tokens * n * width)?;
+    check_len("stream state x [T, n, C]", x, tokens * n * width)?;
+    check_len(
+        "coefficients [T, n²+2n]",
+        coefficients,
+        tokens * (n * n + 2 * n),
+    )?;
     Ok(Params::new(
         &[
             tokens as u32,
@@ -194,13 +209,7 @@ pub fn pre_aggregate(
     coefficients: &GpuBuffer,
     h: &GpuBuffer,
 ) -> GpuResult<()> {
-    let p = apply_params(n, width, tokens)?;
-    check_len("stream state x [T, n, C]", x, tokens * n * width)?;
-    check_len(
-        "coefficients [T, n²+2n]",
-        coefficients,
-        tokens * (n * n + 2 * n),
-    )?;
+    let p = apply_params(n, width, tokens, x, coefficients)?;
     check_len("sublayer input h [T, C]", h, tokens * width)?;
     let g = ctx.groups("pre_aggregate", (tokens * width).div_ceil(256))?;
     ctx.dispatch(&PRE, &[x, coefficients, h], p, g)
@@ -218,13 +227,7 @@ pub fn post_res_merge(
     y: &GpuBuffer,
     out: &GpuBuffer,
 ) -> GpuResult<()> {
-    let p = apply_params(n, width, tokens)?;
-    check_len("stream state x [T, n, C]", x, tokens * n * width)?;
-    check_len(
-        "coefficients [T, n²+2n]",
-        coefficients,
-        tokens * (n * n + 2 * n),
-    )?;
+    let p = apply_params(n, width, tokens, x, coefficients)?;
     check_len("sublayer output y [T, C]", y, tokens * width)?;
     check_len("output x' [T, n, C]", out, tokens * n * width)?;
     let g = ctx.groups("post_res_merge", (tokens * width).div_ceil(256))?;
@@ -246,10 +249,8 @@ pub fn post_res_merge_backward(
     grad_y: &GpuBuffer,
     grad_coefficients: &GpuBuffer,
 ) -> GpuResult<()> {
-    let p = apply_params(n, width, tokens)?;
+    let p = apply_params(n, width, tokens, x, coefficients)?;
     let (s, kk) = (tokens * n * width, tokens * (n * n + 2 * n));
-    check_len("stream state x [T, n, C]", x, s)?;
-    check_len("coefficients [T, n²+2n]", coefficients, kk)?;
     check_len("sublayer output y [T, C]", y, tokens * width)?;
     check_len("grad of x' [T, n, C]", grad_out, s)?;
     check_len("grad of x [T, n, C]", grad_x, s)?;
@@ -285,10 +286,8 @@ pub fn pre_aggregate_backward(
     grad_x: &GpuBuffer,
     grad_coefficients: &GpuBuffer,
 ) -> GpuResult<()> {
-    let p = apply_params(n, width, tokens)?;
+    let p = apply_params(n, width, tokens, x, coefficients)?;
     let (s, kk) = (tokens * n * width, tokens * (n * n + 2 * n));
-    check_len("stream state x [T, n, C]", x, s)?;
-    check_len("coefficients [T, n²+2n]", coefficients, kk)?;
     check_len("grad of h [T, C]", grad_h, tokens * width)?;
     check_len("grad of x [T, n, C]", grad_x, s)?;
     check_len("grad of coefficients [T, n²+2n]", grad_coefficients, kk)?;

@@ -1188,6 +1188,34 @@ impl std::str::FromStr for GemmPrecision {
     }
 }
 
+/// Checks the shapes of `out[m, n] = a[m, k] · b[k, n]` (row-major) and gives
+/// its cuBLAS configuration: column-major `outᵀ = bᵀ·aᵀ`, so `b` goes first.
+fn product_config(
+    a: &Operand,
+    b: &Operand,
+    out_len: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> CudaResult<cudarc::cublas::GemmConfig<f32>> {
+    use cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N;
+    check("matmul a", a.len(), m * k)?;
+    check("matmul b", b.len(), k * n)?;
+    check("matmul out", out_len, m * n)?;
+    Ok(cudarc::cublas::GemmConfig {
+        transa: CUBLAS_OP_N,
+        transb: CUBLAS_OP_N,
+        m: n as i32,
+        n: m as i32,
+        k: k as i32,
+        alpha: 1.0,
+        lda: n as i32,
+        ldb: k as i32,
+        beta: 0.0,
+        ldc: n as i32,
+    })
+}
+
 /// A matrix operand of [`MatMul`]: f32 values (at bf16 precision rounded into
 /// a scratch copy on each call), or a bf16 copy made once and reused
 /// ([`ModelKernels::to_bf16`]; only at [`GemmPrecision::Bf16`]).
@@ -1471,24 +1499,8 @@ impl MatMul {
         k: usize,
         n: usize,
     ) -> CudaResult<()> {
-        use cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N;
         let (a, b) = (a.into(), b.into());
-        check("matmul a", a.len(), m * k)?;
-        check("matmul b", b.len(), k * n)?;
-        check("matmul out", out.len(), m * n)?;
-        // Row-major out = a·b is column-major outᵀ = bᵀ·aᵀ.
-        let cfg = cudarc::cublas::GemmConfig {
-            transa: CUBLAS_OP_N,
-            transb: CUBLAS_OP_N,
-            m: n as i32,
-            n: m as i32,
-            k: k as i32,
-            alpha: 1.0,
-            lda: n as i32,
-            ldb: k as i32,
-            beta: 0.0,
-            ldc: n as i32,
-        };
+        let cfg = product_config(&a, &b, out.len(), m, k, n)?;
         self.gemm(cfg, b, a, out)
     }
 
@@ -1504,24 +1516,9 @@ impl MatMul {
         k: usize,
         n: usize,
     ) -> CudaResult<()> {
-        use cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N;
         use cudarc::driver::DevicePtrMut;
         let (a, b) = (a.into(), b.into());
-        check("matmul a", a.len(), m * k)?;
-        check("matmul b", b.len(), k * n)?;
-        check("matmul out", out.len(), m * n)?;
-        let cfg = cudarc::cublas::GemmConfig {
-            transa: CUBLAS_OP_N,
-            transb: CUBLAS_OP_N,
-            m: n as i32,
-            n: m as i32,
-            k: k as i32,
-            alpha: 1.0,
-            lda: n as i32,
-            ldb: k as i32,
-            beta: 0.0,
-            ldc: n as i32,
-        };
+        let cfg = product_config(&a, &b, out.len(), m, k, n)?;
         let (pc, _gc) = out.device_ptr_mut(&self.stream);
         // SAFETY: out holds m·n bf16 (checked), a and b their m·k and k·n elements.
         unsafe { self.gemm_to(cfg, b, a, pc, true) }
