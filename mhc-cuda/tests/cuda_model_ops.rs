@@ -176,6 +176,11 @@ fn model_kernels_match_mhc_core() {
         let mut wd2 = st.clone_htod(&w_ref).unwrap();
         let mut md = st.alloc_zeros::<f32>(w_ref.len()).unwrap();
         let mut vd = st.alloc_zeros::<f32>(w_ref.len()).unwrap();
+        // The bf16 twin on the same inputs: identical f32 state, plus the rounded weights.
+        let mut wb = st.clone_htod(&w_ref).unwrap();
+        let mut wb16 = st.alloc_zeros::<half::bf16>(w_ref.len()).unwrap();
+        let mut mb = st.alloc_zeros::<f32>(w_ref.len()).unwrap();
+        let mut vb = st.alloc_zeros::<f32>(w_ref.len()).unwrap();
         for step in 1..=3u64 {
             let g = randn(&mut rng, w_ref.len(), 1.0);
             let scale = 0.7f32;
@@ -187,8 +192,53 @@ fn model_kernels_match_mhc_core() {
                 &mut wd2, &gd, &mut md, &mut vd, &cfg, 1e-2, step, true, scale,
             )
             .unwrap();
+            k.adamw_bf16(
+                &mut wb, &mut wb16, &gd, &mut mb, &mut vb, &cfg, 1e-2, step, true, scale,
+            )
+            .unwrap();
         }
         rel_l2("adamw weights", &st.clone_dtoh(&wd2).unwrap(), &w_ref, 1e-5);
+        let w_new = st.clone_dtoh(&wd2).unwrap();
+        assert!(
+            w_new == st.clone_dtoh(&wb).unwrap(),
+            "adamw_bf16 weights differ from adamw"
+        );
+        assert!(st.clone_dtoh(&mb).unwrap() == st.clone_dtoh(&md).unwrap());
+        assert!(st.clone_dtoh(&vb).unwrap() == st.clone_dtoh(&vd).unwrap());
+        let mut w16_ref = st.alloc_zeros::<half::bf16>(w_ref.len()).unwrap();
+        k.to_bf16(&wd2, &mut w16_ref).unwrap();
+        let bits = |v: Vec<half::bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(st.clone_dtoh(&wb16).unwrap()),
+            bits(st.clone_dtoh(&w16_ref).unwrap()),
+            "adamw_bf16's bf16 weights vs to_bf16"
+        );
+        let host16: Vec<u16> = w_new
+            .iter()
+            .map(|&x| half::bf16::from_f32(x).to_bits())
+            .collect();
+        assert_eq!(
+            bits(st.clone_dtoh(&wb16).unwrap()),
+            host16,
+            "device vs host bf16 rounding"
+        );
+        let mut short16 = st.alloc_zeros::<half::bf16>(3).unwrap();
+        let ones = st.clone_htod(&vec![1.0f32; w_ref.len()]).unwrap();
+        assert!(matches!(
+            k.adamw_bf16(
+                &mut wb,
+                &mut short16,
+                &ones,
+                &mut mb,
+                &mut vb,
+                &cfg,
+                1e-2,
+                4,
+                true,
+                1.0
+            ),
+            Err(CudaError::Shape { .. })
+        ));
 
         // Sum of squares.
         let ss = k.sum_squares(&xd).unwrap();
@@ -197,6 +247,26 @@ fn model_kernels_match_mhc_core() {
             (ss - ss_ref).abs() <= 1e-5 * ss_ref,
             "sum of squares {ss} vs {ss_ref}"
         );
+        // Several tensors with one copy: each equal to its own sum_squares, bit for bit.
+        let lens = [1usize, 37, 4096, 300_001];
+        let hosts: Vec<Vec<f32>> = lens.iter().map(|&l| randn(&mut rng, l, 1.5)).collect();
+        let devs: Vec<_> = hosts.iter().map(|h| st.clone_htod(h).unwrap()).collect();
+        let refs: Vec<&_> = devs.iter().collect();
+        let many = k.sum_squares_many(&refs).unwrap();
+        assert_eq!(many.len(), lens.len());
+        for ((h, d), got) in hosts.iter().zip(&devs).zip(&many) {
+            assert_eq!(
+                *got,
+                k.sum_squares(d).unwrap(),
+                "sum_squares_many vs sum_squares"
+            );
+            let want: f64 = h.iter().map(|&v| (v as f64).powi(2)).sum();
+            assert!(
+                (got - want).abs() <= 1e-5 * want,
+                "sum_squares_many {got} vs {want}"
+            );
+        }
+        assert!(k.sum_squares_many(&[]).unwrap().is_empty());
     }
 }
 

@@ -101,6 +101,12 @@ fn check<S: StreamElement>(
     let mut gx = st.clone_htod(&poison).unwrap();
     let mut sub = ScaleSublayer { factor: 1.5, n };
     let mut gpu = MhcCuda::<S>::new(dev.clone(), &config, &params, tokens, false).unwrap();
+    // The parameters as uploaded come back unchanged (the device layouts round-trip).
+    assert_eq!(
+        gpu.params(&config).unwrap(),
+        params,
+        "mHC n={n}: parameters round trip"
+    );
     gpu.forward(&mut sub, &x, &mut out).unwrap();
     gpu.backward(&mut sub, &x, &g, &mut gx).unwrap();
     let out_h: Vec<f32> = st
@@ -253,6 +259,11 @@ fn hc_kernels_match_mhc_core_f32() {
         let mut gx = st.clone_htod(&poison).unwrap();
         let mut sub = ScaleSublayer { factor: 1.5, n };
         let mut gpu = HcCuda::new(dev.clone(), &config, &params, tokens).unwrap();
+        assert_eq!(
+            gpu.params(&config).unwrap(),
+            params,
+            "HC n={n}: parameters round trip"
+        );
         gpu.forward(&mut sub, &x, &mut out).unwrap();
         gpu.backward(&mut sub, &x, &g, &mut gx).unwrap();
         let out_h = st.clone_dtoh(&out).unwrap();
@@ -332,5 +343,18 @@ fn limits_give_typed_errors() {
     assert!(matches!(
         gpu.backward(&mut sub, &x2, &x2, &mut g2),
         Err(CudaError::Core(mhc_core::MhcError::BackwardBeforeForward))
+    ));
+    // Parameters or packed tensors of the wrong shape.
+    let mut short = p.clone();
+    short.b_res.pop();
+    assert!(matches!(
+        gpu.set_params(&short),
+        Err(CudaError::Shape { what: "b_res", .. })
+    ));
+    let mut packed = gpu.pack(&p).unwrap();
+    packed[1].push(0.0);
+    assert!(matches!(
+        gpu.unpack(&ok, &packed),
+        Err(CudaError::Shape { .. })
     ));
 }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use mhc_core::{ConnectionConfig, ConnectionParams, Scheme};
 
+use super::wrapper::token_warps;
 use super::{CudaDevice, CudaError, CudaResult, CudaSublayer, MatMul, ModelKernels};
 
 struct Kernels {
@@ -142,6 +143,18 @@ impl HcCuda {
 
     /// Replaces the parameters (shapes as [`ConnectionParams`] of this configuration).
     pub fn set_params(&mut self, params: &ConnectionParams<f32>) -> CudaResult<()> {
+        let packed = self.pack(params)?;
+        let st = self.dev.stream().clone();
+        for (host, (value, _)) in packed.iter().zip(self.buffers_mut()) {
+            st.memcpy_htod(host, value)?;
+        }
+        Ok(())
+    }
+
+    /// `params` in the layouts of the device buffers ([`Self::values`]):
+    /// `[Θᵀ (C × (n+2): θ_pre | θ_post | θ_res[0..n] per channel), α | b_pre | b_post | b_res]`.
+    /// Shapes checked.
+    pub fn pack(&self, params: &ConnectionParams<f32>) -> CudaResult<Vec<Vec<f32>>> {
         let (n, c, k) = (self.n, self.c, self.k);
         for (got, expected, what) in [
             (params.theta_pre.len(), c, "theta_pre"),
@@ -175,9 +188,56 @@ impl HcCuda {
         packed.extend_from_slice(&params.b_post);
         packed.extend_from_slice(&params.b_res);
         debug_assert_eq!(packed.len(), 3 + k);
-        let st = self.dev.stream().clone();
-        st.memcpy_htod(&theta_t, &mut self.theta_t)?;
-        st.memcpy_htod(&packed, &mut self.params)?;
+        Ok(vec![theta_t, packed])
+    }
+
+    /// The inverse of [`Self::pack`] (for values, gradients or optimiser moments).
+    pub fn unpack(
+        &self,
+        config: &ConnectionConfig,
+        packed: &[Vec<f32>],
+    ) -> CudaResult<ConnectionParams<f32>> {
+        let (n, c, k) = (self.n, self.c, self.k);
+        let u = n + 2;
+        super::wrapper::check_packed(packed, &[c * u, 3 + k])?;
+        let mut p = ConnectionParams::zeros(config);
+        let (theta, v) = (&packed[0], &packed[1]);
+        p.alpha.copy_from_slice(&v[..3]);
+        p.b_pre.copy_from_slice(&v[3..3 + n]);
+        p.b_post.copy_from_slice(&v[3 + n..3 + 2 * n]);
+        p.b_res.copy_from_slice(&v[3 + 2 * n..3 + k]);
+        for cc in 0..c {
+            let row = &theta[cc * u..(cc + 1) * u];
+            p.theta_pre[cc] = row[0];
+            p.theta_post[cc] = row[1];
+            for o in 0..n {
+                p.theta_res[o * c + cc] = row[2 + o];
+            }
+        }
+        Ok(p)
+    }
+
+    /// The parameter buffers on the device, in the layouts of [`Self::pack`].
+    pub fn values(&self) -> Vec<&CudaSlice<f32>> {
+        vec![&self.theta_t, &self.params]
+    }
+
+    /// The gradients of the last backward, in the layouts of [`Self::values`].
+    pub fn grads(&self) -> Vec<&CudaSlice<f32>> {
+        vec![&self.dtheta_t, &self.dparams]
+    }
+
+    /// (value, gradient) pairs of [`Self::values`] and [`Self::grads`], for an
+    /// optimiser that updates them in place.
+    pub fn buffers_mut(&mut self) -> Vec<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)> {
+        vec![
+            (&mut self.theta_t, &mut self.dtheta_t),
+            (&mut self.params, &mut self.dparams),
+        ]
+    }
+
+    /// Nothing derives from the parameters (the kernels read them directly).
+    pub fn params_updated(&mut self) -> CudaResult<()> {
         Ok(())
     }
 
@@ -296,7 +356,7 @@ impl HcCuda {
         let (t, c_i) = (tokens as i32, c as i32);
         let dev = self.dev.clone();
         let st = dev.stream().clone();
-        let row_block = ((c / 4).next_multiple_of(32)).clamp(32, 256) as u32;
+        let (warp_grid, warp_block) = token_warps(tokens);
         {
             let mut b = st.launch_builder(&self.kernels.post_bwd);
             b.arg(x)
@@ -307,8 +367,8 @@ impl HcCuda {
                 .arg(&c_i)
                 .arg(&mut self.dy)
                 .arg(&mut self.dcoef);
-            // SAFETY: one block per token; reads its token's n·C of x and g, C of y, K of coef; writes C of dy, K−n of dcoef.
-            unsafe { b.launch(launch_cfg(tokens as u32, row_block)) }
+            // SAFETY: one warp per token (t < T guarded in the kernel); reads its token's n·C of x and g, C of y, K of coef; writes C of dy, K−n of dcoef.
+            unsafe { b.launch(launch_cfg(warp_grid, warp_block)) }
                 .map_err(|e| launch_error("post_bwd", e))?;
         }
         sublayer.vjp(&dev, &self.h, &self.dy, &mut self.dh, tokens, c)?;
@@ -319,8 +379,8 @@ impl HcCuda {
                 .arg(&t)
                 .arg(&c_i)
                 .arg(&mut self.dcoef);
-            // SAFETY: one block per token; reads n·C of x and C of dh, writes n entries of dcoef.
-            unsafe { b.launch(launch_cfg(tokens as u32, row_block)) }
+            // SAFETY: one warp per token (t < T guarded in the kernel); reads n·C of x and C of dh, writes n entries of dcoef.
+            unsafe { b.launch(launch_cfg(warp_grid, warp_block)) }
                 .map_err(|e| launch_error("pre_bwd", e))?;
         }
         {
@@ -372,23 +432,22 @@ impl HcCuda {
     /// The parameter gradients of the last backward, in the core's layout.
     pub fn gradients(&self, config: &ConnectionConfig) -> CudaResult<ConnectionParams<f32>> {
         let st = self.dev.stream();
-        let dparams = st.clone_dtoh(&self.dparams)?;
-        let dtheta = st.clone_dtoh(&self.dtheta_t)?;
-        let (n, c, k) = (self.n, self.c, self.k);
-        let u = n + 2;
-        let mut g = ConnectionParams::zeros(config);
-        g.b_pre.copy_from_slice(&dparams[..n]);
-        g.b_post.copy_from_slice(&dparams[n..2 * n]);
-        g.b_res.copy_from_slice(&dparams[2 * n..k]);
-        g.alpha.copy_from_slice(&dparams[k..k + 3]);
-        for cc in 0..c {
-            let row = &dtheta[cc * u..(cc + 1) * u];
-            g.theta_pre[cc] = row[0];
-            g.theta_post[cc] = row[1];
-            for o in 0..n {
-                g.theta_res[o * c + cc] = row[2 + o];
-            }
-        }
-        Ok(g)
+        let packed = self
+            .grads()
+            .into_iter()
+            .map(|g| st.clone_dtoh(g))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.unpack(config, &packed)
+    }
+
+    /// The parameters on the device, downloaded, in the core's layout.
+    pub fn params(&self, config: &ConnectionConfig) -> CudaResult<ConnectionParams<f32>> {
+        let st = self.dev.stream();
+        let packed = self
+            .values()
+            .into_iter()
+            .map(|v| st.clone_dtoh(v))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.unpack(config, &packed)
     }
 }

@@ -10,17 +10,20 @@
 //! Schemes: residual, HC and mHC (dynamic; the static variants give
 //! [`CudaError::Unsupported`]).
 //!
-//! Dense parameters, their gradients and AdamW moments live on the device;
-//! the small connection parameters (φ, γ, b, α) are updated on the host with
-//! the core's AdamW and uploaded, so both devices apply the same arithmetic.
+//! Every parameter, its gradient and its AdamW moments live on the device —
+//! the connection parameters (φ, γ, b, α; HC's θ) too, in the wrappers'
+//! layouts ([`MhcCuda::pack`], [`HcCuda::pack`]): a step copies one vector of
+//! gradient-norm partials and the loss to the host, nothing else. The device
+//! AdamW is the core's update in f32 (checked against it in
+//! `tests/cuda_model_ops.rs`).
 
 use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
-use mhc_core::model::optim::{AdamW, Schedule};
+use mhc_core::model::optim::Schedule;
 use mhc_core::model::parallel::AllReduce;
 use mhc_core::model::{ModelConfig, TrainConfig, Trainer};
-use mhc_core::{ConnectionParams, Scheme};
+use mhc_core::{ConnectionConfig, ConnectionParams, Scheme};
 
 use super::{
     CudaDevice, CudaError, CudaResult, CudaSublayer, GemmPrecision, HcCuda, MatMul, MhcCuda,
@@ -39,6 +42,9 @@ pub struct DeviceParam {
     m: CudaSlice<f32>,
     v: CudaSlice<f32>,
     decay: bool,
+    /// A matrix of the bf16 products: its values rounded to bf16 (to nearest
+    /// even), rewritten by every AdamW update.
+    value16: Option<Bf16Buf>,
 }
 
 impl DeviceParam {
@@ -50,7 +56,27 @@ impl DeviceParam {
             m: st.alloc_zeros(host.len())?,
             v: st.alloc_zeros(host.len())?,
             decay,
+            value16: None,
         })
+    }
+
+    /// As [`Self::upload`], for a matrix that is a product operand: at bf16
+    /// products it also keeps the bf16 copy of its values.
+    fn upload_matrix(dev: &CudaDevice, host: &[f32], bf16: bool) -> CudaResult<Self> {
+        let mut p = Self::upload(dev, host, true)?;
+        if bf16 {
+            let rounded: Vec<half::bf16> = host.iter().map(|&x| half::bf16::from_f32(x)).collect();
+            p.value16 = Some(dev.stream().clone_htod(&rounded)?);
+        }
+        Ok(p)
+    }
+
+    /// The values as a product operand: the bf16 copy where there is one.
+    fn operand(&self) -> Operand<'_> {
+        match &self.value16 {
+            Some(w) => Operand::Bf16(w),
+            None => Operand::F32(&self.value),
+        }
     }
 }
 
@@ -127,7 +153,7 @@ impl Ctx {
         n: usize,
     ) -> CudaResult<()> {
         self.mm.matmul_grad_b(x, dy, &mut w.grad, rows, k, n)?;
-        self.mm.matmul_grad_a(dy, &w.value, dx, rows, k, n)
+        self.mm.matmul_grad_a(dy, w.operand(), dx, rows, k, n)
     }
 
     fn scratch<'a, T>(m: &'a Scratch<T>) -> CudaResult<std::sync::MutexGuard<'a, T>> {
@@ -186,7 +212,7 @@ impl CudaSublayer<f32> for GpuAttention {
         let normed = ctx.rounded(&self.normed, &self.normed16);
         if ctx.flash {
             // The flash kernels read bf16: the product writes it directly.
-            mm.matmul_to_bf16(normed, &self.wqkv.value, &mut self.qkv16, rows, c, 3 * c)?;
+            mm.matmul_to_bf16(normed, self.wqkv.operand(), &mut self.qkv16, rows, c, 3 * c)?;
             k.flash_attention(
                 &self.qkv16,
                 self.batch,
@@ -197,9 +223,9 @@ impl CudaSublayer<f32> for GpuAttention {
                 &mut self.o,
                 Some(&mut self.o16),
             )?;
-            return mm.matmul(&self.o16, &self.wo.value, y, rows, c, c);
+            return mm.matmul(&self.o16, self.wo.operand(), y, rows, c, c);
         } else {
-            mm.matmul(normed, &self.wqkv.value, &mut self.qkv, rows, c, 3 * c)?;
+            mm.matmul(normed, self.wqkv.operand(), &mut self.qkv, rows, c, 3 * c)?;
             k.attention_gemm(
                 mm,
                 &self.qkv,
@@ -212,7 +238,7 @@ impl CudaSublayer<f32> for GpuAttention {
             )?;
         }
         let o = ctx.round(&self.o, &mut self.o16)?;
-        mm.matmul(o, &self.wo.value, y, rows, c, c)
+        mm.matmul(o, self.wo.operand(), y, rows, c, c)
     }
     fn vjp(
         &mut self,
@@ -348,14 +374,14 @@ impl CudaSublayer<f32> for GpuMlp {
             &mut self.inv,
         )?;
         let normed = ctx.rounded(&self.normed, &self.normed16);
-        mm.matmul(normed, &self.w1.value, &mut self.pre, rows, c, 4 * c)?;
+        mm.matmul(normed, self.w1.operand(), &mut self.pre, rows, c, 4 * c)?;
         if ctx.bf16() {
             k.gelu_bf16(&self.pre, &mut self.act16)?;
         } else {
             k.gelu(&self.pre, &mut self.act)?;
         }
         let act = ctx.rounded(&self.act, &self.act16);
-        mm.matmul(act, &self.w2.value, y, rows, 4 * c, c)
+        mm.matmul(act, self.w2.operand(), y, rows, 4 * c, c)
     }
     fn vjp(
         &mut self,
@@ -424,9 +450,17 @@ trait GpuConnection {
         grad_out: &CudaSlice<f32>,
         grad_x: &mut CudaSlice<f32>,
     ) -> CudaResult<()>;
-    fn gradients(&self, config: &mhc_core::ConnectionConfig) -> CudaResult<ConnectionParams<f32>>;
-    fn set_params(&mut self, params: &ConnectionParams<f32>) -> CudaResult<()>;
     fn coefficients_host(&self) -> CudaResult<Vec<f32>>;
+    fn pack(&self, params: &ConnectionParams<f32>) -> CudaResult<Vec<Vec<f32>>>;
+    fn unpack(
+        &self,
+        config: &ConnectionConfig,
+        packed: &[Vec<f32>],
+    ) -> CudaResult<ConnectionParams<f32>>;
+    fn values(&self) -> Vec<&CudaSlice<f32>>;
+    fn grads(&self) -> Vec<&CudaSlice<f32>>;
+    fn buffers_mut(&mut self) -> Vec<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>;
+    fn params_updated(&mut self) -> CudaResult<()>;
 }
 
 macro_rules! gpu_connection {
@@ -449,17 +483,30 @@ macro_rules! gpu_connection {
             ) -> CudaResult<()> {
                 <$t>::backward(self, sub, x, grad_out, grad_x)
             }
-            fn gradients(
-                &self,
-                config: &mhc_core::ConnectionConfig,
-            ) -> CudaResult<ConnectionParams<f32>> {
-                <$t>::gradients(self, config)
-            }
-            fn set_params(&mut self, params: &ConnectionParams<f32>) -> CudaResult<()> {
-                <$t>::set_params(self, params)
-            }
             fn coefficients_host(&self) -> CudaResult<Vec<f32>> {
                 <$t>::coefficients_host(self)
+            }
+            fn pack(&self, params: &ConnectionParams<f32>) -> CudaResult<Vec<Vec<f32>>> {
+                <$t>::pack(self, params)
+            }
+            fn unpack(
+                &self,
+                config: &ConnectionConfig,
+                packed: &[Vec<f32>],
+            ) -> CudaResult<ConnectionParams<f32>> {
+                <$t>::unpack(self, config, packed)
+            }
+            fn values(&self) -> Vec<&CudaSlice<f32>> {
+                <$t>::values(self)
+            }
+            fn grads(&self) -> Vec<&CudaSlice<f32>> {
+                <$t>::grads(self)
+            }
+            fn buffers_mut(&mut self) -> Vec<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)> {
+                <$t>::buffers_mut(self)
+            }
+            fn params_updated(&mut self) -> CudaResult<()> {
+                <$t>::params_updated(self)
             }
         }
     };
@@ -474,11 +521,37 @@ enum Connection {
         y: CudaSlice<f32>,
         dh: CudaSlice<f32>,
     },
-    /// The fused mHC or HC wrapper, and the host copy of its parameters.
+    /// The fused mHC or HC wrapper (parameters and gradients on the device)
+    /// and the AdamW moments `(m, v)` of each of its parameter buffers.
     Wrapped {
         wrapper: Box<dyn GpuConnection>,
-        params: ConnectionParams<f32>,
+        moments: Vec<(CudaSlice<f32>, CudaSlice<f32>)>,
     },
+}
+
+impl Connection {
+    /// A wrapper with zero AdamW moments.
+    fn wrapped(dev: &CudaDevice, wrapper: Box<dyn GpuConnection>) -> CudaResult<Self> {
+        let st = dev.stream();
+        let moments = wrapper
+            .values()
+            .iter()
+            .map(|v| Ok((st.alloc_zeros(v.len())?, st.alloc_zeros(v.len())?)))
+            .collect::<CudaResult<_>>()?;
+        Ok(Self::Wrapped { wrapper, moments })
+    }
+
+    /// How many tensors this connection has in the core's parameter order.
+    fn tensor_count(&self, config: &ModelConfig) -> usize {
+        match self {
+            Connection::Residual { .. } => 0,
+            Connection::Wrapped { .. } => ConnectionParams::<f32>::zeros(&config.connection())
+                .tensors()
+                .iter()
+                .filter(|(_, t)| !t.is_empty())
+                .count(),
+        }
+    }
 }
 
 struct GpuBlock {
@@ -500,8 +573,6 @@ pub struct GpuTrainer {
     blocks: Vec<GpuBlock>,
     final_norm: DeviceParam,
     head: DeviceParam,
-    /// Host AdamW for the connection tensors (indexed like the core's parameter order).
-    host_optimizer: AdamW<f32>,
     step: u64,
     states: Vec<CudaSlice<f32>>,
     grad_a: CudaSlice<f32>,
@@ -519,9 +590,6 @@ pub struct GpuTrainer {
     d_normed: CudaSlice<f32>,
     d_reduced: CudaSlice<f32>,
 }
-
-/// Connection gradients of one backward, per wrapped sublayer (`None`: residual).
-type ConnGrads = Vec<Option<ConnectionParams<f32>>>;
 
 /// Statistics of one GPU step (as [`mhc_core::model::StepStats`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -606,8 +674,8 @@ impl GpuTrainer {
             let attn = GpuAttention {
                 ctx: ctx.clone(),
                 norm: DeviceParam::upload(&dev, &b.attn.norm.value, false)?,
-                wqkv: DeviceParam::upload(&dev, &b.attn.wqkv.value, true)?,
-                wo: DeviceParam::upload(&dev, &b.attn.wo.value, true)?,
+                wqkv: DeviceParam::upload_matrix(&dev, &b.attn.wqkv.value, bf16)?,
+                wo: DeviceParam::upload_matrix(&dev, &b.attn.wo.value, bf16)?,
                 batch,
                 seq: ctxlen,
                 heads: config.heads,
@@ -634,8 +702,8 @@ impl GpuTrainer {
             let mlp = GpuMlp {
                 ctx: ctx.clone(),
                 norm: DeviceParam::upload(&dev, &b.mlp.norm.value, false)?,
-                w1: DeviceParam::upload(&dev, &b.mlp.w1.value, true)?,
-                w2: DeviceParam::upload(&dev, &b.mlp.w2.value, true)?,
+                w1: DeviceParam::upload_matrix(&dev, &b.mlp.w1.value, bf16)?,
+                w2: DeviceParam::upload_matrix(&dev, &b.mlp.w2.value, bf16)?,
                 normed: f32_operand(rows * c)?,
                 inv: zeros(rows)?,
                 pre: zeros(rows * 4 * c)?,
@@ -652,14 +720,14 @@ impl GpuTrainer {
                         y: zeros(rows * c)?,
                         dh: zeros(rows * c)?,
                     },
-                    Scheme::HcDynamic => Connection::Wrapped {
-                        wrapper: Box::new(HcCuda::new(dev.clone(), &conn_cfg, p, rows)?),
-                        params: p.clone(),
-                    },
-                    _ => Connection::Wrapped {
-                        wrapper: Box::new(MhcCuda::new(dev.clone(), &conn_cfg, p, rows, false)?),
-                        params: p.clone(),
-                    },
+                    Scheme::HcDynamic => Connection::wrapped(
+                        &dev,
+                        Box::new(HcCuda::new(dev.clone(), &conn_cfg, p, rows)?),
+                    )?,
+                    _ => Connection::wrapped(
+                        &dev,
+                        Box::new(MhcCuda::new(dev.clone(), &conn_cfg, p, rows, false)?),
+                    )?,
                 })
             };
             blocks.push(GpuBlock {
@@ -669,8 +737,6 @@ impl GpuTrainer {
                 mlp_conn: conn(&b.mlp_conn.params)?,
             });
         }
-        let mut lens = Vec::new();
-        cpu.model.for_each_param(|_, p, _| lens.push(p.len()));
         let state_len = rows * n * c;
         Ok(Self {
             token_embedding: DeviceParam::upload(&dev, &cpu.model.token_embedding.value, true)?,
@@ -680,9 +746,8 @@ impl GpuTrainer {
                 true,
             )?,
             final_norm: DeviceParam::upload(&dev, &cpu.model.final_norm.value, false)?,
-            head: DeviceParam::upload(&dev, &cpu.model.head.value, true)?,
+            head: DeviceParam::upload_matrix(&dev, &cpu.model.head.value, bf16)?,
             blocks,
-            host_optimizer: AdamW::new(train.adamw, lens),
             step: 0,
             states: (0..=config.sublayers())
                 .map(|_| zeros(state_len))
@@ -781,7 +846,7 @@ impl GpuTrainer {
             &mut self.inv,
         )?;
         let normed = self.ctx.rounded(&self.normed, &self.normed16);
-        mm.matmul(normed, &self.head.value, &mut self.logits, rows, c, v)?;
+        mm.matmul(normed, self.head.operand(), &mut self.logits, rows, c, v)?;
         k.cross_entropy(
             &mut self.logits,
             &self.targets_dev,
@@ -828,14 +893,13 @@ impl GpuTrainer {
 
     /// One AdamW step on `tokens [batch, context + 1]` (the same batch the CPU trainer would sample).
     pub fn step(&mut self, tokens: &[u32]) -> CudaResult<GpuStepStats> {
-        let (loss, conn_grads) = self.gradients(tokens)?;
-        self.apply(loss, conn_grads, 1.0)
+        let loss = self.gradients(tokens)?;
+        self.apply(loss, 1.0)
     }
 
-    /// Zeroes the gradients, then forward and backward of `tokens`: the dense
-    /// gradients are left on the device, the connection gradients returned
-    /// (host, per wrapped sublayer in order; `None` for the residual scheme) with the loss.
-    fn gradients(&mut self, tokens: &[u32]) -> CudaResult<(f64, ConnGrads)> {
+    /// Zeroes the gradients, then forward and backward of `tokens`: every
+    /// gradient (dense and connection) is left on the device; returns the loss.
+    fn gradients(&mut self, tokens: &[u32]) -> CudaResult<f64> {
         let (c, n, v, seq) = (
             self.config.width,
             self.config.streams,
@@ -903,44 +967,63 @@ impl GpuTrainer {
             &mut self.token_embedding.grad,
             &mut self.position_embedding.grad,
         )?;
-        let conn_grads: ConnGrads = self
-            .blocks
-            .iter()
-            .flat_map(|b| [&b.attn_conn, &b.mlp_conn])
-            .map(|conn| match conn {
-                Connection::Residual { .. } => Ok(None),
-                Connection::Wrapped { wrapper, .. } => {
-                    wrapper.gradients(&self.config.connection()).map(Some)
-                }
-            })
-            .collect::<CudaResult<_>>()?;
-        Ok((loss, conn_grads))
+        Ok(loss)
     }
 
-    /// Global gradient norm (dense on the device, connections on the host),
-    /// clipping and AdamW. The dense gradients on the device count as
+    /// The wrapped sublayers' connections, in order.
+    fn connections_mut(&mut self) -> impl Iterator<Item = &mut Connection> {
+        self.blocks
+            .iter_mut()
+            .flat_map(|b| [&mut b.attn_conn, &mut b.mlp_conn])
+    }
+
+    /// The wrappers' connections, in order (residual sublayers skipped).
+    fn wrappers(&self) -> impl Iterator<Item = &dyn GpuConnection> {
+        self.blocks
+            .iter()
+            .flat_map(|b| [&b.attn_conn, &b.mlp_conn])
+            .filter_map(|c| match c {
+                Connection::Residual { .. } => None,
+                Connection::Wrapped { wrapper, .. } => Some(&**wrapper),
+            })
+    }
+
+    /// Global gradient norm, clipping and AdamW, all on the device (one copy
+    /// of the norm's partials to the host). The dense gradients count as
     /// `dense_weight ·` their value (1 for one GPU; `1/N` after an NCCL sum
-    /// over `N` replicas), folded into the norm and AdamW's gradient scale.
-    fn apply(
-        &mut self,
-        loss: f64,
-        conn_grads: ConnGrads,
-        dense_weight: f32,
-    ) -> CudaResult<GpuStepStats> {
+    /// over `N` replicas), folded into the norm and AdamW's gradient scale;
+    /// the connection gradients as they are (the data-parallel step uploads
+    /// them already weighted).
+    fn apply(&mut self, loss: f64, dense_weight: f32) -> CudaResult<GpuStepStats> {
         let ctx = self.ctx.clone();
         let Ctx { k, .. } = &*ctx;
         let w2 = f64::from(dense_weight) * f64::from(dense_weight);
-        let mut sq = 0.0f64;
-        self.for_each_dense(|p| {
-            sq += k.sum_squares(&p.grad)? * w2;
-            Ok(())
-        })?;
-        for g in conn_grads.iter().flatten() {
-            for (_, t) in g.tensors() {
-                sq += t.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+        let sums = {
+            let mut tensors: Vec<&CudaSlice<f32>> = Vec::new();
+            tensors.extend(
+                [&self.token_embedding, &self.position_embedding]
+                    .into_iter()
+                    .chain(self.blocks.iter().flat_map(|b| {
+                        [
+                            &b.attn.norm,
+                            &b.attn.wqkv,
+                            &b.attn.wo,
+                            &b.mlp.norm,
+                            &b.mlp.w1,
+                            &b.mlp.w2,
+                        ]
+                    }))
+                    .chain([&self.final_norm, &self.head])
+                    .map(|p| &p.grad),
+            );
+            let dense = tensors.len();
+            for w in self.wrappers() {
+                tensors.extend(w.grads());
             }
-        }
-        let grad_norm = sq.sqrt();
+            let sums = k.sum_squares_many(&tensors)?;
+            sums[..dense].iter().map(|s| s * w2).sum::<f64>() + sums[dense..].iter().sum::<f64>()
+        };
+        let grad_norm = sums.sqrt();
         if !grad_norm.is_finite() {
             return Err(CudaError::Core(mhc_core::MhcError::NonFinite {
                 what: "gradient",
@@ -956,60 +1039,44 @@ impl GpuTrainer {
             1.0
         };
         self.step += 1;
-        self.host_optimizer.begin_step();
         let (step, adamw) = (self.step, self.train.adamw);
-        // Walk the parameters in the core's order: dense ones on the device, connection tensors on the host.
-        let mut index = 0usize;
-        let dense = |p: &mut DeviceParam, index: &mut usize| -> CudaResult<()> {
-            k.adamw(
-                &mut p.value,
-                &p.grad,
-                &mut p.m,
-                &mut p.v,
-                &adamw,
-                lr,
-                step,
-                p.decay,
-                scale * dense_weight,
-            )?;
-            *index += 1;
-            Ok(())
-        };
-        dense(&mut self.token_embedding, &mut index)?;
-        dense(&mut self.position_embedding, &mut index)?;
-        let mut grads_iter = conn_grads.into_iter();
-        for b in self.blocks.iter_mut() {
-            for half in 0..2 {
-                let (sub_params, conn): ([&mut DeviceParam; 3], &mut Connection) = if half == 0 {
-                    (
-                        [&mut b.attn.norm, &mut b.attn.wqkv, &mut b.attn.wo],
-                        &mut b.attn_conn,
-                    )
-                } else {
-                    (
-                        [&mut b.mlp.norm, &mut b.mlp.w1, &mut b.mlp.w2],
-                        &mut b.mlp_conn,
-                    )
-                };
-                for p in sub_params {
-                    dense(p, &mut index)?;
+        self.for_each_dense(|p| {
+            let gscale = scale * dense_weight;
+            match &mut p.value16 {
+                Some(w16) => k.adamw_bf16(
+                    &mut p.value,
+                    w16,
+                    &p.grad,
+                    &mut p.m,
+                    &mut p.v,
+                    &adamw,
+                    lr,
+                    step,
+                    p.decay,
+                    gscale,
+                ),
+                None => k.adamw(
+                    &mut p.value,
+                    &p.grad,
+                    &mut p.m,
+                    &mut p.v,
+                    &adamw,
+                    lr,
+                    step,
+                    p.decay,
+                    gscale,
+                ),
+            }
+        })?;
+        for conn in self.connections_mut() {
+            if let Connection::Wrapped { wrapper, moments } = conn {
+                for ((value, grad), (m, v)) in wrapper.buffers_mut().into_iter().zip(moments) {
+                    // Connection parameters take no weight decay (as the core's trainer).
+                    k.adamw(value, grad, m, v, &adamw, lr, step, false, scale)?;
                 }
-                let grads = grads_iter.next().flatten();
-                if let (Connection::Wrapped { wrapper, params }, Some(mut g)) = (conn, grads) {
-                    for ((_, p), (_, gt)) in params.tensors_mut().into_iter().zip(g.tensors_mut()) {
-                        if p.is_empty() {
-                            continue;
-                        }
-                        gt.iter_mut().for_each(|x| *x *= scale);
-                        self.host_optimizer.update(index, p, gt, lr, false);
-                        index += 1;
-                    }
-                    wrapper.set_params(params)?;
-                }
+                wrapper.params_updated()?;
             }
         }
-        dense(&mut self.final_norm, &mut index)?;
-        dense(&mut self.head, &mut index)?;
         Ok(GpuStepStats {
             loss,
             grad_norm,
@@ -1049,21 +1116,11 @@ impl GpuTrainer {
         }
         let weight = rows.len() as f32 / self.train.batch as f32;
         let shard = &tokens[rows.start * window..rows.end * window];
-        let (loss, mut conn_grads) = match self.gradients(shard) {
-            Ok(g) => g,
-            // Reduced as NaN so that every replica stops at this step together.
+        let (loss, conn_ok) = match self.gradients(shard) {
+            Ok(loss) => (loss, true),
+            // Reduced as NaN (with zero connection gradients) so that every replica stops at this step together.
             Err(CudaError::Core(mhc_core::MhcError::NonFinite { what: "loss", .. })) => {
-                let zeros = ConnectionParams::zeros(&self.config.connection());
-                let grads = self
-                    .blocks
-                    .iter()
-                    .flat_map(|b| [&b.attn_conn, &b.mlp_conn])
-                    .map(|c| match c {
-                        Connection::Residual { .. } => None,
-                        Connection::Wrapped { .. } => Some(zeros.clone()),
-                    })
-                    .collect();
-                (f64::NAN, grads)
+                (f64::NAN, false)
             }
             Err(e) => return Err(e),
         };
@@ -1083,43 +1140,46 @@ impl GpuTrainer {
             ])?;
         }
         comm.sum_device(&mut [&mut self.final_norm.grad, &mut self.head.grad])?;
-        // Connection gradients and the loss, weighted, through the host.
+        // Connection gradients and the loss, weighted, through the host, then back to the devices.
         let mut flat: Vec<f32> = Vec::new();
-        for g in conn_grads.iter().flatten() {
-            for (_, t) in g.tensors() {
-                flat.extend(t.iter().map(|&x| x * weight));
+        {
+            let st = self.dev.stream().clone();
+            for w in self.wrappers() {
+                for g in w.grads() {
+                    if conn_ok {
+                        flat.extend(st.clone_dtoh(g)?.iter().map(|&x| x * weight));
+                    } else {
+                        flat.resize(flat.len() + g.len(), 0.0);
+                    }
+                }
             }
         }
         flat.push(loss as f32 * weight);
         comm.sum(&mut flat)?;
-        let mut offset = 0;
-        for g in conn_grads.iter_mut().flatten() {
-            for (_, t) in g.tensors_mut() {
-                let len = t.len();
-                t.copy_from_slice(&flat[offset..offset + len]);
-                offset += len;
-            }
-        }
-        let loss = f64::from(flat[offset]);
+        let loss = f64::from(flat[flat.len() - 1]);
         if !loss.is_finite() {
             return Err(CudaError::Core(mhc_core::MhcError::NonFinite {
                 what: "loss",
                 index: 0,
             }));
         }
-        self.apply(loss, conn_grads, weight)
+        let st = self.dev.stream().clone();
+        let mut offset = 0;
+        for conn in self.connections_mut() {
+            if let Connection::Wrapped { wrapper, .. } = conn {
+                for (_, g) in wrapper.buffers_mut() {
+                    let len = g.len();
+                    st.memcpy_htod(&flat[offset..offset + len], g)?;
+                    offset += len;
+                }
+            }
+        }
+        self.apply(loss, weight)
     }
 
     /// The dense parameters with their index in the core's parameter order.
     fn dense_indexed(&mut self) -> Vec<(usize, &mut DeviceParam)> {
-        let conn_count = |c: &Connection| match c {
-            Connection::Residual { .. } => 0,
-            Connection::Wrapped { params, .. } => params
-                .tensors()
-                .iter()
-                .filter(|(_, t)| !t.is_empty())
-                .count(),
-        };
+        let conn_count = |c: &Connection| c.tensor_count(&self.config);
         let mut out: Vec<(usize, &mut DeviceParam)> = Vec::new();
         let mut index = 0;
         out.push((index, &mut self.token_embedding));
@@ -1144,15 +1204,63 @@ impl GpuTrainer {
         out
     }
 
+    /// For every sublayer's connection in order, the index (in the core's
+    /// parameter order) of its first non-empty tensor; its tensors follow in
+    /// [`ConnectionParams::tensors`] order.
+    fn connection_starts(&self) -> Vec<usize> {
+        let mut index = 2;
+        let mut starts = Vec::new();
+        for b in &self.blocks {
+            for conn in [&b.attn_conn, &b.mlp_conn] {
+                index += 3;
+                starts.push(index);
+                index += conn.tensor_count(&self.config);
+            }
+        }
+        starts
+    }
+
     /// Uploads a CPU trainer's AdamW state (moments and step), e.g. after loading a checkpoint.
     pub fn load_optimizer(&mut self, cpu: &Trainer<f32>) -> CudaResult<()> {
         let st = self.dev.stream().clone();
+        let opt = &cpu.optimizer;
         for (index, p) in self.dense_indexed() {
-            st.memcpy_htod(&cpu.optimizer.m[index], &mut p.m)?;
-            st.memcpy_htod(&cpu.optimizer.v[index], &mut p.v)?;
+            st.memcpy_htod(&opt.m[index], &mut p.m)?;
+            st.memcpy_htod(&opt.v[index], &mut p.v)?;
         }
-        self.host_optimizer = cpu.optimizer.clone();
-        self.step = cpu.optimizer.step;
+        let config = self.config.connection();
+        let starts = self.connection_starts();
+        for (conn, start) in self.connections_mut().zip(starts) {
+            let Connection::Wrapped { wrapper, moments } = conn else {
+                continue;
+            };
+            let host = |state: &[Vec<f32>]| -> CudaResult<Vec<Vec<f32>>> {
+                let mut p = ConnectionParams::zeros(&config);
+                let tensors = p.tensors_mut().into_iter().filter(|(_, t)| !t.is_empty());
+                for (j, (name, t)) in tensors.enumerate() {
+                    let src = state.get(start + j).ok_or(CudaError::Shape {
+                        what: "AdamW state (tensors)",
+                        expected: start + j + 1,
+                        got: state.len(),
+                    })?;
+                    if src.len() != t.len() {
+                        return Err(CudaError::Shape {
+                            what: name,
+                            expected: t.len(),
+                            got: src.len(),
+                        });
+                    }
+                    t.copy_from_slice(src);
+                }
+                wrapper.pack(&p)
+            };
+            let (m_host, v_host) = (host(&opt.m)?, host(&opt.v)?);
+            for ((m, v), (mh, vh)) in moments.iter_mut().zip(m_host.iter().zip(&v_host)) {
+                st.memcpy_htod(mh, m)?;
+                st.memcpy_htod(vh, v)?;
+            }
+        }
+        self.step = opt.step;
         Ok(())
     }
 
@@ -1164,12 +1272,32 @@ impl GpuTrainer {
             p.copy_from_slice(&params[i].1);
             i += 1;
         });
-        let mut optimizer = self.host_optimizer.clone();
+        let mut optimizer = cpu.optimizer.clone();
         optimizer.step = self.step;
+        optimizer.config = self.train.adamw;
         let st = self.dev.stream().clone();
         for (index, p) in self.dense_indexed() {
             optimizer.m[index] = st.clone_dtoh(&p.m)?;
             optimizer.v[index] = st.clone_dtoh(&p.v)?;
+        }
+        let config = self.config.connection();
+        let starts = self.connection_starts();
+        for (conn, start) in self.connections_mut().zip(starts) {
+            let Connection::Wrapped { wrapper, moments } = conn else {
+                continue;
+            };
+            let (mut m_packed, mut v_packed) = (Vec::new(), Vec::new());
+            for (m, v) in moments.iter() {
+                m_packed.push(st.clone_dtoh(m)?);
+                v_packed.push(st.clone_dtoh(v)?);
+            }
+            for (packed, state) in [(m_packed, &mut optimizer.m), (v_packed, &mut optimizer.v)] {
+                let p = wrapper.unpack(&config, &packed)?;
+                let tensors = p.tensors().into_iter().filter(|(_, t)| !t.is_empty());
+                for (j, (_, t)) in tensors.enumerate() {
+                    state[start + j] = t.to_vec();
+                }
+            }
         }
         cpu.optimizer = optimizer;
         Ok(())
@@ -1278,7 +1406,14 @@ impl GpuTrainer {
                         st.clone_dtoh(&p.value)?,
                     ));
                 }
-                if let Connection::Wrapped { params, .. } = conn {
+                if let Connection::Wrapped { wrapper, .. } = conn {
+                    let st = self.dev.stream();
+                    let packed = wrapper
+                        .values()
+                        .into_iter()
+                        .map(|v| st.clone_dtoh(v))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let params = wrapper.unpack(&self.config.connection(), &packed)?;
                     for (name, t) in params.tensors() {
                         if !t.is_empty() {
                             out.push((format!("blocks.{l}.{prefix}.conn.{name}"), t.to_vec()));

@@ -322,6 +322,42 @@ impl ModelKernels {
         decay: bool,
         grad_scale: f32,
     ) -> CudaResult<()> {
+        self.adamw_launch(w, None, g, m, v, config, lr, step, decay, grad_scale)
+    }
+
+    /// [`Self::adamw`], also writing the updated weights rounded to bf16 into
+    /// `w16` (round to nearest even, as [`Self::to_bf16`]): the operand of the
+    /// bf16 products, made once per step instead of once per product.
+    pub fn adamw_bf16(
+        &self,
+        w: &mut CudaSlice<f32>,
+        w16: &mut CudaSlice<half::bf16>,
+        g: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        config: &AdamWConfig,
+        lr: f64,
+        step: u64,
+        decay: bool,
+        grad_scale: f32,
+    ) -> CudaResult<()> {
+        self.adamw_launch(w, Some(w16), g, m, v, config, lr, step, decay, grad_scale)
+    }
+
+    /// [`Self::adamw`] and, with `w16`, [`Self::adamw_bf16`].
+    fn adamw_launch(
+        &self,
+        w: &mut CudaSlice<f32>,
+        w16: Option<&mut CudaSlice<half::bf16>>,
+        g: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        config: &AdamWConfig,
+        lr: f64,
+        step: u64,
+        decay: bool,
+        grad_scale: f32,
+    ) -> CudaResult<()> {
         let len = w.len();
         for (what, l) in [
             ("grad", g.len()),
@@ -344,7 +380,10 @@ impl ModelKernels {
             config.beta2 as f32,
             config.eps as f32,
         );
-        let f = self.f("adamw")?;
+        if let Some(w16) = &w16 {
+            check("bf16 weights", w16.len(), len)?;
+        }
+        let f = self.f(if w16.is_some() { "adamw_bf16" } else { "adamw" })?;
         let len_i = len as i64;
         let grid = self.grid(len)?;
         let mut b = self.dev.stream().launch_builder(&f);
@@ -361,6 +400,9 @@ impl ModelKernels {
             .arg(&inv_bc1)
             .arg(&inv_bc2)
             .arg(&grad_scale);
+        if let Some(w16) = w16 {
+            b.arg(w16);
+        }
         // SAFETY: grid-stride over len elements; all four buffers hold at least len (checked).
         unsafe {
             b.launch(LaunchConfig {
@@ -1123,22 +1165,48 @@ impl ModelKernels {
 
     /// `Σ x²` in a fixed order (block partials summed on the host in order).
     pub fn sum_squares(&self, x: &CudaSlice<f32>) -> CudaResult<f64> {
-        let grid = self.grid(x.len())?;
+        Ok(self.sum_squares_many(&[x])?[0])
+    }
+
+    /// `Σ x²` of each tensor of `xs`, as [`Self::sum_squares`] (the same block
+    /// partials, each tensor's summed on the host in order), with one
+    /// device-to-host copy for all of them: one synchronisation per step
+    /// instead of one per tensor.
+    pub fn sum_squares_many(&self, xs: &[&CudaSlice<f32>]) -> CudaResult<Vec<f64>> {
+        let grids = xs
+            .iter()
+            .map(|x| self.grid(x.len()))
+            .collect::<CudaResult<Vec<u32>>>()?;
+        let total: usize = grids.iter().map(|&g| g as usize).sum();
         let st = self.dev.stream();
-        let mut partial: CudaSlice<f32> = st.alloc_zeros(grid as usize)?;
+        let mut partial: CudaSlice<f32> = st.alloc_zeros(total.max(1))?;
         let f = self.f("sum_squares")?;
-        let len_i = x.len() as i64;
-        let mut b = st.launch_builder(&f);
-        b.arg(x).arg(&len_i).arg(&mut partial);
-        // SAFETY: grid-stride over x.len(); one partial per block (grid entries allocated).
-        unsafe {
-            b.launch(LaunchConfig {
-                grid_dim: (grid, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
+        let mut at = 0usize;
+        for (x, &grid) in xs.iter().zip(&grids) {
+            let len_i = x.len() as i64;
+            let mut part = partial.slice_mut(at..at + grid as usize);
+            let mut b = st.launch_builder(&f);
+            b.arg(*x).arg(&len_i).arg(&mut part);
+            // SAFETY: grid-stride over x.len(); one partial per block, `grid` entries in this view.
+            unsafe {
+                b.launch(LaunchConfig {
+                    grid_dim: (grid, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+            }?;
+            at += grid as usize;
+        }
+        let host = st.clone_dtoh(&partial)?;
+        let mut at = 0usize;
+        Ok(grids
+            .iter()
+            .map(|&g| {
+                let s = host[at..at + g as usize].iter().map(|&p| p as f64).sum();
+                at += g as usize;
+                s
             })
-        }?;
-        Ok(st.clone_dtoh(&partial)?.iter().map(|&p| p as f64).sum())
+            .collect())
     }
 }
 

@@ -144,6 +144,8 @@ pub struct MhcCuda<S: StreamElement> {
     dp: CudaSlice<f32>,
     xscale: CudaSlice<f32>,
     dtok: CudaSlice<f32>,
+    /// Sinkhorn–Knopp iterates of the backward, `[2·iterations][n²][tokens]`.
+    sk_hist: CudaSlice<f32>,
     gpart: CudaSlice<f32>,
     forward_tokens: usize,
 }
@@ -209,6 +211,39 @@ pub(crate) fn check_streams_and_capacity(
     Ok(())
 }
 
+/// Launch shape of the one-warp-per-token kernels (`post_bwd`, `pre_bwd`):
+/// blocks of `WR_TOK` = 4 warps.
+pub(crate) fn token_warps(tokens: usize) -> (u32, u32) {
+    (tokens.div_ceil(4).max(1) as u32, 128)
+}
+
+/// Length of the backward's Sinkhorn–Knopp history: every half-step's input
+/// (`2·iterations` states of `n²`) per token; at least one element.
+fn sk_hist_len(config: &ConnectionConfig, capacity: usize) -> usize {
+    (2 * config.sinkhorn.iterations * config.n * config.n * capacity).max(1)
+}
+
+/// Checks that `packed` holds one vector of each length of `lens`, in order.
+pub(crate) fn check_packed(packed: &[Vec<f32>], lens: &[usize]) -> CudaResult<()> {
+    if packed.len() != lens.len() {
+        return Err(CudaError::Shape {
+            what: "packed connection tensors",
+            expected: lens.len(),
+            got: packed.len(),
+        });
+    }
+    for (v, &len) in packed.iter().zip(lens) {
+        if v.len() != len {
+            return Err(CudaError::Shape {
+                what: "packed connection tensor",
+                expected: len,
+                got: v.len(),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl<S: StreamElement> MhcCuda<S> {
     /// Uploads `params` (mHC dynamic, `n ≤ 8`, `C % 4 == 0`) and allocates buffers for `capacity` tokens.
     pub fn new(
@@ -247,7 +282,8 @@ impl<S: StreamElement> MhcCuda<S> {
                     + MAX_SPLITS * capacity * (k.next_multiple_of(8) + 1),
             )
             + 4 * capacity * c * size_of::<S>()
-            + f32s(chunks * n * c * k);
+            + f32s(chunks * n * c * k)
+            + f32s(sk_hist_len(config, capacity));
         dev.ensure_free(bytes)?;
         let name = |s: &str| -> CudaResult<CudaFunction> { dev.function(n, S::BF16, s) };
         let kernels = Kernels {
@@ -296,6 +332,7 @@ impl<S: StreamElement> MhcCuda<S> {
             dp: st.alloc_zeros(capacity * k)?,
             xscale: st.alloc_zeros(capacity)?,
             dtok: st.alloc_zeros(capacity * (k + 3))?,
+            sk_hist: st.alloc_zeros(sk_hist_len(config, capacity))?,
             gpart: st.alloc_zeros(chunks * n * c * k)?,
             forward_tokens: 0,
             dev,
@@ -306,11 +343,25 @@ impl<S: StreamElement> MhcCuda<S> {
 
     /// Replaces the parameters (shapes as [`ConnectionParams`] of this configuration).
     pub fn set_params(&mut self, params: &ConnectionParams<f32>) -> CudaResult<()> {
+        let packed = self.pack(params)?;
+        let st = self.dev.stream().clone();
+        for (host, (value, _)) in packed.iter().zip(self.buffers_mut()) {
+            st.memcpy_htod(host, value)?;
+        }
+        self.params_updated()
+    }
+
+    /// `params` in the layouts of the device buffers ([`Self::values`]):
+    /// `[φ (nC × K, without γ), γ, α | b_pre | b_post | b_res]`. Shapes checked.
+    pub fn pack(&self, params: &ConnectionParams<f32>) -> CudaResult<Vec<Vec<f32>>> {
         let (n, c, k) = (self.n, self.c, self.k);
         let expect = [
             (params.phi.len(), n * c * k, "phi"),
             (params.gamma.len(), n * c, "gamma"),
             (params.alpha.len(), 3, "alpha"),
+            (params.b_pre.len(), n, "b_pre"),
+            (params.b_post.len(), n, "b_post"),
+            (params.b_res.len(), n * n, "b_res"),
         ];
         for (got, expected, what) in expect {
             if got != expected {
@@ -321,14 +372,57 @@ impl<S: StreamElement> MhcCuda<S> {
                 });
             }
         }
-        let st = self.dev.stream().clone();
-        st.memcpy_htod(&params.phi, &mut self.phi_raw)?;
-        st.memcpy_htod(&params.gamma, &mut self.gamma)?;
         let mut packed = params.alpha.clone();
         packed.extend_from_slice(&params.b_pre);
         packed.extend_from_slice(&params.b_post);
         packed.extend_from_slice(&params.b_res);
-        st.memcpy_htod(&packed, &mut self.params)?;
+        Ok(vec![params.phi.clone(), params.gamma.clone(), packed])
+    }
+
+    /// The inverse of [`Self::pack`] (for values, gradients or optimiser moments).
+    pub fn unpack(
+        &self,
+        config: &ConnectionConfig,
+        packed: &[Vec<f32>],
+    ) -> CudaResult<ConnectionParams<f32>> {
+        let (n, c, k) = (self.n, self.c, self.k);
+        check_packed(packed, &[n * c * k, n * c, 3 + k])?;
+        let mut p = ConnectionParams::zeros(config);
+        p.phi.copy_from_slice(&packed[0]);
+        p.gamma.copy_from_slice(&packed[1]);
+        let v = &packed[2];
+        p.alpha.copy_from_slice(&v[..3]);
+        p.b_pre.copy_from_slice(&v[3..3 + n]);
+        p.b_post.copy_from_slice(&v[3 + n..3 + 2 * n]);
+        p.b_res.copy_from_slice(&v[3 + 2 * n..3 + k]);
+        Ok(p)
+    }
+
+    /// The parameter buffers on the device, in the layouts of [`Self::pack`].
+    pub fn values(&self) -> Vec<&CudaSlice<f32>> {
+        vec![&self.phi_raw, &self.gamma, &self.params]
+    }
+
+    /// The gradients of the last backward, in the layouts of [`Self::values`].
+    pub fn grads(&self) -> Vec<&CudaSlice<f32>> {
+        vec![&self.dphi, &self.dgamma, &self.dparams]
+    }
+
+    /// (value, gradient) pairs of [`Self::values`] and [`Self::grads`], for an
+    /// optimiser that updates them in place (call [`Self::params_updated`] after).
+    pub fn buffers_mut(&mut self) -> Vec<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)> {
+        vec![
+            (&mut self.phi_raw, &mut self.dphi),
+            (&mut self.gamma, &mut self.dgamma),
+            (&mut self.params, &mut self.dparams),
+        ]
+    }
+
+    /// Re-derives `φ' = γ·φ` (f32 and the two bf16 halves the coefficient
+    /// kernel multiplies) after the parameters changed on the device.
+    pub fn params_updated(&mut self) -> CudaResult<()> {
+        let (n, c, k) = (self.n, self.c, self.k);
+        let st = self.dev.stream().clone();
         let total = (n * c * k.next_multiple_of(8)) as u32;
         let c_i = c as i32;
         let mut b = st.launch_builder(&self.kernels.split_phi);
@@ -507,7 +601,7 @@ impl<S: StreamElement> MhcCuda<S> {
         let (t, c_i) = (tokens as i32, c as i32);
         let dev = self.dev.clone();
         let st = dev.stream().clone();
-        let row_block = ((c / 4).next_multiple_of(32)).clamp(32, 256) as u32;
+        let (warp_grid, warp_block) = token_warps(tokens);
         {
             let mut b = st.launch_builder(&self.kernels.post_bwd);
             b.arg(x)
@@ -518,8 +612,8 @@ impl<S: StreamElement> MhcCuda<S> {
                 .arg(&c_i)
                 .arg(&mut self.dy)
                 .arg(&mut self.dcoef);
-            // SAFETY: one block per token; each reads its token's N·C of x and g, C of y, K of coef; writes C of dy and K−N of dcoef.
-            unsafe { b.launch(cfg((tokens as u32, 1), row_block)) }
+            // SAFETY: one warp per token (t < T guarded in the kernel); each reads its token's N·C of x and g, C of y, K of coef; writes C of dy and K−N of dcoef.
+            unsafe { b.launch(cfg((warp_grid, 1), warp_block)) }
                 .map_err(|e| launch_error("post_bwd", e))?;
             debug_sync(&self.dev, "post_bwd")?;
         }
@@ -531,8 +625,8 @@ impl<S: StreamElement> MhcCuda<S> {
                 .arg(&t)
                 .arg(&c_i)
                 .arg(&mut self.dcoef);
-            // SAFETY: one block per token; reads N·C of x and C of dh, writes N entries of dcoef.
-            unsafe { b.launch(cfg((tokens as u32, 1), row_block)) }
+            // SAFETY: one warp per token (t < T guarded in the kernel); reads N·C of x and C of dh, writes N entries of dcoef.
+            unsafe { b.launch(cfg((warp_grid, 1), warp_block)) }
                 .map_err(|e| launch_error("pre_bwd", e))?;
             debug_sync(&self.dev, "pre_bwd")?;
         }
@@ -549,8 +643,9 @@ impl<S: StreamElement> MhcCuda<S> {
                 .arg(&self.sk_eps)
                 .arg(&mut self.dp)
                 .arg(&mut self.xscale)
-                .arg(&mut self.dtok);
-            // SAFETY: one thread per token (guarded by t < T); every buffer holds capacity ≥ tokens rows.
+                .arg(&mut self.dtok)
+                .arg(&mut self.sk_hist);
+            // SAFETY: one thread per token (guarded by t < T); every buffer holds capacity ≥ tokens rows, sk_hist 2·iterations·n² per token.
             unsafe { b.launch(cfg((tokens.div_ceil(64) as u32, 1), 64)) }
                 .map_err(|e| launch_error("coeff_bwd", e))?;
             debug_sync(&self.dev, "coeff_bwd")?;
@@ -588,8 +683,8 @@ impl<S: StreamElement> MhcCuda<S> {
                 .arg(&chunks_i)
                 .arg(&mut self.dphi)
                 .arg(&mut self.dgamma);
-            // SAFETY: one thread per m < N·C (guarded); reads chunks·N·C·K of gpart.
-            unsafe { b.launch(cfg(((n * c).div_ceil(256) as u32, 1), 256)) }
+            // SAFETY: blocks of DR_M = 8 rows × K threads, one per (m, j) with m < N·C (guarded); reads chunks·N·C·K of gpart.
+            unsafe { b.launch(cfg(((n * c).div_ceil(8) as u32, 1), (8 * k) as u32)) }
                 .map_err(|e| launch_error("dphi_reduce", e))?;
             debug_sync(&self.dev, "dphi_reduce")?;
         }
@@ -619,16 +714,23 @@ impl<S: StreamElement> MhcCuda<S> {
     /// The parameter gradients of the last backward, in the core's layout.
     pub fn gradients(&self, config: &ConnectionConfig) -> CudaResult<ConnectionParams<f32>> {
         let st = self.dev.stream();
-        let dparams = st.clone_dtoh(&self.dparams)?;
-        let (n, k) = (self.n, self.k);
-        let mut g = ConnectionParams::zeros(config);
-        g.b_pre.copy_from_slice(&dparams[..n]);
-        g.b_post.copy_from_slice(&dparams[n..2 * n]);
-        g.b_res.copy_from_slice(&dparams[2 * n..k]);
-        g.alpha.copy_from_slice(&dparams[k..k + 3]);
-        g.phi = st.clone_dtoh(&self.dphi)?;
-        g.gamma = st.clone_dtoh(&self.dgamma)?;
-        Ok(g)
+        let packed = self
+            .grads()
+            .into_iter()
+            .map(|g| st.clone_dtoh(g))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.unpack(config, &packed)
+    }
+
+    /// The parameters on the device, downloaded, in the core's layout.
+    pub fn params(&self, config: &ConnectionConfig) -> CudaResult<ConnectionParams<f32>> {
+        let st = self.dev.stream();
+        let packed = self
+            .values()
+            .into_iter()
+            .map(|v| st.clone_dtoh(v))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.unpack(config, &packed)
     }
 
     /// The device.

@@ -173,9 +173,11 @@ extern "C" __global__ void cross_entropy(float* __restrict__ logits, const unsig
 }
 
 // AdamW with bias correction (see mhc_core::model::optim::AdamW::update); grad scaled by `gscale` (clipping).
-extern "C" __global__ void adamw(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
-                                 float* __restrict__ v, long len, float lr, float b1, float b2, float eps,
-                                 float shrink, float inv_bc1, float inv_bc2, float gscale)
+template <bool W16>
+__device__ __forceinline__ void adamw_impl(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
+                                           float* __restrict__ v, long len, float lr, float b1, float b2, float eps,
+                                           float shrink, float inv_bc1, float inv_bc2, float gscale,
+                                           unsigned short* __restrict__ w16)
 {
     for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < len; e += (long)gridDim.x * blockDim.x) {
         float gv = g[e] * gscale;
@@ -183,8 +185,25 @@ extern "C" __global__ void adamw(float* __restrict__ w, const float* __restrict_
         float vv = b2 * v[e] + (1.f - b2) * gv * gv;
         m[e] = mv;
         v[e] = vv;
-        w[e] = w[e] * shrink - lr * inv_bc1 * mv / (sqrtf(vv * inv_bc2) + eps);
+        float wv = w[e] * shrink - lr * inv_bc1 * mv / (sqrtf(vv * inv_bc2) + eps);
+        w[e] = wv;
+        if (W16) w16[e] = (unsigned short)bf16_bits(wv);
     }
+}
+extern "C" __global__ void adamw(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
+                                 float* __restrict__ v, long len, float lr, float b1, float b2, float eps,
+                                 float shrink, float inv_bc1, float inv_bc2, float gscale)
+{
+    adamw_impl<false>(w, g, m, v, len, lr, b1, b2, eps, shrink, inv_bc1, inv_bc2, gscale, nullptr);
+}
+// adamw_bf16: adamw, and the updated weights rounded to bf16 into w16 (the
+// product operand, made once per step instead of once per product).
+extern "C" __global__ void adamw_bf16(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
+                                      float* __restrict__ v, long len, float lr, float b1, float b2, float eps,
+                                      float shrink, float inv_bc1, float inv_bc2, float gscale,
+                                      unsigned short* __restrict__ w16)
+{
+    adamw_impl<true>(w, g, m, v, len, lr, b1, b2, eps, shrink, inv_bc1, inv_bc2, gscale, w16);
 }
 
 // Σ x² in fixed order: per-block partials (grid-stride), then sum_partials.
