@@ -18,5 +18,5 @@ echo "== mhc-train GPU model (bf16 products, f32 weights and streams)"
 $B/mhc-bench --train-width 768 --heads 12 --batch 16 --schemes residual,hc,mhc --json "$out/train_768.json"
 $B/mhc-bench --train-width 2048 --heads 16 --batch 8 --schemes residual,mhc --json "$out/train_2048.json"
 echo "== PyTorch peers"
-python3 mhc-cuda/bench/peers_train.py --width 768 --heads 12 --batch 16 ${PEERS_COMPILE:+--compile} --json "$out/peers_768.json" 2>&1 | grep -v Warning
-python3 mhc-cuda/bench/peers_train.py --width 2048 --heads 16 --batch 8 --json "$out/peers_2048.json" 2>&1 | grep -v Warning
+python3 mhc-cuda/bench/peers_train.py --width 768 --heads 12 --batch 16 ${PEERS_COMPILE:+--compile} --json "$out/peers_train_768.json" 2>&1 | grep -v Warning
+python3 mhc-cuda/bench/peers_train.py --width 2048 --heads 16 --batch 8 --json "$out/peers_train_2048.json" 2>&1 | grep -v Warning
