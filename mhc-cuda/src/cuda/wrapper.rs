@@ -1,7 +1,8 @@
 //! [`MhcCuda`]: one mHC-wrapped sublayer on the GPU — coefficients (projection,
 //! RMS, σ / 2σ, Sinkhorn–Knopp) in one kernel, pre-aggregate, post/res merge,
-//! and the backward of all three with Sinkhorn–Knopp recomputed from the logits
-//! and deterministic reductions for the gradients of φ, γ, b and α.
+//! and the backward of all three (Sinkhorn–Knopp's iterates recomputed once
+//! from the logits and stored for the reverse sweep) with deterministic
+//! reductions for the gradients of φ, γ, b and α.
 
 use std::sync::Arc;
 
