@@ -192,8 +192,17 @@ fn model_kernels_match_mhc_core() {
                 &mut wd2, &gd, &mut md, &mut vd, &cfg, 1e-2, step, true, scale,
             )
             .unwrap();
-            k.adamw_bf16(
-                &mut wb, &mut wb16, &gd, &mut mb, &mut vb, &cfg, 1e-2, step, true, scale,
+            k.adamw_with(
+                &mut wb,
+                Some(&mut wb16),
+                &gd,
+                &mut mb,
+                &mut vb,
+                &cfg,
+                1e-2,
+                step,
+                true,
+                scale,
             )
             .unwrap();
         }
@@ -201,7 +210,7 @@ fn model_kernels_match_mhc_core() {
         let w_new = st.clone_dtoh(&wd2).unwrap();
         assert!(
             w_new == st.clone_dtoh(&wb).unwrap(),
-            "adamw_bf16 weights differ from adamw"
+            "adamw_with(bf16) weights differ from adamw"
         );
         assert!(st.clone_dtoh(&mb).unwrap() == st.clone_dtoh(&md).unwrap());
         assert!(st.clone_dtoh(&vb).unwrap() == st.clone_dtoh(&vd).unwrap());
@@ -211,7 +220,7 @@ fn model_kernels_match_mhc_core() {
         assert_eq!(
             bits(st.clone_dtoh(&wb16).unwrap()),
             bits(st.clone_dtoh(&w16_ref).unwrap()),
-            "adamw_bf16's bf16 weights vs to_bf16"
+            "adamw_with's bf16 weights vs to_bf16"
         );
         let host16: Vec<u16> = w_new
             .iter()
@@ -225,9 +234,9 @@ fn model_kernels_match_mhc_core() {
         let mut short16 = st.alloc_zeros::<half::bf16>(3).unwrap();
         let ones = st.clone_htod(&vec![1.0f32; w_ref.len()]).unwrap();
         assert!(matches!(
-            k.adamw_bf16(
+            k.adamw_with(
                 &mut wb,
-                &mut short16,
+                Some(&mut short16),
                 &ones,
                 &mut mb,
                 &mut vb,

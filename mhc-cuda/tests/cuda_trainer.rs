@@ -38,6 +38,33 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     (num / den).sqrt()
 }
 
+/// A 2-block model of width 32 (2 heads, context 16), batch 4, warm-up 2 of 10 steps.
+fn tiny(scheme: Scheme, streams: usize, seed: u64) -> (ModelConfig, TrainConfig) {
+    let model = ModelConfig {
+        vocab: 256,
+        width: 32,
+        layers: 2,
+        heads: 2,
+        context: 16,
+        streams,
+        scheme,
+        sinkhorn_iterations: 20,
+    };
+    let train = TrainConfig {
+        batch: 4,
+        schedule: Schedule {
+            max_lr: 3e-3,
+            min_lr: 3e-4,
+            warmup: 2,
+            total: 10,
+        },
+        adamw: AdamWConfig::default(),
+        clip: 1.0,
+        seed,
+    };
+    (model, train)
+}
+
 #[test]
 fn gpu_training_steps_match_the_cpu_reference() {
     let Some(dev) = device() else { return };
@@ -47,28 +74,7 @@ fn gpu_training_steps_match_the_cpu_reference() {
         (Scheme::HcDynamic, 4),
         (Scheme::Residual, 1),
     ] {
-        let model = ModelConfig {
-            vocab: 256,
-            width: 32,
-            layers: 2,
-            heads: 2,
-            context: 16,
-            streams,
-            scheme,
-            sinkhorn_iterations: 20,
-        };
-        let train = TrainConfig {
-            batch: 4,
-            schedule: Schedule {
-                max_lr: 3e-3,
-                min_lr: 3e-4,
-                warmup: 2,
-                total: 10,
-            },
-            adamw: AdamWConfig::default(),
-            clip: 1.0,
-            seed: 7,
-        };
+        let (model, train) = tiny(scheme, streams, 7);
         let mut cpu = Trainer::<f32>::new(model, train).unwrap();
         let mut gpu = GpuTrainer::from_cpu(dev.clone(), &mut cpu.clone()).unwrap();
         for step in 1..=3 {
@@ -219,28 +225,7 @@ fn optimizer_state_round_trips_through_the_cpu_trainer() {
         (Scheme::HcDynamic, 2),
         (Scheme::Residual, 1),
     ] {
-        let model = ModelConfig {
-            vocab: 256,
-            width: 32,
-            layers: 2,
-            heads: 2,
-            context: 16,
-            streams,
-            scheme,
-            sinkhorn_iterations: 20,
-        };
-        let train = TrainConfig {
-            batch: 4,
-            schedule: Schedule {
-                max_lr: 3e-3,
-                min_lr: 3e-4,
-                warmup: 2,
-                total: 10,
-            },
-            adamw: AdamWConfig::default(),
-            clip: 1.0,
-            seed: 3,
-        };
+        let (model, train) = tiny(scheme, streams, 3);
         let mut cpu = Trainer::<f32>::new(model, train).unwrap();
         let mut synced = cpu.clone();
         let mut gpu = GpuTrainer::from_cpu(dev.clone(), &mut cpu.clone()).unwrap();

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use mhc_core::{ConnectionConfig, ConnectionParams, Scheme};
 
-use super::wrapper::token_warps;
+use super::wrapper::{download, pack_alpha_b, token_warps, unpack_alpha_b};
 use super::{CudaDevice, CudaError, CudaResult, CudaSublayer, MatMul, ModelKernels};
 
 struct Kernels {
@@ -155,7 +155,7 @@ impl HcCuda {
     /// `[Θᵀ (C × (n+2): θ_pre | θ_post | θ_res[0..n] per channel), α | b_pre | b_post | b_res]`.
     /// Shapes checked.
     pub fn pack(&self, params: &ConnectionParams<f32>) -> CudaResult<Vec<Vec<f32>>> {
-        let (n, c, k) = (self.n, self.c, self.k);
+        let (n, c) = (self.n, self.c);
         for (got, expected, what) in [
             (params.theta_pre.len(), c, "theta_pre"),
             (params.theta_post.len(), c, "theta_post"),
@@ -183,12 +183,7 @@ impl HcCuda {
                 row[2 + o] = params.theta_res[o * c + cc];
             }
         }
-        let mut packed = params.alpha.clone();
-        packed.extend_from_slice(&params.b_pre);
-        packed.extend_from_slice(&params.b_post);
-        packed.extend_from_slice(&params.b_res);
-        debug_assert_eq!(packed.len(), 3 + k);
-        Ok(vec![theta_t, packed])
+        Ok(vec![theta_t, pack_alpha_b(params)])
     }
 
     /// The inverse of [`Self::pack`] (for values, gradients or optimiser moments).
@@ -202,10 +197,7 @@ impl HcCuda {
         super::wrapper::check_packed(packed, &[c * u, 3 + k])?;
         let mut p = ConnectionParams::zeros(config);
         let (theta, v) = (&packed[0], &packed[1]);
-        p.alpha.copy_from_slice(&v[..3]);
-        p.b_pre.copy_from_slice(&v[3..3 + n]);
-        p.b_post.copy_from_slice(&v[3 + n..3 + 2 * n]);
-        p.b_res.copy_from_slice(&v[3 + 2 * n..3 + k]);
+        unpack_alpha_b(v, &mut p);
         for cc in 0..c {
             let row = &theta[cc * u..(cc + 1) * u];
             p.theta_pre[cc] = row[0];
@@ -431,23 +423,11 @@ impl HcCuda {
 
     /// The parameter gradients of the last backward, in the core's layout.
     pub fn gradients(&self, config: &ConnectionConfig) -> CudaResult<ConnectionParams<f32>> {
-        let st = self.dev.stream();
-        let packed = self
-            .grads()
-            .into_iter()
-            .map(|g| st.clone_dtoh(g))
-            .collect::<Result<Vec<_>, _>>()?;
-        self.unpack(config, &packed)
+        self.unpack(config, &download(&self.dev, self.grads())?)
     }
 
     /// The parameters on the device, downloaded, in the core's layout.
     pub fn params(&self, config: &ConnectionConfig) -> CudaResult<ConnectionParams<f32>> {
-        let st = self.dev.stream();
-        let packed = self
-            .values()
-            .into_iter()
-            .map(|v| st.clone_dtoh(v))
-            .collect::<Result<Vec<_>, _>>()?;
-        self.unpack(config, &packed)
+        self.unpack(config, &download(&self.dev, self.values())?)
     }
 }

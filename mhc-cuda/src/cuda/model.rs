@@ -970,7 +970,7 @@ impl GpuTrainer {
         Ok(loss)
     }
 
-    /// The wrapped sublayers' connections, in order.
+    /// Every sublayer's connection, in order.
     fn connections_mut(&mut self) -> impl Iterator<Item = &mut Connection> {
         self.blocks
             .iter_mut()
@@ -1041,32 +1041,18 @@ impl GpuTrainer {
         self.step += 1;
         let (step, adamw) = (self.step, self.train.adamw);
         self.for_each_dense(|p| {
-            let gscale = scale * dense_weight;
-            match &mut p.value16 {
-                Some(w16) => k.adamw_bf16(
-                    &mut p.value,
-                    w16,
-                    &p.grad,
-                    &mut p.m,
-                    &mut p.v,
-                    &adamw,
-                    lr,
-                    step,
-                    p.decay,
-                    gscale,
-                ),
-                None => k.adamw(
-                    &mut p.value,
-                    &p.grad,
-                    &mut p.m,
-                    &mut p.v,
-                    &adamw,
-                    lr,
-                    step,
-                    p.decay,
-                    gscale,
-                ),
-            }
+            k.adamw_with(
+                &mut p.value,
+                p.value16.as_mut(),
+                &p.grad,
+                &mut p.m,
+                &mut p.v,
+                &adamw,
+                lr,
+                step,
+                p.decay,
+                scale * dense_weight,
+            )
         })?;
         for conn in self.connections_mut() {
             if let Connection::Wrapped { wrapper, moments } = conn {
@@ -1407,12 +1393,7 @@ impl GpuTrainer {
                     ));
                 }
                 if let Connection::Wrapped { wrapper, .. } = conn {
-                    let st = self.dev.stream();
-                    let packed = wrapper
-                        .values()
-                        .into_iter()
-                        .map(|v| st.clone_dtoh(v))
-                        .collect::<Result<Vec<_>, _>>()?;
+                    let packed = super::wrapper::download(&self.dev, wrapper.values())?;
                     let params = wrapper.unpack(&self.config.connection(), &packed)?;
                     for (name, t) in params.tensors() {
                         if !t.is_empty() {

@@ -322,30 +322,13 @@ impl ModelKernels {
         decay: bool,
         grad_scale: f32,
     ) -> CudaResult<()> {
-        self.adamw_launch(w, None, g, m, v, config, lr, step, decay, grad_scale)
+        self.adamw_with(w, None, g, m, v, config, lr, step, decay, grad_scale)
     }
 
-    /// [`Self::adamw`], also writing the updated weights rounded to bf16 into
-    /// `w16` (round to nearest even, as [`Self::to_bf16`]): the operand of the
-    /// bf16 products, made once per step instead of once per product.
-    pub fn adamw_bf16(
-        &self,
-        w: &mut CudaSlice<f32>,
-        w16: &mut CudaSlice<half::bf16>,
-        g: &CudaSlice<f32>,
-        m: &mut CudaSlice<f32>,
-        v: &mut CudaSlice<f32>,
-        config: &AdamWConfig,
-        lr: f64,
-        step: u64,
-        decay: bool,
-        grad_scale: f32,
-    ) -> CudaResult<()> {
-        self.adamw_launch(w, Some(w16), g, m, v, config, lr, step, decay, grad_scale)
-    }
-
-    /// [`Self::adamw`] and, with `w16`, [`Self::adamw_bf16`].
-    fn adamw_launch(
+    /// [`Self::adamw`], and with `w16` also the updated weights rounded to
+    /// bf16 into it (round to nearest even, as [`Self::to_bf16`]): the operand
+    /// of the bf16 products, made once per step instead of once per product.
+    pub fn adamw_with(
         &self,
         w: &mut CudaSlice<f32>,
         w16: Option<&mut CudaSlice<half::bf16>>,

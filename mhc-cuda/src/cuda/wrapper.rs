@@ -224,6 +224,33 @@ fn sk_hist_len(config: &ConnectionConfig, capacity: usize) -> usize {
     (2 * config.sinkhorn.iterations * config.n * config.n * capacity).max(1)
 }
 
+/// `[α | b_pre | b_post | b_res]`: the layout of both wrappers' `params`
+/// buffer (and of their gradient, as `coeff_bwd`/`hc_coef_bwd` write it).
+pub(crate) fn pack_alpha_b(p: &ConnectionParams<f32>) -> Vec<f32> {
+    let mut v = p.alpha.clone();
+    v.extend_from_slice(&p.b_pre);
+    v.extend_from_slice(&p.b_post);
+    v.extend_from_slice(&p.b_res);
+    v
+}
+
+/// The inverse of [`pack_alpha_b`] into `p` (whose tensors have their lengths).
+pub(crate) fn unpack_alpha_b(v: &[f32], p: &mut ConnectionParams<f32>) {
+    let (a, rest) = v.split_at(p.alpha.len());
+    let (pre, rest) = rest.split_at(p.b_pre.len());
+    let (post, res) = rest.split_at(p.b_post.len());
+    p.alpha.copy_from_slice(a);
+    p.b_pre.copy_from_slice(pre);
+    p.b_post.copy_from_slice(post);
+    p.b_res.copy_from_slice(res);
+}
+
+/// Copies each buffer to the host, in order.
+pub(crate) fn download(dev: &CudaDevice, bufs: Vec<&CudaSlice<f32>>) -> CudaResult<Vec<Vec<f32>>> {
+    let st = dev.stream();
+    bufs.into_iter().map(|b| Ok(st.clone_dtoh(b)?)).collect()
+}
+
 /// Checks that `packed` holds one vector of each length of `lens`, in order.
 pub(crate) fn check_packed(packed: &[Vec<f32>], lens: &[usize]) -> CudaResult<()> {
     if packed.len() != lens.len() {
@@ -378,11 +405,11 @@ impl<S: StreamElement> MhcCuda<S> {
                 });
             }
         }
-        let mut packed = params.alpha.clone();
-        packed.extend_from_slice(&params.b_pre);
-        packed.extend_from_slice(&params.b_post);
-        packed.extend_from_slice(&params.b_res);
-        Ok(vec![params.phi.clone(), params.gamma.clone(), packed])
+        Ok(vec![
+            params.phi.clone(),
+            params.gamma.clone(),
+            pack_alpha_b(params),
+        ])
     }
 
     /// The inverse of [`Self::pack`] (for values, gradients or optimiser moments).
@@ -396,11 +423,7 @@ impl<S: StreamElement> MhcCuda<S> {
         let mut p = ConnectionParams::zeros(config);
         p.phi.copy_from_slice(&packed[0]);
         p.gamma.copy_from_slice(&packed[1]);
-        let v = &packed[2];
-        p.alpha.copy_from_slice(&v[..3]);
-        p.b_pre.copy_from_slice(&v[3..3 + n]);
-        p.b_post.copy_from_slice(&v[3 + n..3 + 2 * n]);
-        p.b_res.copy_from_slice(&v[3 + 2 * n..3 + k]);
+        unpack_alpha_b(&packed[2], &mut p);
         Ok(p)
     }
 
@@ -719,24 +742,12 @@ impl<S: StreamElement> MhcCuda<S> {
 
     /// The parameter gradients of the last backward, in the core's layout.
     pub fn gradients(&self, config: &ConnectionConfig) -> CudaResult<ConnectionParams<f32>> {
-        let st = self.dev.stream();
-        let packed = self
-            .grads()
-            .into_iter()
-            .map(|g| st.clone_dtoh(g))
-            .collect::<Result<Vec<_>, _>>()?;
-        self.unpack(config, &packed)
+        self.unpack(config, &download(&self.dev, self.grads())?)
     }
 
     /// The parameters on the device, downloaded, in the core's layout.
     pub fn params(&self, config: &ConnectionConfig) -> CudaResult<ConnectionParams<f32>> {
-        let st = self.dev.stream();
-        let packed = self
-            .values()
-            .into_iter()
-            .map(|v| st.clone_dtoh(v))
-            .collect::<Result<Vec<_>, _>>()?;
-        self.unpack(config, &packed)
+        self.unpack(config, &download(&self.dev, self.values())?)
     }
 
     /// The device.
