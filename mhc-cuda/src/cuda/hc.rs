@@ -16,7 +16,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use mhc_core::{ConnectionConfig, ConnectionParams, Scheme};
 
-use super::wrapper::{download, pack_alpha_b, token_warps, unpack_alpha_b};
+use super::wrapper::{download, launch_post_bwd, launch_pre_bwd, pack_alpha_b, unpack_alpha_b};
 use super::{CudaDevice, CudaError, CudaResult, CudaSublayer, MatMul, ModelKernels};
 
 struct Kernels {
@@ -348,33 +348,28 @@ impl HcCuda {
         let (t, c_i) = (tokens as i32, c as i32);
         let dev = self.dev.clone();
         let st = dev.stream().clone();
-        let (warp_grid, warp_block) = token_warps(tokens);
-        {
-            let mut b = st.launch_builder(&self.kernels.post_bwd);
-            b.arg(x)
-                .arg(&self.coef)
-                .arg(&self.y)
-                .arg(grad_out)
-                .arg(&t)
-                .arg(&c_i)
-                .arg(&mut self.dy)
-                .arg(&mut self.dcoef);
-            // SAFETY: one warp per token (t < T guarded in the kernel); reads its token's n·C of x and g, C of y, K of coef; writes C of dy, K−n of dcoef.
-            unsafe { b.launch(launch_cfg(warp_grid, warp_block)) }
-                .map_err(|e| launch_error("post_bwd", e))?;
-        }
+        launch_post_bwd(
+            &self.dev,
+            &self.kernels.post_bwd,
+            x,
+            &self.coef,
+            &self.y,
+            grad_out,
+            tokens,
+            c,
+            &mut self.dy,
+            &mut self.dcoef,
+        )?;
         sublayer.vjp(&dev, &self.h, &self.dy, &mut self.dh, tokens, c)?;
-        {
-            let mut b = st.launch_builder(&self.kernels.pre_bwd);
-            b.arg(x)
-                .arg(&self.dh)
-                .arg(&t)
-                .arg(&c_i)
-                .arg(&mut self.dcoef);
-            // SAFETY: one warp per token (t < T guarded in the kernel); reads n·C of x and C of dh, writes n entries of dcoef.
-            unsafe { b.launch(launch_cfg(warp_grid, warp_block)) }
-                .map_err(|e| launch_error("pre_bwd", e))?;
-        }
+        launch_pre_bwd(
+            &self.dev,
+            &self.kernels.pre_bwd,
+            x,
+            &self.dh,
+            tokens,
+            c,
+            &mut self.dcoef,
+        )?;
         {
             let mut b = st.launch_builder(&self.kernels.hc_coef_bwd);
             b.arg(&self.z)

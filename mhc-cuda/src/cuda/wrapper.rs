@@ -214,8 +214,62 @@ pub(crate) fn check_streams_and_capacity(
 
 /// Launch shape of the one-warp-per-token kernels (`post_bwd`, `pre_bwd`):
 /// blocks of `WR_TOK` = 4 warps.
-pub(crate) fn token_warps(tokens: usize) -> (u32, u32) {
+fn token_warps(tokens: usize) -> (u32, u32) {
     (tokens.div_ceil(4).max(1) as u32, 128)
+}
+
+/// `post_bwd` (shared by the mHC and HC wrappers): `dy = Σ_o H_post[o]·g_o` and
+/// the post/res entries of `dcoef` (`g_o·y`, `g_o·x_i`), one warp per token.
+/// The callers check the shapes: x and g `[tokens, n, C]`, y and dy
+/// `[tokens, C]`, coef and dcoef `[tokens, K]`.
+pub(crate) fn launch_post_bwd<S: StreamElement>(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    x: &CudaSlice<S>,
+    coef: &CudaSlice<f32>,
+    y: &CudaSlice<S>,
+    g: &CudaSlice<S>,
+    tokens: usize,
+    c: usize,
+    dy: &mut CudaSlice<S>,
+    dcoef: &mut CudaSlice<f32>,
+) -> CudaResult<()> {
+    let (t, c_i) = (tokens as i32, c as i32);
+    let (grid, block) = token_warps(tokens);
+    let st = dev.stream();
+    let mut b = st.launch_builder(f);
+    b.arg(x)
+        .arg(coef)
+        .arg(y)
+        .arg(g)
+        .arg(&t)
+        .arg(&c_i)
+        .arg(dy)
+        .arg(dcoef);
+    // SAFETY: one warp per token (t < T guarded in the kernel); each reads its token's n·C of x and g, C of y, K of coef; writes C of dy and K−n of dcoef (shapes checked by the callers).
+    unsafe { b.launch(cfg((grid, 1), block)) }.map_err(|e| launch_error("post_bwd", e))?;
+    debug_sync(dev, "post_bwd")
+}
+
+/// `pre_bwd` (shared by the mHC and HC wrappers): the pre entries of `dcoef`
+/// (`dh·x_i`), one warp per token. Shapes as [`launch_post_bwd`], dh `[tokens, C]`.
+pub(crate) fn launch_pre_bwd<S: StreamElement>(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    x: &CudaSlice<S>,
+    dh: &CudaSlice<S>,
+    tokens: usize,
+    c: usize,
+    dcoef: &mut CudaSlice<f32>,
+) -> CudaResult<()> {
+    let (t, c_i) = (tokens as i32, c as i32);
+    let (grid, block) = token_warps(tokens);
+    let st = dev.stream();
+    let mut b = st.launch_builder(f);
+    b.arg(x).arg(dh).arg(&t).arg(&c_i).arg(dcoef);
+    // SAFETY: one warp per token (t < T guarded in the kernel); reads n·C of x and C of dh, writes n entries of dcoef (shapes checked by the callers).
+    unsafe { b.launch(cfg((grid, 1), block)) }.map_err(|e| launch_error("pre_bwd", e))?;
+    debug_sync(dev, "pre_bwd")
 }
 
 /// Length of the backward's Sinkhorn–Knopp history: every half-step's input
@@ -630,35 +684,28 @@ impl<S: StreamElement> MhcCuda<S> {
         let (t, c_i) = (tokens as i32, c as i32);
         let dev = self.dev.clone();
         let st = dev.stream().clone();
-        let (warp_grid, warp_block) = token_warps(tokens);
-        {
-            let mut b = st.launch_builder(&self.kernels.post_bwd);
-            b.arg(x)
-                .arg(&self.coef)
-                .arg(&self.y)
-                .arg(grad_out)
-                .arg(&t)
-                .arg(&c_i)
-                .arg(&mut self.dy)
-                .arg(&mut self.dcoef);
-            // SAFETY: one warp per token (t < T guarded in the kernel); each reads its token's N·C of x and g, C of y, K of coef; writes C of dy and K−N of dcoef.
-            unsafe { b.launch(cfg((warp_grid, 1), warp_block)) }
-                .map_err(|e| launch_error("post_bwd", e))?;
-            debug_sync(&self.dev, "post_bwd")?;
-        }
+        launch_post_bwd(
+            &self.dev,
+            &self.kernels.post_bwd,
+            x,
+            &self.coef,
+            &self.y,
+            grad_out,
+            tokens,
+            c,
+            &mut self.dy,
+            &mut self.dcoef,
+        )?;
         sublayer.vjp(&dev, &self.h, &self.dy, &mut self.dh, tokens, c)?;
-        {
-            let mut b = st.launch_builder(&self.kernels.pre_bwd);
-            b.arg(x)
-                .arg(&self.dh)
-                .arg(&t)
-                .arg(&c_i)
-                .arg(&mut self.dcoef);
-            // SAFETY: one warp per token (t < T guarded in the kernel); reads N·C of x and C of dh, writes N entries of dcoef.
-            unsafe { b.launch(cfg((warp_grid, 1), warp_block)) }
-                .map_err(|e| launch_error("pre_bwd", e))?;
-            debug_sync(&self.dev, "pre_bwd")?;
-        }
+        launch_pre_bwd(
+            &self.dev,
+            &self.kernels.pre_bwd,
+            x,
+            &self.dh,
+            tokens,
+            c,
+            &mut self.dcoef,
+        )?;
         {
             let mut b = st.launch_builder(&self.kernels.coeff_bwd);
             b.arg(&self.coef)
