@@ -543,13 +543,13 @@ impl<S: StreamElement> MhcCuda<S> {
     fn launch_coefficients(&mut self, x: &CudaSlice<S>, tokens: usize) -> CudaResult<()> {
         let (t, c) = (tokens as i32, self.c as i32);
         let nc = self.n * self.c;
-        // Split the nC reduction so the grid holds about four blocks per multiprocessor:
-        // more bytes of x in flight than one block per 64 tokens can keep.
+        // Split the nC reduction so the grid holds about four blocks per multiprocessor
+        // (more bytes of x in flight than one block per 64 tokens can keep), rounding
+        // down: four are resident per SM, and a grid just over one wave took two.
         let chunk = if self.k <= 24 { 128 } else { 64 }; // MF_KC of the kernel
         let blocks = tokens.div_ceil(CF_TOK);
         let sm = self.dev.multiprocessors()? as usize;
-        let splits = (4 * sm)
-            .div_ceil(blocks)
+        let splits = (4 * sm / blocks)
             .clamp(1, MAX_SPLITS)
             .min(nc.div_ceil(chunk));
         let span = nc.div_ceil(splits).next_multiple_of(chunk);

@@ -49,6 +49,13 @@ __device__ __forceinline__ float4 ld4(const stream_t* p, long i) { return *reint
 __device__ __forceinline__ void st4(stream_t* p, long i, float4 v) { *reinterpret_cast<float4*>(p + i) = v; }
 #endif
 
+// {bf16(lo) in the low half, bf16(hi) in the high half}, round to nearest even (sm_80+).
+__device__ __forceinline__ unsigned bf16x2_rn(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
 __device__ __forceinline__ float sigmoidf_(float z) { return 1.0f / (1.0f + expf(-z)); }
 
 // ---------------------------------------------------------------------------
@@ -216,13 +223,13 @@ extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
             *reinterpret_cast<uint2*>(xs_hi + row * MF_XS + ucol) = regs[u];
 #else
             float4 f = regs[u];
-            bf16_t h0 = f32_to_bf16(f.x), h1 = f32_to_bf16(f.y), h2 = f32_to_bf16(f.z), h3 = f32_to_bf16(f.w);
-            bf16_t l0 = f32_to_bf16(f.x - bf16_to_f32(h0)), l1 = f32_to_bf16(f.y - bf16_to_f32(h1));
-            bf16_t l2 = f32_to_bf16(f.z - bf16_to_f32(h2)), l3 = f32_to_bf16(f.w - bf16_to_f32(h3));
-            *reinterpret_cast<uint2*>(xs_hi + row * MF_XS + ucol) =
-                make_uint2((unsigned)h0 | ((unsigned)h1 << 16), (unsigned)h2 | ((unsigned)h3 << 16));
-            *reinterpret_cast<uint2*>(xs_lo + row * MF_XS + ucol) =
-                make_uint2((unsigned)l0 | ((unsigned)l1 << 16), (unsigned)l2 | ((unsigned)l3 << 16));
+            // hi = bf16(x), lo = bf16(x − hi), both round to nearest even (the hardware
+            // conversion: one instruction per pair instead of the bit arithmetic per value).
+            const unsigned h01 = bf16x2_rn(f.x, f.y), h23 = bf16x2_rn(f.z, f.w);
+            const unsigned l01 = bf16x2_rn(f.x - __uint_as_float(h01 << 16), f.y - __uint_as_float(h01 & 0xffff0000u));
+            const unsigned l23 = bf16x2_rn(f.z - __uint_as_float(h23 << 16), f.w - __uint_as_float(h23 & 0xffff0000u));
+            *reinterpret_cast<uint2*>(xs_hi + row * MF_XS + ucol) = make_uint2(h01, h23);
+            *reinterpret_cast<uint2*>(xs_lo + row * MF_XS + ucol) = make_uint2(l01, l23);
 #endif
             sq[u] += f.x * f.x + f.y * f.y + f.z * f.z + f.w * f.w;
         }
@@ -602,18 +609,42 @@ extern "C" __global__ void coeff_bwd(const float* __restrict__ coef, const float
 }
 
 // ---------------------------------------------------------------------------
+// Asynchronous global → shared copies (cp.async, sm_80+): BYTES ∈ {4, 8, 16};
+// zero-filled and nothing read when !valid.
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
+    if constexpr (BYTES == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                     "r"(valid ? 16 : 0) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(BYTES),
+                     "r"(valid ? BYTES : 0) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int PENDING>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory"); }
+
+// ---------------------------------------------------------------------------
 // dx_dphi: grid (C / DX_CT channel tiles, token chunks); thread = one (stream i, channel c).
 //   dx[t, i, c] = Σ_o H_res[o, i] g[t, o, c] + H_pre[i] dh[t, c] + Σ_j phi'[m, j] dp[t, j] + xs[t] x[t, i, c]
 //   gpart[chunk, m, j] = Σ_{t in chunk} x[t, m] dp[t, j]          (m = i*C + c)
+// Tiles of DX_TB tokens are copied into shared memory with cp.async, two
+// buffers: the next tile is in flight while the current one is computed (the
+// previous version loaded through registers, one dependent round trip per
+// load loop, and spent most of its time waiting on memory).
 #if N <= 4
 #define DX_CT 64
 #else
 #define DX_CT 32   // keeps N·DX_CT threads × 2K registers within one block's register file
 #endif
-#define DX_TB 16
+#define DX_TB 8
 // Blocks per SM the register allocation aims for (tunable through MHC_CUDA_DEFINES,
-// e.g. "-DDX_MINB=2"). Three blocks of 256 threads at n ≤ 4 hide the shared-memory
-// latency best (measured on an H100: 19% less time than one); at n > 4 the 2K
+// e.g. "-DDX_MINB=2"). Three blocks of 256 threads at n ≤ 4; at n > 4 the 2K
 // registers of φ′ and G would spill.
 #ifndef DX_MINB
 #if N <= 4
@@ -623,66 +654,92 @@ extern "C" __global__ void coeff_bwd(const float* __restrict__ coef, const float
 #endif
 #endif
 #define KP4 ((K + 3) / 4 * 4)
+struct DxTile {
+    stream_t x[DX_TB][N][DX_CT];
+    stream_t g[DX_TB][N][DX_CT];
+    stream_t dh[DX_TB][DX_CT];
+    float dp[DX_TB][KP4];
+    float coef[DX_TB][K];
+    float xs[DX_TB];
+};
+// Starts copying the tile of tokens [tb, tb + nt) (channels [c0, c0 + DX_CT)) into `s`.
+// x/g/dh move in units of 4 elements (16 bytes f32, 8 bytes bf16); C % 4 == 0 and
+// c0 % 4 == 0 keep units whole.
+__device__ __forceinline__ void dx_stage(DxTile& s, const stream_t* __restrict__ x, const stream_t* __restrict__ g,
+                                         const stream_t* __restrict__ dh, const float* __restrict__ coef,
+                                         const float* __restrict__ dp, const float* __restrict__ xsc, long tb, int nt,
+                                         int C, int c0)
+{
+    constexpr int UB = 4 * (int)sizeof(stream_t);
+    const int tid = threadIdx.x;
+    for (int e = tid; e < DX_TB * N * (DX_CT / 4); e += blockDim.x) {
+        const int tt = e / (N * (DX_CT / 4)), rem = e % (N * (DX_CT / 4)), ii = rem / (DX_CT / 4);
+        const int c2 = (rem % (DX_CT / 4)) * 4;
+        const bool ok = tt < nt && c0 + c2 < C;
+        const long idx = ok ? ((tb + tt) * N + ii) * C + c0 + c2 : 0;
+        cp_async<UB>(&s.x[tt][ii][c2], x + idx, ok);
+        cp_async<UB>(&s.g[tt][ii][c2], g + idx, ok);
+    }
+    for (int e = tid; e < DX_TB * (DX_CT / 4); e += blockDim.x) {
+        const int tt = e / (DX_CT / 4), c2 = (e % (DX_CT / 4)) * 4;
+        const bool ok = tt < nt && c0 + c2 < C;
+        cp_async<UB>(&s.dh[tt][c2], dh + (ok ? (tb + tt) * C + c0 + c2 : 0), ok);
+    }
+    for (int e = tid; e < DX_TB * K; e += blockDim.x) {
+        const int tt = e / K, j = e % K;
+        const bool ok = tt < nt;
+        const long src = ok ? (tb + tt) * K + j : 0;
+        cp_async<4>(&s.dp[tt][j], dp + src, ok);
+        cp_async<4>(&s.coef[tt][j], coef + src, ok);
+    }
+    if (tid < DX_TB) cp_async<4>(&s.xs[tid], xsc + (tid < nt ? tb + tid : 0), tid < nt);
+    cp_commit();
+}
 extern "C" __global__ void __launch_bounds__(N * DX_CT, DX_MINB) dx_dphi(
     const stream_t* __restrict__ x, const stream_t* __restrict__ g, const stream_t* __restrict__ dh,
     const float* __restrict__ coef, const float* __restrict__ dp, const float* __restrict__ xsc,
     const float* __restrict__ phi, int T, int C, int chunk,
     stream_t* __restrict__ dx, float* __restrict__ gpart)
 {
-    __shared__ __align__(16) float s_x[DX_TB][N][DX_CT];
-    __shared__ __align__(16) float s_g[DX_TB][N][DX_CT];
-    __shared__ __align__(16) float s_dh[DX_TB][DX_CT];
-    __shared__ __align__(16) float s_dp[DX_TB][KP4];
-    __shared__ float s_coef[DX_TB][K];
-    __shared__ float s_xs[DX_TB];
+    __shared__ __align__(16) DxTile tiles[2];
     const int tid = threadIdx.x;
     const int i = tid / DX_CT, cc = tid % DX_CT;
     const int c0 = blockIdx.x * DX_CT;
     const int c = c0 + cc;
     const bool live = c < C;
     const long m = (long)i * C + c;
+    // The padding columns j ∈ [K, KP4) of dp are never copied: zero them once in both buffers.
+    for (int e = tid; e < 2 * DX_TB * (KP4 - K); e += blockDim.x) {
+        const int b = e / (DX_TB * (KP4 - K)), r = e % (DX_TB * (KP4 - K));
+        tiles[b].dp[r / (KP4 - K)][K + r % (KP4 - K)] = 0.f;
+    }
     float f[KP4], G[KP4];
 #pragma unroll
     for (int j = 0; j < KP4; ++j) { f[j] = (live && j < K) ? phi[m * K + j] : 0.f; G[j] = 0.f; }
     const long tbeg = (long)blockIdx.y * chunk;
     const long tend = min((long)T, tbeg + chunk);
-    for (long tb = tbeg; tb < tend; tb += DX_TB) {
+    if (tbeg < tend) dx_stage(tiles[0], x, g, dh, coef, dp, xsc, tbeg, (int)min((long)DX_TB, tend - tbeg), C, c0);
+    int buf = 0;
+    for (long tb = tbeg; tb < tend; tb += DX_TB, buf ^= 1) {
         const int nt = (int)min((long)DX_TB, tend - tb);
-        // x and g tiles in units of 4 channels (C % 4 == 0 and c0 % 4 == 0 keep units whole).
-        // (Unrolling these loops with the block size as a constant was measured slower
-        // on the H200: 0.53 vs 0.44 ms per call at d = 768, n = 4.)
-        for (int e = tid; e < DX_TB * N * (DX_CT / 4); e += blockDim.x) {
-            int tt = e / (N * (DX_CT / 4)), rem = e % (N * (DX_CT / 4)), ii = rem / (DX_CT / 4), c2 = (rem % (DX_CT / 4)) * 4;
-            bool ok = tt < nt && c0 + c2 < C;
-            long idx = ((tb + tt) * N + ii) * C + c0 + c2;
-            float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
-            *reinterpret_cast<float4*>(&s_x[tt][ii][c2]) = ok ? ld4(x, idx) : zero;
-            *reinterpret_cast<float4*>(&s_g[tt][ii][c2]) = ok ? ld4(g, idx) : zero;
+        if (tb + DX_TB < tend) {
+            dx_stage(tiles[buf ^ 1], x, g, dh, coef, dp, xsc, tb + DX_TB, (int)min((long)DX_TB, tend - tb - DX_TB),
+                     C, c0);
+            cp_wait<1>();
+        } else {
+            cp_wait<0>();
         }
-        for (int e = tid; e < DX_TB * (DX_CT / 4); e += blockDim.x) {
-            int tt = e / (DX_CT / 4), c2 = (e % (DX_CT / 4)) * 4;
-            bool ok = tt < nt && c0 + c2 < C;
-            *reinterpret_cast<float4*>(&s_dh[tt][c2]) = ok ? ld4(dh, (tb + tt) * C + c0 + c2) : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-        for (int e = tid; e < DX_TB * KP4; e += blockDim.x) {
-            int tt = e / KP4, j = e % KP4;
-            s_dp[tt][j] = (tt < nt && j < K) ? dp[(tb + tt) * K + j] : 0.f;
-        }
-        for (int e = tid; e < DX_TB * K; e += blockDim.x) {
-            int tt = e / K, j = e % K;
-            s_coef[tt][j] = tt < nt ? coef[(tb + tt) * K + j] : 0.f;
-        }
-        if (tid < DX_TB) s_xs[tid] = tid < nt ? xsc[tb + tid] : 0.f;
         __syncthreads();
+        const DxTile& s = tiles[buf];
         for (int tt = 0; tt < nt; ++tt) {
-            float xv = s_x[tt][i][cc];
-            float acc = s_coef[tt][i] * s_dh[tt][cc] + s_xs[tt] * xv;
+            const float xv = ld(&s.x[tt][i][0], cc);
+            float acc = s.coef[tt][i] * ld(&s.dh[tt][0], cc) + s.xs[tt] * xv;
 #pragma unroll
-            for (int o = 0; o < N; ++o) acc += s_coef[tt][2 * N + o * N + i] * s_g[tt][o][cc];
-            const float4* d4 = reinterpret_cast<const float4*>(&s_dp[tt][0]);
+            for (int o = 0; o < N; ++o) acc += s.coef[tt][2 * N + o * N + i] * ld(&s.g[tt][o][0], cc);
+            const float4* d4 = reinterpret_cast<const float4*>(&s.dp[tt][0]);
 #pragma unroll
             for (int j4 = 0; j4 < KP4 / 4; ++j4) {
-                float4 d = d4[j4];
+                const float4 d = d4[j4];
                 acc += f[4 * j4] * d.x + f[4 * j4 + 1] * d.y + f[4 * j4 + 2] * d.z + f[4 * j4 + 3] * d.w;
                 G[4 * j4] += xv * d.x;
                 G[4 * j4 + 1] += xv * d.y;
@@ -691,7 +748,7 @@ extern "C" __global__ void __launch_bounds__(N * DX_CT, DX_MINB) dx_dphi(
             }
             if (live) st(dx, ((tb + tt) * N + i) * C + c, acc);
         }
-        __syncthreads();
+        __syncthreads(); // this buffer is refilled next iteration
     }
     if (live) {
         float* out = gpart + ((long)blockIdx.y * N * C + m) * K;
