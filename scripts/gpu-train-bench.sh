@@ -14,7 +14,7 @@ echo "== parity tests"
 for t in cuda_parity cuda_model_ops cuda_trainer; do
   $B/$t --test-threads 1 2>&1 | grep -E "test result|FAILED|panicked|error" | sed "s/^/$t: /"
 done | tee "$out/parity.log"
-echo "== mhc-train GPU model (bf16 products, f32 weights and streams)"
+echo "== mhc-train GPU model (bf16 products, f32 weights; bf16 streams for residual and mHC, f32 for HC)"
 $B/mhc-bench --train-width 768 --heads 12 --batch 16 --schemes residual,hc,mhc --json "$out/train_768.json"
 $B/mhc-bench --train-width 2048 --heads 16 --batch 8 --schemes residual,mhc --json "$out/train_2048.json"
 echo "== PyTorch peers"

@@ -11,7 +11,7 @@ use mhc_core::model::Trainer;
 use std::sync::Arc;
 
 use crate::checkpoint::{self, CheckpointError};
-use crate::cuda::{CudaDevice, CudaError, GemmPrecision, GpuTrainer};
+use crate::cuda::{CudaDevice, CudaError, GemmPrecision, GpuTrainer, StreamDtype};
 use crate::data::Corpus;
 use crate::metrics::{MetricsError, MetricsRecord, MetricsWriter};
 use crate::parallel::ThreadAllReduce;
@@ -149,7 +149,7 @@ pub fn run(
     resume: bool,
     stop_after: Option<u64>,
     pb: &ProgressBar,
-    cuda: Option<(Arc<CudaDevice>, GemmPrecision)>,
+    cuda: Option<(Arc<CudaDevice>, GemmPrecision, StreamDtype)>,
     wgpu: Option<Arc<GpuContext>>,
     replicas: usize,
 ) -> Result<RunOutcome, RunError> {
@@ -180,8 +180,11 @@ pub fn run(
         last_good = Some((ckpt_path.clone(), loaded.step));
     }
     let mut gpu = match (cuda, wgpu) {
-        (Some((dev, precision)), _) => Some(Accel::Cuda(Box::new(
+        (Some((dev, precision, StreamDtype::F32)), _) => Some(Accel::Cuda(Box::new(
             GpuTrainer::from_cpu_with(dev, &mut trainer, precision).map_err(RunError::Cuda)?,
+        ))),
+        (Some((dev, _, StreamDtype::Bf16)), _) => Some(Accel::CudaBf16(Box::new(
+            GpuTrainer::from_cpu_bf16_streams(dev, &mut trainer).map_err(RunError::Cuda)?,
         ))),
         (None, Some(ctx)) => Some(Accel::Wgpu(Box::new(
             WgpuTrainer::from_cpu(ctx, &trainer).map_err(RunError::Wgpu)?,
@@ -385,9 +388,10 @@ impl Drop for Replicas {
     }
 }
 
-/// The model on an accelerator: the CUDA trainer or the wgpu one.
+/// The model on an accelerator: the CUDA trainer (f32 or bf16 streams) or the wgpu one.
 enum Accel {
     Cuda(Box<GpuTrainer>),
+    CudaBf16(Box<GpuTrainer<half::bf16>>),
     Wgpu(Box<WgpuTrainer>),
 }
 
@@ -396,6 +400,7 @@ impl Accel {
     fn memory(&self) -> Option<(usize, usize)> {
         match self {
             Self::Cuda(g) => g.device().memory().ok(),
+            Self::CudaBf16(g) => g.device().memory().ok(),
             Self::Wgpu(_) => None,
         }
     }
@@ -403,6 +408,7 @@ impl Accel {
     fn gain_report(&self) -> Result<mhc_core::model::GainReport, RunError> {
         match self {
             Self::Cuda(g) => g.gain_report().map_err(RunError::Cuda),
+            Self::CudaBf16(g) => g.gain_report().map_err(RunError::Cuda),
             Self::Wgpu(g) => g.gain_report().map_err(RunError::Wgpu),
         }
     }
@@ -410,6 +416,7 @@ impl Accel {
     fn evaluate(&mut self, data: &[u8], batches: usize, seed: u64) -> Result<f64, RunError> {
         match self {
             Self::Cuda(g) => g.evaluate(data, batches, seed).map_err(RunError::Cuda),
+            Self::CudaBf16(g) => g.evaluate(data, batches, seed).map_err(RunError::Cuda),
             Self::Wgpu(g) => g.evaluate(data, batches, seed).map_err(RunError::Wgpu),
         }
     }
@@ -417,6 +424,7 @@ impl Accel {
     fn sync_to_cpu(&mut self, cpu: &mut Trainer<f32>) -> Result<(), RunError> {
         match self {
             Self::Cuda(g) => g.sync_to_cpu(cpu).map_err(RunError::Cuda),
+            Self::CudaBf16(g) => g.sync_to_cpu(cpu).map_err(RunError::Cuda),
             Self::Wgpu(g) => g.sync_to_cpu(cpu).map_err(RunError::Wgpu),
         }
     }
@@ -432,8 +440,9 @@ fn gpu_step(
 ) -> Result<mhc_core::model::StepStats, MhcError> {
     let (batch, context) = (trainer.config.batch, trainer.model.config().context);
     mhc_core::model::data::sample_batch(data, batch, context, &mut trainer.rng, tokens)?;
-    let gpu = match accel {
-        Accel::Cuda(g) => g,
+    let step = match accel {
+        Accel::Cuda(g) => g.step(tokens),
+        Accel::CudaBf16(g) => g.step(tokens),
         Accel::Wgpu(g) => {
             return match g.step(tokens) {
                 Ok(s) => Ok(s),
@@ -442,7 +451,7 @@ fn gpu_step(
             };
         }
     };
-    match gpu.step(tokens) {
+    match step {
         Ok(s) => Ok(mhc_core::model::StepStats {
             loss: s.loss,
             grad_norm: s.grad_norm,

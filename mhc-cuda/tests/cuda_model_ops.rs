@@ -878,8 +878,7 @@ fn embedding_and_stream_mean_match_their_definition() {
         })
         .collect();
     let mut zd = st.clone_htod(&vec![f32::NAN; rows * c]).unwrap();
-    k.streams_mean(&xd, rows, streams, c, &mut zd, false)
-        .unwrap();
+    k.streams_mean(&xd, rows, streams, c, &mut zd).unwrap();
     rel_l2(
         "mean over streams",
         &st.clone_dtoh(&zd).unwrap(),
@@ -887,7 +886,7 @@ fn embedding_and_stream_mean_match_their_definition() {
         1e-6,
     );
     let mut back = st.clone_htod(&vec![f32::NAN; rows * streams * c]).unwrap();
-    k.streams_mean(&zd, rows, streams, c, &mut back, true)
+    k.streams_mean_backward(&zd, rows, streams, c, &mut back)
         .unwrap();
     let back_ref: Vec<f32> = (0..rows * streams * c)
         .map(|i| z_ref[(i / (streams * c)) * c + i % c] / streams as f32)
@@ -902,5 +901,153 @@ fn embedding_and_stream_mean_match_their_definition() {
     assert!(matches!(
         k.embed(&bad, &ed, &pd, rows, seq, streams, c, &mut xd),
         Err(CudaError::Core(_))
+    ));
+}
+
+/// The bf16-stream (`_bs`) kernels compute in f32 from the widened bf16
+/// inputs and round what they write: bit for bit the f32 kernels on the
+/// widened inputs, with stream outputs rounded to nearest even.
+#[test]
+fn bf16_stream_kernels_are_the_f32_ones_rounded() {
+    let Some(dev) = device() else { return };
+    let k = ModelKernels::new(dev.clone()).unwrap();
+    let st = dev.stream().clone();
+    let mut rng = Rng::new(33);
+    let (batch, seq, streams, c, vocab) = (3usize, 5usize, 4usize, 96usize, 7usize);
+    let rows = batch * seq;
+    let len = rows * streams * c;
+    let bf = |v: &[f32]| {
+        v.iter()
+            .map(|&x| half::bf16::from_f32(x))
+            .collect::<Vec<_>>()
+    };
+    let widen = |v: &[half::bf16]| v.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+    let bits = |v: Vec<half::bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let round_bits = |v: Vec<f32>| {
+        v.iter()
+            .map(|&x| half::bf16::from_f32(x).to_bits())
+            .collect::<Vec<_>>()
+    };
+    let f32_of = |v: &[f32]| st.clone_htod(v).unwrap();
+    let bf16_of = |v: &[half::bf16]| st.clone_htod(v).unwrap();
+
+    // Embedding.
+    let tokens: Vec<u32> = (0..rows).map(|_| rng.below(vocab as u64) as u32).collect();
+    let (e, p) = (
+        randn(&mut rng, vocab * c, 1.0),
+        randn(&mut rng, seq * c, 1.0),
+    );
+    let (td, ed, pd) = (st.clone_htod(&tokens).unwrap(), f32_of(&e), f32_of(&p));
+    let mut x32 = f32_of(&vec![f32::NAN; len]);
+    let mut x16 = bf16_of(&vec![half::bf16::NAN; len]);
+    k.embed(&td, &ed, &pd, rows, seq, streams, c, &mut x32)
+        .unwrap();
+    k.embed(&td, &ed, &pd, rows, seq, streams, c, &mut x16)
+        .unwrap();
+    assert_eq!(
+        bits(st.clone_dtoh(&x16).unwrap()),
+        round_bits(st.clone_dtoh(&x32).unwrap()),
+        "embedding"
+    );
+
+    // Streams: random bf16 values, and the same values widened to f32.
+    let a16 = bf(&randn(&mut rng, len, 1.0));
+    let b16 = bf(&randn(&mut rng, len, 1.0));
+    let (a32, b32) = (widen(&a16), widen(&b16));
+    let (a16d, b16d, a32d, b32d) = (bf16_of(&a16), bf16_of(&b16), f32_of(&a32), f32_of(&b32));
+
+    let mut sum32 = f32_of(&vec![f32::NAN; len]);
+    let mut sum16 = bf16_of(&vec![half::bf16::NAN; len]);
+    k.add(&a32d, &b32d, &mut sum32).unwrap();
+    k.add(&a16d, &b16d, &mut sum16).unwrap();
+    assert_eq!(
+        bits(st.clone_dtoh(&sum16).unwrap()),
+        round_bits(st.clone_dtoh(&sum32).unwrap()),
+        "add"
+    );
+
+    let mut z32 = f32_of(&vec![f32::NAN; rows * c]);
+    let mut z16 = f32_of(&vec![f32::NAN; rows * c]);
+    k.streams_mean(&a32d, rows, streams, c, &mut z32).unwrap();
+    k.streams_mean(&a16d, rows, streams, c, &mut z16).unwrap();
+    assert_eq!(
+        st.clone_dtoh(&z16).unwrap(),
+        st.clone_dtoh(&z32).unwrap(),
+        "mean over streams"
+    );
+    let dz = f32_of(&randn(&mut rng, rows * c, 1.0));
+    let mut back32 = f32_of(&vec![f32::NAN; len]);
+    let mut back16 = bf16_of(&vec![half::bf16::NAN; len]);
+    k.streams_mean_backward(&dz, rows, streams, c, &mut back32)
+        .unwrap();
+    k.streams_mean_backward(&dz, rows, streams, c, &mut back16)
+        .unwrap();
+    assert_eq!(
+        bits(st.clone_dtoh(&back16).unwrap()),
+        round_bits(st.clone_dtoh(&back32).unwrap()),
+        "mean over streams, backward"
+    );
+
+    let grads =
+        |x: &dyn Fn(&mut cudarc::driver::CudaSlice<f32>, &mut cudarc::driver::CudaSlice<f32>)| {
+            let mut de = st.alloc_zeros::<f32>(vocab * c).unwrap();
+            let mut dp = st.alloc_zeros::<f32>(seq * c).unwrap();
+            x(&mut de, &mut dp);
+            (st.clone_dtoh(&de).unwrap(), st.clone_dtoh(&dp).unwrap())
+        };
+    let g32 = grads(&|de, dp| {
+        k.embed_backward(&a32d, &tokens, batch, seq, streams, c, de, dp)
+            .unwrap()
+    });
+    let g16 = grads(&|de, dp| {
+        k.embed_backward(&a16d, &tokens, batch, seq, streams, c, de, dp)
+            .unwrap()
+    });
+    assert_eq!(g16, g32, "embedding backward");
+
+    // RMSNorm of a bf16 sublayer input h [rows·streams, c] and its backward.
+    let r = rows * streams;
+    let w = f32_of(&randn(&mut rng, c, 1.0));
+    let dy = f32_of(&randn(&mut rng, r * c, 1.0));
+    let (mut y32, mut y16) = (h16_out(&st, r * c), h16_out(&st, r * c));
+    let (mut inv32, mut inv16) = (f32_of(&vec![f32::NAN; r]), f32_of(&vec![f32::NAN; r]));
+    k.rmsnorm_bf16(&a32d, &w, r, c, 1e-6, &mut y32, &mut inv32)
+        .unwrap();
+    k.rmsnorm_bf16(&a16d, &w, r, c, 1e-6, &mut y16, &mut inv16)
+        .unwrap();
+    assert_eq!(
+        bits(st.clone_dtoh(&y16).unwrap()),
+        bits(st.clone_dtoh(&y32).unwrap()),
+        "rmsnorm of a bf16 input"
+    );
+    assert_eq!(
+        st.clone_dtoh(&inv16).unwrap(),
+        st.clone_dtoh(&inv32).unwrap()
+    );
+    let mut dx32 = f32_of(&vec![f32::NAN; r * c]);
+    let mut dx16 = bf16_of(&vec![half::bf16::NAN; r * c]);
+    let (mut dw32, mut dw16) = (
+        st.alloc_zeros::<f32>(c).unwrap(),
+        st.alloc_zeros::<f32>(c).unwrap(),
+    );
+    k.rmsnorm_backward(&a32d, &w, &inv32, &dy, r, c, &mut dx32, &mut dw32)
+        .unwrap();
+    k.rmsnorm_backward(&a16d, &w, &inv16, &dy, r, c, &mut dx16, &mut dw16)
+        .unwrap();
+    assert_eq!(
+        bits(st.clone_dtoh(&dx16).unwrap()),
+        round_bits(st.clone_dtoh(&dx32).unwrap()),
+        "rmsnorm backward, input gradient"
+    );
+    assert_eq!(
+        st.clone_dtoh(&dw16).unwrap(),
+        st.clone_dtoh(&dw32).unwrap(),
+        "rmsnorm backward, weight gradient"
+    );
+    // A bf16 stream the wrong length is a typed error.
+    let mut short = bf16_of(&vec![half::bf16::ZERO; len - 1]);
+    assert!(matches!(
+        k.streams_mean_backward(&dz, rows, streams, c, &mut short),
+        Err(CudaError::Shape { .. })
     ));
 }

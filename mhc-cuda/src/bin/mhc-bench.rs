@@ -37,7 +37,9 @@ struct Args {
     /// Widths C, comma-separated.
     #[arg(long, default_value = "1024,4096", value_delimiter = ',')]
     widths: Vec<usize>,
-    /// Stream dtype: bf16 or f32.
+    /// Stream dtype: bf16 or f32 (of the wrapper; with --train-width, of the
+    /// model's residual streams: bf16 needs bf16 products, and HC, which has
+    /// no bf16-stream kernels, runs f32 streams).
     #[arg(long, default_value = "bf16")]
     dtype: String,
     /// Timed repetitions (median reported) after 5 warm-up runs.
@@ -84,6 +86,8 @@ struct TrainRow {
     context: usize,
     vocab: usize,
     precision: String,
+    /// Element type of the residual streams: "bf16" or "f32".
+    stream_dtype: String,
     /// "flash" or "gemm" (see `GpuTrainer::attention_kind`).
     attention: String,
     step_ms: f64,
@@ -92,15 +96,38 @@ struct TrainRow {
     memory_gib: f64,
 }
 
+/// Three warm-up steps, then the median of `reps` (5 to 20) timed steps of
+/// `gpu` on `tokens`: (ms per step, free device memory after the warm-up,
+/// attention kind). The trainer is dropped before returning.
+fn time_steps<S: StreamElement>(
+    dev: &CudaDevice,
+    mut gpu: mhc_cuda::cuda::GpuTrainer<S>,
+    tokens: &[u32],
+    reps: usize,
+) -> Result<(f64, usize, &'static str), CudaError> {
+    for _ in 0..3 {
+        gpu.step(tokens)?;
+    }
+    let (free_after, _) = dev.memory()?;
+    let steps = reps.clamp(5, 20);
+    let mut times = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let start = std::time::Instant::now();
+        gpu.step(tokens)?; // each step ends with host copies (loss, norms): synchronous
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok((median(times), free_after, gpu.attention_kind()))
+}
+
 /// Times training steps of the GPU model (random tokens) for each scheme.
 fn bench_train(dev: &Arc<CudaDevice>, args: &Args, width: usize) -> Result<(), CudaError> {
     use mhc_core::model::optim::{AdamWConfig, Schedule};
     use mhc_core::model::{ModelConfig, TrainConfig, Trainer};
     use mhc_cuda::cuda::GpuTrainer;
     println!(
-        "| scheme | d | layers | batch × context | vocab | products | attention | step ms | tokens/s | GPU memory GiB |"
+        "| scheme | d | layers | batch × context | vocab | products | streams | attention | step ms | tokens/s | GPU memory GiB |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
     for name in &args.schemes {
         let scheme: Scheme = name.parse().map_err(CudaError::Unsupported)?;
@@ -140,34 +167,32 @@ fn bench_train(dev: &Arc<CudaDevice>, args: &Args, width: usize) -> Result<(), C
             );
         }
         let (free_before, _) = dev.memory()?;
-        let mut gpu = GpuTrainer::from_cpu_with(dev.clone(), &mut cpu, args.precision)?;
-        drop(cpu);
         let mut rng = Rng::new(1);
         let tokens: Vec<u32> = (0..args.batch * (args.context + 1))
             .map(|_| rng.below(args.vocab as u64) as u32)
             .collect();
-        for _ in 0..3 {
-            gpu.step(&tokens)?;
-        }
-        let (free_after, _) = dev.memory()?;
-        let steps = args.reps.clamp(5, 20);
-        let mut times = Vec::with_capacity(steps);
-        for _ in 0..steps {
-            let start = std::time::Instant::now();
-            gpu.step(&tokens)?; // each step ends with host copies (loss, norms): synchronous
-            times.push(start.elapsed().as_secs_f64() * 1e3);
-        }
-        let ms = median(times);
+        let bf16_streams = args.dtype == "bf16"
+            && args.precision == mhc_cuda::cuda::GemmPrecision::Bf16
+            && scheme != Scheme::HcDynamic;
+        let (ms, free_after, attention) = if bf16_streams {
+            let gpu = GpuTrainer::from_cpu_bf16_streams(dev.clone(), &mut cpu)?;
+            drop(cpu);
+            time_steps(dev, gpu, &tokens, args.reps)?
+        } else {
+            let gpu = GpuTrainer::from_cpu_with(dev.clone(), &mut cpu, args.precision)?;
+            drop(cpu);
+            time_steps(dev, gpu, &tokens, args.reps)?
+        };
+        let stream_dtype = if bf16_streams { "bf16" } else { "f32" };
         let tokens_per_s = (args.batch * args.context) as f64 / (ms / 1e3);
         let memory_gib = free_before.saturating_sub(free_after) as f64 / (1u64 << 30) as f64;
         println!(
-            "| {scheme} | {width} | {} | {} × {} | {} | {} | {} | {ms:.1} | {:.0}k | {memory_gib:.1} |",
+            "| {scheme} | {width} | {} | {} × {} | {} | {} | {stream_dtype} | {attention} | {ms:.1} | {:.0}k | {memory_gib:.1} |",
             args.layers,
             args.batch,
             args.context,
             args.vocab,
             args.precision.name(),
-            gpu.attention_kind(),
             tokens_per_s / 1e3,
         );
         rows.push(TrainRow {
@@ -180,12 +205,12 @@ fn bench_train(dev: &Arc<CudaDevice>, args: &Args, width: usize) -> Result<(), C
             context: args.context,
             vocab: args.vocab,
             precision: args.precision.name().into(),
-            attention: gpu.attention_kind().into(),
+            stream_dtype: stream_dtype.into(),
+            attention: attention.into(),
             step_ms: ms,
             tokens_per_s,
             memory_gib,
         });
-        drop(gpu);
     }
     if let Some(path) = &args.json {
         let json = serde_json::json!({ "device": dev.name(), "rows": rows });

@@ -18,7 +18,7 @@ use mhc_core::model::Model;
 use std::sync::Arc;
 
 use mhc_cuda::checkpoint;
-use mhc_cuda::cuda::{CudaDevice, CudaError, GemmPrecision};
+use mhc_cuda::cuda::{CudaDevice, CudaError, GemmPrecision, StreamDtype};
 use mhc_cuda::data::{Corpus, load_text};
 use mhc_cuda::metrics::read_jsonl;
 use mhc_cuda::plot::plot_runs;
@@ -141,6 +141,12 @@ struct TrainArgs {
     /// tensor cores, or f32 (bit-for-bit closest to the CPU reference).
     #[arg(long, default_value = "bf16")]
     precision: GemmPrecision,
+    /// Element type of the GPU's residual streams (the state x, each
+    /// sublayer's input and output, their gradients): bf16 (needs bf16
+    /// products) or f32. Default: bf16 where possible — at bf16 products, for
+    /// residual and mHC; HC's kernels have f32 streams only.
+    #[arg(long)]
+    streams: Option<StreamDtype>,
     /// Data-parallel training on the CPU: this many replicas (threads), each
     /// on batch / N sequences of every step, gradients all-reduced (the batch
     /// must be a multiple of N). Same loss curve as one replica up to rounding.
@@ -356,6 +362,11 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
             Err(e) => return Err(bad_input(format!("--device cuda: {e}; use --device cpu"))),
         },
     };
+    // Checked for every GPU run before the device line is printed.
+    let streams_of = |spec: &RunSpec| -> Result<StreamDtype, Fatal> {
+        let scheme: mhc_core::Scheme = spec.scheme.parse().map_err(bad_input)?;
+        StreamDtype::resolve(args.streams, scheme, precision).map_err(|e| bad_input(e.to_string()))
+    };
     let on_gpu = |spec: &RunSpec| {
         wgpu.is_some() || (gpu.is_some() && GPU_SCHEMES.contains(&spec.scheme.as_str()))
     };
@@ -377,11 +388,16 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
         let flash = gpu_runs
             .iter()
             .all(|s| mhc_cuda::cuda::ModelKernels::flash_for(s.width, s.heads, precision));
+        let streams = gpu_runs
+            .iter()
+            .map(|s| Ok(format!("{} {}", s.scheme, streams_of(s)?.name())))
+            .collect::<Result<Vec<_>, Fatal>>()?;
         line.push(format!(
-            "cuda ({}, f32 weights and streams, {} matrix products, {} attention) for {}",
+            "cuda ({}, f32 weights, {} matrix products, {} attention, streams: {}) for {}",
             d.name(),
             precision.name(),
             if flash { "flash" } else { "GEMM" },
+            streams.join(", "),
             names(&gpu_runs)
         ));
     }
@@ -428,7 +444,7 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
     );
     let multi = MultiProgress::new();
     let run_one = |spec: &RunSpec,
-                   device: Option<(Arc<CudaDevice>, GemmPrecision)>,
+                   device: Option<(Arc<CudaDevice>, GemmPrecision, StreamDtype)>,
                    wgpu: Option<Arc<GpuContext>>| {
         let pb = multi.add(train::progress_bar(spec.steps, &spec.scheme));
         train::run(
@@ -453,7 +469,13 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
         let gpu_handle = scope.spawn(|| {
             gpu_runs
                 .iter()
-                .map(|&spec| run_one(spec, gpu.clone().map(|d| (d, precision)), wgpu.clone()))
+                .map(|&spec| {
+                    let cuda = match (&gpu, streams_of(spec)) {
+                        (Some(d), Ok(s)) => Some((d.clone(), precision, s)),
+                        _ => None,
+                    };
+                    run_one(spec, cuda, wgpu.clone())
+                })
                 .collect::<Vec<_>>()
         });
         let panicked = || Err(RunError::Config("a training thread panicked".into()));

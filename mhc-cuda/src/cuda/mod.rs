@@ -25,12 +25,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, DriverError, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, DriverError,
+    ValidAsZeroBits,
 };
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
 pub use hc::HcCuda;
-pub use model::{DeviceParam, GpuStepStats, GpuTrainer};
+pub use model::{DeviceParam, GpuStepStats, GpuTrainer, StreamDtype};
 pub use model_ops::{GemmPrecision, MatMul, ModelKernels, Operand};
 pub use wrapper::{CudaSublayer, MhcCuda, ScaleSublayer};
 
@@ -124,6 +125,26 @@ pub trait StreamElement:
     fn from_f32(v: f32) -> Self;
     /// Widens to f32.
     fn to_f32(self) -> f32;
+    /// `s` as the f32 or bf16 slice it is (for code that treats the two apart).
+    fn view(s: &CudaSlice<Self>) -> StreamRef<'_>;
+    /// `s` as the f32 or bf16 slice it is, mutably.
+    fn view_mut(s: &mut CudaSlice<Self>) -> StreamMut<'_>;
+}
+
+/// A device slice of a [`StreamElement`], by type.
+pub enum StreamRef<'a> {
+    /// f32 elements.
+    F32(&'a CudaSlice<f32>),
+    /// bf16 elements.
+    Bf16(&'a CudaSlice<half::bf16>),
+}
+
+/// A mutable device slice of a [`StreamElement`], by type.
+pub enum StreamMut<'a> {
+    /// f32 elements.
+    F32(&'a mut CudaSlice<f32>),
+    /// bf16 elements.
+    Bf16(&'a mut CudaSlice<half::bf16>),
 }
 
 impl StreamElement for f32 {
@@ -135,6 +156,12 @@ impl StreamElement for f32 {
     fn to_f32(self) -> f32 {
         self
     }
+    fn view(s: &CudaSlice<Self>) -> StreamRef<'_> {
+        StreamRef::F32(s)
+    }
+    fn view_mut(s: &mut CudaSlice<Self>) -> StreamMut<'_> {
+        StreamMut::F32(s)
+    }
 }
 
 impl StreamElement for half::bf16 {
@@ -145,6 +172,12 @@ impl StreamElement for half::bf16 {
     }
     fn to_f32(self) -> f32 {
         half::bf16::to_f32(self)
+    }
+    fn view(s: &CudaSlice<Self>) -> StreamRef<'_> {
+        StreamRef::Bf16(s)
+    }
+    fn view_mut(s: &mut CudaSlice<Self>) -> StreamMut<'_> {
+        StreamMut::Bf16(s)
     }
 }
 

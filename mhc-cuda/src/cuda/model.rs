@@ -16,6 +16,13 @@
 //! gradient-norm partials and the loss to the host, nothing else. The device
 //! AdamW is the core's update in f32 (checked against it in
 //! `tests/cuda_model_ops.rs`).
+//!
+//! The residual streams (the state `x`, each sublayer's input `h` and output
+//! `y`, and their gradients) are `S`: f32 ([`GpuTrainer::from_cpu_with`]) or
+//! bf16 ([`GpuTrainer::from_cpu_bf16_streams`], DESIGN.md §3's CUDA default,
+//! with bf16 products): half the bytes in every pass over the streams, which
+//! is what bounds the mHC wrapper. Coefficients, norms, reductions, weights
+//! and their gradients stay f32.
 
 use std::sync::Arc;
 
@@ -27,7 +34,7 @@ use mhc_core::{ConnectionConfig, ConnectionParams, Scheme};
 
 use super::{
     CudaDevice, CudaError, CudaResult, CudaSublayer, GemmPrecision, HcCuda, MatMul, MhcCuda,
-    ModelKernels, Operand,
+    ModelKernels, Operand, StreamElement, StreamMut, StreamRef,
 };
 
 type Bf16Buf = CudaSlice<half::bf16>;
@@ -121,11 +128,12 @@ impl Ctx {
         }
     }
 
-    /// RMSNorm of `x` into the product input: at bf16 straight into `y16`
-    /// (rounded as written; `y` is not written), else into `y`.
-    fn norm(
+    /// RMSNorm of `x` (f32 or bf16 stream) into the product input: at bf16
+    /// straight into `y16` (rounded as written; `y` is not written), else into `y`.
+    #[allow(clippy::too_many_arguments)]
+    fn norm<S: StreamElement>(
         &self,
-        x: &CudaSlice<f32>,
+        x: &CudaSlice<S>,
         w: &CudaSlice<f32>,
         rows: usize,
         c: usize,
@@ -136,7 +144,39 @@ impl Ctx {
         if self.bf16() {
             self.k.rmsnorm_bf16(x, w, rows, c, 1e-6, y16, inv)
         } else {
-            self.k.rmsnorm(x, w, rows, c, 1e-6, y, inv)
+            match S::view(x) {
+                StreamRef::F32(x) => self.k.rmsnorm(x, w, rows, c, 1e-6, y, inv),
+                StreamRef::Bf16(_) => Err(bf16_streams_need_bf16_products()),
+            }
+        }
+    }
+
+    /// `y = a·b` written as the stream type (f32, or bf16 rounded by the product's epilogue).
+    fn product_out<S: StreamElement>(
+        &self,
+        a: Operand,
+        b: Operand,
+        y: &mut CudaSlice<S>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> CudaResult<()> {
+        match S::view_mut(y) {
+            StreamMut::F32(y) => self.mm.matmul(a, b, y, rows, k, n),
+            StreamMut::Bf16(y) => self.mm.matmul_to_bf16(a, b, y, rows, k, n),
+        }
+    }
+
+    /// A stream gradient as a product operand: bf16 streams are one already;
+    /// f32 ones are rounded into `copy` at bf16 products (see [`Self::round`]).
+    fn stream_operand<'a, S: StreamElement>(
+        &self,
+        dy: &'a CudaSlice<S>,
+        copy: &'a mut Bf16Buf,
+    ) -> CudaResult<Operand<'a>> {
+        match S::view(dy) {
+            StreamRef::F32(dy) => self.round(dy, copy),
+            StreamRef::Bf16(dy) => Ok(Operand::Bf16(dy)),
         }
     }
 
@@ -160,6 +200,10 @@ impl Ctx {
         m.lock()
             .map_err(|_| CudaError::Driver("GPU scratch poisoned".into()))
     }
+}
+
+fn bf16_streams_need_bf16_products() -> CudaError {
+    CudaError::Unsupported("bf16 streams need bf16 products (--precision bf16)".into())
 }
 
 /// RMSNorm → causal attention sublayer on the GPU.
@@ -189,12 +233,12 @@ struct GpuAttention {
     dnormed: CudaSlice<f32>,
 }
 
-impl CudaSublayer<f32> for GpuAttention {
+impl<S: StreamElement> CudaSublayer<S> for GpuAttention {
     fn forward(
         &mut self,
         _: &CudaDevice,
-        h: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
+        h: &CudaSlice<S>,
+        y: &mut CudaSlice<S>,
         rows: usize,
         c: usize,
     ) -> CudaResult<()> {
@@ -223,7 +267,7 @@ impl CudaSublayer<f32> for GpuAttention {
                 &mut self.o,
                 Some(&mut self.o16),
             )?;
-            return mm.matmul(&self.o16, self.wo.operand(), y, rows, c, c);
+            return ctx.product_out(Operand::Bf16(&self.o16), self.wo.operand(), y, rows, c, c);
         } else {
             mm.matmul(normed, self.wqkv.operand(), &mut self.qkv, rows, c, 3 * c)?;
             k.attention_gemm(
@@ -238,14 +282,14 @@ impl CudaSublayer<f32> for GpuAttention {
             )?;
         }
         let o = ctx.round(&self.o, &mut self.o16)?;
-        mm.matmul(o, self.wo.operand(), y, rows, c, c)
+        ctx.product_out(o, self.wo.operand(), y, rows, c, c)
     }
     fn vjp(
         &mut self,
         _: &CudaDevice,
-        h: &CudaSlice<f32>,
-        dy: &CudaSlice<f32>,
-        dh: &mut CudaSlice<f32>,
+        h: &CudaSlice<S>,
+        dy: &CudaSlice<S>,
+        dh: &mut CudaSlice<S>,
         rows: usize,
         c: usize,
     ) -> CudaResult<()> {
@@ -260,7 +304,7 @@ impl CudaSublayer<f32> for GpuAttention {
         let ctx = &*self.ctx;
         let mut grad16 = Ctx::scratch(&ctx.grad16)?;
         let [g_c, g_3c, _] = &mut *grad16;
-        let dy16 = ctx.round(dy, g_c)?;
+        let dy16 = ctx.stream_operand(dy, g_c)?;
         ctx.linear_backward(
             ctx.rounded(&self.o, &self.o16),
             &mut self.wo,
@@ -353,12 +397,12 @@ struct GpuMlp {
     dnormed: CudaSlice<f32>,
 }
 
-impl CudaSublayer<f32> for GpuMlp {
+impl<S: StreamElement> CudaSublayer<S> for GpuMlp {
     fn forward(
         &mut self,
         _: &CudaDevice,
-        h: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
+        h: &CudaSlice<S>,
+        y: &mut CudaSlice<S>,
         rows: usize,
         c: usize,
     ) -> CudaResult<()> {
@@ -381,14 +425,14 @@ impl CudaSublayer<f32> for GpuMlp {
             k.gelu(&self.pre, &mut self.act)?;
         }
         let act = ctx.rounded(&self.act, &self.act16);
-        mm.matmul(act, self.w2.operand(), y, rows, 4 * c, c)
+        ctx.product_out(act, self.w2.operand(), y, rows, 4 * c, c)
     }
     fn vjp(
         &mut self,
         _: &CudaDevice,
-        h: &CudaSlice<f32>,
-        dy: &CudaSlice<f32>,
-        dh: &mut CudaSlice<f32>,
+        h: &CudaSlice<S>,
+        dy: &CudaSlice<S>,
+        dh: &mut CudaSlice<S>,
         rows: usize,
         c: usize,
     ) -> CudaResult<()> {
@@ -396,7 +440,7 @@ impl CudaSublayer<f32> for GpuMlp {
         let Ctx { k, .. } = ctx;
         let mut grad16 = Ctx::scratch(&ctx.grad16)?;
         let [g_c, _, g_4c] = &mut *grad16;
-        let dy16 = ctx.round(dy, g_c)?;
+        let dy16 = ctx.stream_operand(dy, g_c)?;
         ctx.linear_backward(
             ctx.rounded(&self.act, &self.act16),
             &mut self.w2,
@@ -435,20 +479,20 @@ impl CudaSublayer<f32> for GpuMlp {
     }
 }
 
-/// What the trainer needs of a GPU connection wrapper (mHC or HC).
-trait GpuConnection {
+/// What the trainer needs of a GPU connection wrapper (mHC or HC) on streams of `S`.
+trait GpuConnection<S: StreamElement> {
     fn forward(
         &mut self,
-        sub: &mut dyn CudaSublayer<f32>,
-        x: &CudaSlice<f32>,
-        out: &mut CudaSlice<f32>,
+        sub: &mut dyn CudaSublayer<S>,
+        x: &CudaSlice<S>,
+        out: &mut CudaSlice<S>,
     ) -> CudaResult<()>;
     fn backward(
         &mut self,
-        sub: &mut dyn CudaSublayer<f32>,
-        x: &CudaSlice<f32>,
-        grad_out: &CudaSlice<f32>,
-        grad_x: &mut CudaSlice<f32>,
+        sub: &mut dyn CudaSublayer<S>,
+        x: &CudaSlice<S>,
+        grad_out: &CudaSlice<S>,
+        grad_x: &mut CudaSlice<S>,
     ) -> CudaResult<()>;
     fn coefficients_host(&self) -> CudaResult<Vec<f32>>;
     fn pack(&self, params: &ConnectionParams<f32>) -> CudaResult<Vec<Vec<f32>>>;
@@ -464,22 +508,22 @@ trait GpuConnection {
 }
 
 macro_rules! gpu_connection {
-    ($t:ty) => {
-        impl GpuConnection for $t {
+    ($t:ty, $s:ty $(, $g:ident)?) => {
+        impl$(<$g: StreamElement>)? GpuConnection<$s> for $t {
             fn forward(
                 &mut self,
-                sub: &mut dyn CudaSublayer<f32>,
-                x: &CudaSlice<f32>,
-                out: &mut CudaSlice<f32>,
+                sub: &mut dyn CudaSublayer<$s>,
+                x: &CudaSlice<$s>,
+                out: &mut CudaSlice<$s>,
             ) -> CudaResult<()> {
                 <$t>::forward(self, sub, x, out)
             }
             fn backward(
                 &mut self,
-                sub: &mut dyn CudaSublayer<f32>,
-                x: &CudaSlice<f32>,
-                grad_out: &CudaSlice<f32>,
-                grad_x: &mut CudaSlice<f32>,
+                sub: &mut dyn CudaSublayer<$s>,
+                x: &CudaSlice<$s>,
+                grad_out: &CudaSlice<$s>,
+                grad_x: &mut CudaSlice<$s>,
             ) -> CudaResult<()> {
                 <$t>::backward(self, sub, x, grad_out, grad_x)
             }
@@ -511,27 +555,39 @@ macro_rules! gpu_connection {
         }
     };
 }
-gpu_connection!(MhcCuda<f32>);
-gpu_connection!(HcCuda);
+gpu_connection!(MhcCuda<S>, S, S);
+gpu_connection!(HcCuda, f32);
+
+/// The HC wrapper as a connection on `S` streams: its kernels take f32
+/// streams only (the product `x̃·θ` is an f32 cuBLAS GEMM), so bf16 gives
+/// [`CudaError::Unsupported`].
+fn hc_connection<S: StreamElement>(hc: HcCuda) -> CudaResult<Box<dyn GpuConnection<S>>> {
+    let boxed: Box<dyn GpuConnection<f32>> = Box::new(hc);
+    let any: Box<dyn std::any::Any> = Box::new(boxed);
+    any.downcast::<Box<dyn GpuConnection<S>>>()
+        .map(|b| *b)
+        .map_err(|_| {
+            CudaError::Unsupported(
+                "HC on the GPU has f32 streams only; train it with --streams f32".into(),
+            )
+        })
+}
 
 /// A wrapped sublayer's connection on the GPU.
-enum Connection {
+enum Connection<S: StreamElement> {
     /// `x' = x + F(x)`.
-    Residual {
-        y: CudaSlice<f32>,
-        dh: CudaSlice<f32>,
-    },
+    Residual { y: CudaSlice<S>, dh: CudaSlice<S> },
     /// The fused mHC or HC wrapper (parameters and gradients on the device)
     /// and the AdamW moments `(m, v)` of each of its parameter buffers.
     Wrapped {
-        wrapper: Box<dyn GpuConnection>,
+        wrapper: Box<dyn GpuConnection<S>>,
         moments: Vec<(CudaSlice<f32>, CudaSlice<f32>)>,
     },
 }
 
-impl Connection {
+impl<S: StreamElement> Connection<S> {
     /// A wrapper with zero AdamW moments.
-    fn wrapped(dev: &CudaDevice, wrapper: Box<dyn GpuConnection>) -> CudaResult<Self> {
+    fn wrapped(dev: &CudaDevice, wrapper: Box<dyn GpuConnection<S>>) -> CudaResult<Self> {
         let st = dev.stream();
         let moments = wrapper
             .values()
@@ -554,15 +610,16 @@ impl Connection {
     }
 }
 
-struct GpuBlock {
+struct GpuBlock<S: StreamElement> {
     attn: GpuAttention,
-    attn_conn: Connection,
+    attn_conn: Connection<S>,
     mlp: GpuMlp,
-    mlp_conn: Connection,
+    mlp_conn: Connection<S>,
 }
 
-/// The model and its optimiser state on one GPU, for a fixed batch shape.
-pub struct GpuTrainer {
+/// The model and its optimiser state on one GPU, for a fixed batch shape,
+/// with residual streams of `S` (f32 or `half::bf16`).
+pub struct GpuTrainer<S: StreamElement = f32> {
     dev: Arc<CudaDevice>,
     ctx: Arc<Ctx>,
     config: ModelConfig,
@@ -570,13 +627,13 @@ pub struct GpuTrainer {
     batch: usize,
     token_embedding: DeviceParam,
     position_embedding: DeviceParam,
-    blocks: Vec<GpuBlock>,
+    blocks: Vec<GpuBlock<S>>,
     final_norm: DeviceParam,
     head: DeviceParam,
     step: u64,
-    states: Vec<CudaSlice<f32>>,
-    grad_a: CudaSlice<f32>,
-    grad_b: CudaSlice<f32>,
+    states: Vec<CudaSlice<S>>,
+    grad_a: CudaSlice<S>,
+    grad_b: CudaSlice<S>,
     tokens_dev: CudaSlice<u32>,
     targets_dev: CudaSlice<u32>,
     reduced: CudaSlice<f32>,
@@ -591,6 +648,63 @@ pub struct GpuTrainer {
     d_reduced: CudaSlice<f32>,
 }
 
+/// Element type of the trainer's residual streams (DESIGN.md §3: bf16 on
+/// CUDA, f32 as the option).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StreamDtype {
+    /// bf16 stream states, sublayer inputs/outputs and their gradients (needs bf16 products).
+    #[default]
+    Bf16,
+    /// f32 streams (any product precision; the parity reference).
+    F32,
+}
+
+impl StreamDtype {
+    /// Name as the CLI spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bf16 => "bf16",
+            Self::F32 => "f32",
+        }
+    }
+
+    /// The streams a run of `scheme` at `precision` gets when `requested`
+    /// (`None`: bf16 where it can, else f32): bf16 needs bf16 products, and
+    /// HC has f32-stream kernels only. Errors when an explicit request cannot be met
+    /// for a reason other than HC's kernels.
+    pub fn resolve(
+        requested: Option<Self>,
+        scheme: Scheme,
+        precision: GemmPrecision,
+    ) -> CudaResult<Self> {
+        let possible = if precision != GemmPrecision::Bf16 {
+            if requested == Some(Self::Bf16) {
+                return Err(bf16_streams_need_bf16_products());
+            }
+            Self::F32
+        } else if scheme == Scheme::HcDynamic {
+            Self::F32
+        } else {
+            Self::Bf16
+        };
+        Ok(match requested {
+            Some(Self::F32) => Self::F32,
+            _ => possible,
+        })
+    }
+}
+
+impl std::str::FromStr for StreamDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "bf16" => Ok(Self::Bf16),
+            "f32" => Ok(Self::F32),
+            other => Err(format!("stream dtype {other:?}: use bf16 or f32")),
+        }
+    }
+}
+
 /// Statistics of one GPU step (as [`mhc_core::model::StepStats`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GpuStepStats {
@@ -602,7 +716,7 @@ pub struct GpuStepStats {
     pub lr: f64,
 }
 
-impl GpuTrainer {
+impl GpuTrainer<f32> {
     /// Copies a CPU trainer's model and AdamW state (moments, step) to the GPU.
     ///
     /// Matrix products run in full f32 ([`GemmPrecision::F32`]); see [`Self::from_cpu_with`].
@@ -611,8 +725,8 @@ impl GpuTrainer {
     }
 
     /// As [`Self::from_cpu`], with the dense matrix products (projections, MLP,
-    /// attention, head) at `precision`; storage, norms, softmax, the mHC/HC
-    /// coefficients and AdamW stay f32.
+    /// attention, head) at `precision`; storage (streams included), norms,
+    /// softmax, the mHC/HC coefficients and AdamW stay f32.
     pub fn from_cpu_with(
         dev: Arc<CudaDevice>,
         cpu: &mut Trainer<f32>,
@@ -632,6 +746,41 @@ impl GpuTrainer {
         precision: GemmPrecision,
         replicas: usize,
     ) -> CudaResult<Self> {
+        Self::build(dev, cpu, precision, replicas)
+    }
+}
+
+impl GpuTrainer<half::bf16> {
+    /// As [`GpuTrainer::from_cpu_with`] at bf16 products, with bf16 residual
+    /// streams (DESIGN.md §3): the stream states, each sublayer's input and
+    /// output and their gradients are bf16 (rounded to nearest even as they
+    /// are written); every sum is formed in f32. HC has no bf16-stream kernels
+    /// ([`CudaError::Unsupported`]).
+    pub fn from_cpu_bf16_streams(dev: Arc<CudaDevice>, cpu: &mut Trainer<f32>) -> CudaResult<Self> {
+        Self::replica_bf16_streams(dev, cpu, 1)
+    }
+
+    /// One of `replicas` data-parallel replicas with bf16 streams (see
+    /// [`GpuTrainer::replica_from_cpu`]).
+    pub fn replica_bf16_streams(
+        dev: Arc<CudaDevice>,
+        cpu: &mut Trainer<f32>,
+        replicas: usize,
+    ) -> CudaResult<Self> {
+        Self::build(dev, cpu, GemmPrecision::Bf16, replicas)
+    }
+}
+
+impl<S: StreamElement> GpuTrainer<S> {
+    fn build(
+        dev: Arc<CudaDevice>,
+        cpu: &mut Trainer<f32>,
+        precision: GemmPrecision,
+        replicas: usize,
+    ) -> CudaResult<Self> {
+        if S::BF16 && precision != GemmPrecision::Bf16 {
+            return Err(bf16_streams_need_bf16_products());
+        }
         let config = *cpu.model.config();
         if config.scheme == Scheme::HcStatic || config.scheme == Scheme::MhcStatic {
             return Err(CudaError::Unsupported(format!(
@@ -714,15 +863,15 @@ impl GpuTrainer {
                 dpre: f32_operand(rows * 4 * c)?,
                 dnormed: zeros(rows * c)?,
             };
-            let conn = |p: &ConnectionParams<f32>| -> CudaResult<Connection> {
+            let conn = |p: &ConnectionParams<f32>| -> CudaResult<Connection<S>> {
                 Ok(match config.scheme {
                     Scheme::Residual => Connection::Residual {
-                        y: zeros(rows * c)?,
-                        dh: zeros(rows * c)?,
+                        y: st.alloc_zeros(rows * c)?,
+                        dh: st.alloc_zeros(rows * c)?,
                     },
                     Scheme::HcDynamic => Connection::wrapped(
                         &dev,
-                        Box::new(HcCuda::new(dev.clone(), &conn_cfg, p, rows)?),
+                        hc_connection(HcCuda::new(dev.clone(), &conn_cfg, p, rows)?)?,
                     )?,
                     _ => Connection::wrapped(
                         &dev,
@@ -750,10 +899,10 @@ impl GpuTrainer {
             blocks,
             step: 0,
             states: (0..=config.sublayers())
-                .map(|_| zeros(state_len))
+                .map(|_| Ok(st.alloc_zeros(state_len)?))
                 .collect::<CudaResult<_>>()?,
-            grad_a: zeros(state_len)?,
-            grad_b: zeros(state_len)?,
+            grad_a: st.alloc_zeros(state_len)?,
+            grad_b: st.alloc_zeros(state_len)?,
             tokens_dev: st.alloc_zeros(rows)?,
             targets_dev: st.alloc_zeros(rows)?,
             reduced: zeros(rows * c)?,
@@ -820,7 +969,7 @@ impl GpuTrainer {
                 let s = 2 * l + half;
                 let (done, rest) = self.states.split_at_mut(s + 1);
                 let (x, out) = (&done[s], &mut rest[0]);
-                let (sub, conn): (&mut dyn CudaSublayer<f32>, &mut Connection) = if half == 0 {
+                let (sub, conn): (&mut dyn CudaSublayer<S>, &mut Connection<S>) = if half == 0 {
                     (&mut b.attn, &mut b.attn_conn)
                 } else {
                     (&mut b.mlp, &mut b.mlp_conn)
@@ -835,7 +984,7 @@ impl GpuTrainer {
             }
         }
         let last = &self.states[self.config.sublayers()];
-        k.streams_mean(last, rows, n, c, &mut self.reduced, false)?;
+        k.streams_mean(last, rows, n, c, &mut self.reduced)?;
         self.ctx.norm(
             &self.reduced,
             &self.final_norm.value,
@@ -935,12 +1084,12 @@ impl GpuTrainer {
             &mut self.d_reduced,
             &mut self.final_norm.grad,
         )?;
-        k.streams_mean(&self.d_reduced, rows, n, c, &mut self.grad_a, true)?;
+        k.streams_mean_backward(&self.d_reduced, rows, n, c, &mut self.grad_a)?;
         for (l, b) in self.blocks.iter_mut().enumerate().rev() {
             for half in (0..2).rev() {
                 let s = 2 * l + half;
                 let x = &self.states[s];
-                let (sub, conn): (&mut dyn CudaSublayer<f32>, &mut Connection) = if half == 0 {
+                let (sub, conn): (&mut dyn CudaSublayer<S>, &mut Connection<S>) = if half == 0 {
                     (&mut b.attn, &mut b.attn_conn)
                 } else {
                     (&mut b.mlp, &mut b.mlp_conn)
@@ -971,14 +1120,14 @@ impl GpuTrainer {
     }
 
     /// Every sublayer's connection, in order.
-    fn connections_mut(&mut self) -> impl Iterator<Item = &mut Connection> {
+    fn connections_mut(&mut self) -> impl Iterator<Item = &mut Connection<S>> {
         self.blocks
             .iter_mut()
             .flat_map(|b| [&mut b.attn_conn, &mut b.mlp_conn])
     }
 
     /// The wrappers' connections, in order (residual sublayers skipped).
-    fn wrappers(&self) -> impl Iterator<Item = &dyn GpuConnection> {
+    fn wrappers(&self) -> impl Iterator<Item = &dyn GpuConnection<S>> {
         self.blocks
             .iter()
             .flat_map(|b| [&b.attn_conn, &b.mlp_conn])
@@ -1165,7 +1314,7 @@ impl GpuTrainer {
 
     /// The dense parameters with their index in the core's parameter order.
     fn dense_indexed(&mut self) -> Vec<(usize, &mut DeviceParam)> {
-        let conn_count = |c: &Connection| c.tensor_count(&self.config);
+        let conn_count = |c: &Connection<S>| c.tensor_count(&self.config);
         let mut out: Vec<(usize, &mut DeviceParam)> = Vec::new();
         let mut index = 0;
         out.push((index, &mut self.token_embedding));

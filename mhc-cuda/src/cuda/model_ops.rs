@@ -8,7 +8,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, LaunchConfig, PushKernelArg};
 use mhc_core::model::optim::AdamWConfig;
 
-use super::{CudaDevice, CudaError, CudaResult, MODEL_KERNEL_SOURCE};
+use super::{CudaDevice, CudaError, CudaResult, MODEL_KERNEL_SOURCE, StreamElement};
 
 /// The model kernels, compiled for one device.
 pub struct ModelKernels {
@@ -56,6 +56,16 @@ impl ModelKernels {
         Ok(self.module.load_function(name)?)
     }
 
+    /// A kernel that touches the residual streams, in its `S` instance
+    /// (`name` for f32 streams, `name_bs` for bf16 streams).
+    fn f_stream<S: StreamElement>(&self, name: &str) -> CudaResult<CudaFunction> {
+        if S::BF16 {
+            self.f(&format!("{name}_bs"))
+        } else {
+            self.f(name)
+        }
+    }
+
     fn grid(&self, len: usize) -> CudaResult<u32> {
         Ok((len.div_ceil(256) as u32).clamp(1, self.dev.multiprocessors()? * 8))
     }
@@ -71,14 +81,15 @@ impl ModelKernels {
         y: &mut CudaSlice<f32>,
         inv_rms: &mut CudaSlice<f32>,
     ) -> CudaResult<()> {
-        self.rmsnorm_into("rmsnorm_fwd", x, w, rows, c, eps, y, inv_rms)
+        self.rmsnorm_into(self.f("rmsnorm_fwd")?, x, w, rows, c, eps, y, inv_rms)
     }
 
     /// [`Self::rmsnorm`] with `y` rounded to bf16 as it is written (the same
     /// values as [`Self::to_bf16`] of the f32 result): a product's input.
-    pub fn rmsnorm_bf16(
+    /// `x` is an f32 or a bf16 stream.
+    pub fn rmsnorm_bf16<S: StreamElement>(
         &self,
-        x: &CudaSlice<f32>,
+        x: &CudaSlice<S>,
         w: &CudaSlice<f32>,
         rows: usize,
         c: usize,
@@ -86,13 +97,14 @@ impl ModelKernels {
         y: &mut CudaSlice<half::bf16>,
         inv_rms: &mut CudaSlice<f32>,
     ) -> CudaResult<()> {
-        self.rmsnorm_into("rmsnorm_fwd_bf16", x, w, rows, c, eps, y, inv_rms)
+        let f = self.f_stream::<S>("rmsnorm_fwd_bf16")?;
+        self.rmsnorm_into(f, x, w, rows, c, eps, y, inv_rms)
     }
 
-    fn rmsnorm_into<T: cudarc::driver::DeviceRepr>(
+    fn rmsnorm_into<X: cudarc::driver::DeviceRepr, T: cudarc::driver::DeviceRepr>(
         &self,
-        name: &str,
-        x: &CudaSlice<f32>,
+        f: CudaFunction,
+        x: &CudaSlice<X>,
         w: &CudaSlice<f32>,
         rows: usize,
         c: usize,
@@ -104,7 +116,6 @@ impl ModelKernels {
         check("rmsnorm w", w.len(), c)?;
         check("rmsnorm y", y.len(), rows * c)?;
         check("rmsnorm inv_rms", inv_rms.len(), rows)?;
-        let f = self.f(name)?;
         let c_i = c as i32;
         let mut b = self.dev.stream().launch_builder(&f);
         b.arg(x).arg(w).arg(&c_i).arg(&eps).arg(y).arg(inv_rms);
@@ -120,15 +131,16 @@ impl ModelKernels {
     }
 
     /// Backward of [`Self::rmsnorm`]: overwrites `dx`, **adds** to `dw`.
-    pub fn rmsnorm_backward(
+    /// `x` and `dx` are f32 or bf16 streams.
+    pub fn rmsnorm_backward<S: StreamElement>(
         &self,
-        x: &CudaSlice<f32>,
+        x: &CudaSlice<S>,
         w: &CudaSlice<f32>,
         inv_rms: &CudaSlice<f32>,
         dy: &CudaSlice<f32>,
         rows: usize,
         c: usize,
-        dx: &mut CudaSlice<f32>,
+        dx: &mut CudaSlice<S>,
         dw: &mut CudaSlice<f32>,
     ) -> CudaResult<()> {
         // The other buffers are checked by the dx half, before its launch.
@@ -143,7 +155,7 @@ impl ModelKernels {
         let chunks = rows.div_ceil(per_chunk).max(1);
         let mut part: CudaSlice<f32> = st.alloc_zeros(chunks * c)?;
         let per_i = per_chunk as i32;
-        let f = self.f("rmsnorm_bwd_dw_part")?;
+        let f = self.f_stream::<S>("rmsnorm_bwd_dw_part")?;
         let mut b = st.launch_builder(&f);
         b.arg(x)
             .arg(inv_rms)
@@ -176,15 +188,15 @@ impl ModelKernels {
     }
 
     /// The `dx` half of [`Self::rmsnorm_backward`] (overwrites `dx`; no weight gradient).
-    pub fn rmsnorm_backward_dx(
+    pub fn rmsnorm_backward_dx<S: StreamElement>(
         &self,
-        x: &CudaSlice<f32>,
+        x: &CudaSlice<S>,
         w: &CudaSlice<f32>,
         inv_rms: &CudaSlice<f32>,
         dy: &CudaSlice<f32>,
         rows: usize,
         c: usize,
-        dx: &mut CudaSlice<f32>,
+        dx: &mut CudaSlice<S>,
     ) -> CudaResult<()> {
         for (what, len, want) in [
             ("x", x.len(), rows * c),
@@ -196,7 +208,7 @@ impl ModelKernels {
             check(what, len, want)?;
         }
         let c_i = c as i32;
-        let f = self.f("rmsnorm_bwd_dx")?;
+        let f = self.f_stream::<S>("rmsnorm_bwd_dx")?;
         let mut b = self.dev.stream().launch_builder(&f);
         b.arg(x).arg(w).arg(inv_rms).arg(dy).arg(&c_i).arg(dx);
         // SAFETY: one block per row; sizes checked above.
@@ -977,7 +989,7 @@ impl ModelKernels {
     }
 
     /// `x0 [rows, streams, C]`: token plus position embedding, copied to every stream (position = row mod seq).
-    pub fn embed(
+    pub fn embed<S: StreamElement>(
         &self,
         tokens: &CudaSlice<u32>,
         e: &CudaSlice<f32>,
@@ -986,7 +998,7 @@ impl ModelKernels {
         seq: usize,
         streams: usize,
         c: usize,
-        x0: &mut CudaSlice<f32>,
+        x0: &mut CudaSlice<S>,
     ) -> CudaResult<()> {
         check("tokens", tokens.len(), rows)?;
         check("position embedding", p.len(), seq * c)?;
@@ -999,7 +1011,7 @@ impl ModelKernels {
                 vocab,
             }));
         }
-        let f = self.f("embed_fwd")?;
+        let f = self.f_stream::<S>("embed_fwd")?;
         let (r_i, s_i, n_i, c_i) = (rows as i64, seq as i32, streams as i32, c as i32);
         let grid = self.grid(rows * streams * c)?;
         let mut b = self.dev.stream().launch_builder(&f);
@@ -1024,9 +1036,9 @@ impl ModelKernels {
 
     /// Backward of [`Self::embed`]: **adds** to `de [vocab, C]` and `dp [seq, C]`. `tokens` is the
     /// batch's host copy (rows in order), from which a per-token row list makes the sums deterministic.
-    pub fn embed_backward(
+    pub fn embed_backward<S: StreamElement>(
         &self,
-        dx0: &CudaSlice<f32>,
+        dx0: &CudaSlice<S>,
         tokens: &[u32],
         batch: usize,
         seq: usize,
@@ -1068,7 +1080,7 @@ impl ModelKernels {
             batch as i32,
             seq as i32,
         );
-        let f = self.f("embed_bwd_tokens")?;
+        let f = self.f_stream::<S>("embed_bwd_tokens")?;
         let mut b = st.launch_builder(&f);
         b.arg(dx0)
             .arg(&start_d)
@@ -1085,7 +1097,7 @@ impl ModelKernels {
                 shared_mem_bytes: 0,
             })
         }?;
-        let f = self.f("embed_bwd_positions")?;
+        let f = self.f_stream::<S>("embed_bwd_positions")?;
         let mut b = st.launch_builder(&f);
         b.arg(dx0).arg(&b_i).arg(&s_i).arg(&n_i).arg(&c_i).arg(dp);
         // SAFETY: one thread per (p, c) < seq·C (guarded); sizes checked above.
@@ -1099,33 +1111,55 @@ impl ModelKernels {
         Ok(())
     }
 
-    /// `z [rows, C]` = mean over the streams of `x [rows, streams, C]`, or (backward) `dx = dz / streams` per stream.
-    pub fn streams_mean(
+    /// `z [rows, C]` = mean over the streams of `x [rows, streams, C]`.
+    pub fn streams_mean<S: StreamElement>(
         &self,
-        x: &CudaSlice<f32>,
+        x: &CudaSlice<S>,
         rows: usize,
         streams: usize,
         c: usize,
         z: &mut CudaSlice<f32>,
-        backward: bool,
     ) -> CudaResult<()> {
-        let (big, small) = if backward {
-            (z.len(), x.len())
-        } else {
-            (x.len(), z.len())
-        };
-        check("stream state", big, rows * streams * c)?;
-        check("reduced state", small, rows * c)?;
-        let f = self.f(if backward {
-            "streams_mean_bwd"
-        } else {
-            "streams_mean"
-        })?;
+        check("stream state", x.len(), rows * streams * c)?;
+        check("reduced state", z.len(), rows * c)?;
+        self.streams_launch(self.f_stream::<S>("streams_mean")?, x, rows, streams, c, z)
+    }
+
+    /// Backward of [`Self::streams_mean`]: `dx [rows, streams, C] = dz / streams` per stream.
+    pub fn streams_mean_backward<S: StreamElement>(
+        &self,
+        dz: &CudaSlice<f32>,
+        rows: usize,
+        streams: usize,
+        c: usize,
+        dx: &mut CudaSlice<S>,
+    ) -> CudaResult<()> {
+        check("stream state gradient", dx.len(), rows * streams * c)?;
+        check("reduced state gradient", dz.len(), rows * c)?;
+        self.streams_launch(
+            self.f_stream::<S>("streams_mean_bwd")?,
+            dz,
+            rows,
+            streams,
+            c,
+            dx,
+        )
+    }
+
+    fn streams_launch<A: cudarc::driver::DeviceRepr, B: cudarc::driver::DeviceRepr>(
+        &self,
+        f: CudaFunction,
+        input: &CudaSlice<A>,
+        rows: usize,
+        streams: usize,
+        c: usize,
+        out: &mut CudaSlice<B>,
+    ) -> CudaResult<()> {
         let (r_i, n_i, c_i) = (rows as i64, streams as i32, c as i32);
         let grid = self.grid(rows * streams * c)?;
         let mut b = self.dev.stream().launch_builder(&f);
-        b.arg(x).arg(&r_i).arg(&n_i).arg(&c_i).arg(z);
-        // SAFETY: grid-stride over the checked sizes.
+        b.arg(input).arg(&r_i).arg(&n_i).arg(&c_i).arg(out);
+        // SAFETY: grid-stride over rows·streams·C (stream side) and rows·C (reduced side), both checked by the callers.
         unsafe {
             b.launch(LaunchConfig {
                 grid_dim: (grid, 1, 1),
@@ -1136,14 +1170,29 @@ impl ModelKernels {
         Ok(())
     }
 
-    /// `out = a + b`, element-wise.
-    pub fn add(
+    /// `out = a + b`, element-wise (f32 or bf16 streams; bf16 sums are rounded once).
+    pub fn add<S: StreamElement>(
         &self,
-        a: &CudaSlice<f32>,
-        b: &CudaSlice<f32>,
-        out: &mut CudaSlice<f32>,
+        a: &CudaSlice<S>,
+        b: &CudaSlice<S>,
+        out: &mut CudaSlice<S>,
     ) -> CudaResult<()> {
-        self.elementwise("add", a, Some(b), out)
+        let len = a.len();
+        check("add second input", b.len(), len)?;
+        check("add output", out.len(), len)?;
+        let f = self.f_stream::<S>("add")?;
+        let (len_i, grid) = (len as i64, self.grid(len)?);
+        let mut l = self.dev.stream().launch_builder(&f);
+        l.arg(a).arg(b).arg(&len_i).arg(out);
+        // SAFETY: grid-stride over len elements; every buffer holds len (checked).
+        unsafe {
+            l.launch(LaunchConfig {
+                grid_dim: (grid, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }?;
+        Ok(())
     }
 
     /// `Σ x²` in a fixed order (block partials summed on the host in order).

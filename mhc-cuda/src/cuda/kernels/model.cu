@@ -41,20 +41,26 @@ __device__ __forceinline__ unsigned bf16_bits(float f) {
 // Stores of an f32 result into f32 or bf16 outputs (kernels with a _bf16 twin).
 __device__ __forceinline__ void put(float* p, long i, float v) { p[i] = v; }
 __device__ __forceinline__ void put(unsigned short* p, long i, float v) { p[i] = (unsigned short)bf16_bits(v); }
+// Loads of f32 or bf16 inputs as f32. Kernels that touch the residual streams (the
+// state x, the sublayer input h and output y, and their gradients) are templates
+// over the stream type; the `_bs` instances take bf16 streams (DESIGN.md §3).
+__device__ __forceinline__ float get(const float* p, long i) { return p[i]; }
+__device__ __forceinline__ float get(const unsigned short* p, long i) { return __uint_as_float((unsigned)p[i] << 16); }
+typedef unsigned short bs_t; // a bf16 stream element
 
 // y = x / sqrt(mean(x²) + eps) ⊙ w per row; inv_rms[r] = 1/rms. One block per row.
 // rmsnorm_fwd_bf16 writes y rounded to bf16 (the same f32 values, then rounded).
-template <typename T>
-__device__ __forceinline__ void rmsnorm_fwd_impl(const float* __restrict__ x, const float* __restrict__ w, int C,
+template <typename X, typename T>
+__device__ __forceinline__ void rmsnorm_fwd_impl(const X* __restrict__ x, const float* __restrict__ w, int C,
                                                  float eps, T* __restrict__ y, float* __restrict__ inv_rms)
 {
     __shared__ float scratch[32];
     const long r = blockIdx.x;
-    const float* xr = x + r * C;
+    const X* xr = x + r * C;
     float ss = 0.f;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) ss += xr[c] * xr[c];
+    for (int c = threadIdx.x; c < C; c += blockDim.x) ss += get(xr, c) * get(xr, c);
     float inv = rsqrtf(block_sum_all(ss, scratch) / (float)C + eps);
-    for (int c = threadIdx.x; c < C; c += blockDim.x) put(y, r * C + c, xr[c] * inv * w[c]);
+    for (int c = threadIdx.x; c < C; c += blockDim.x) put(y, r * C + c, get(xr, c) * inv * w[c]);
     if (threadIdx.x == 0) inv_rms[r] = inv;
 }
 extern "C" __global__ void rmsnorm_fwd(const float* __restrict__ x, const float* __restrict__ w, int C, float eps,
@@ -63,28 +69,41 @@ extern "C" __global__ void rmsnorm_fwd(const float* __restrict__ x, const float*
 extern "C" __global__ void rmsnorm_fwd_bf16(const float* __restrict__ x, const float* __restrict__ w, int C, float eps,
                                             unsigned short* __restrict__ y, float* __restrict__ inv_rms)
 { rmsnorm_fwd_impl(x, w, C, eps, y, inv_rms); }
+extern "C" __global__ void rmsnorm_fwd_bf16_bs(const bs_t* __restrict__ x, const float* __restrict__ w, int C, float eps,
+                                               unsigned short* __restrict__ y, float* __restrict__ inv_rms)
+{ rmsnorm_fwd_impl(x, w, C, eps, y, inv_rms); }
 
 // dx = (dy⊙w − x̂·mean(dy⊙w⊙x̂))·inv per row (one block per row).
-extern "C" __global__ void rmsnorm_bwd_dx(const float* __restrict__ x, const float* __restrict__ w,
-                                          const float* __restrict__ inv_rms, const float* __restrict__ dy, int C,
-                                          float* __restrict__ dx)
+template <typename X>
+__device__ __forceinline__ void rmsnorm_bwd_dx_impl(const X* __restrict__ x, const float* __restrict__ w,
+                                                    const float* __restrict__ inv_rms, const float* __restrict__ dy,
+                                                    int C, X* __restrict__ dx)
 {
     __shared__ float scratch[32];
     const long r = blockIdx.x;
     const float inv = inv_rms[r];
     float m = 0.f;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) m += dy[r * C + c] * w[c] * x[r * C + c] * inv;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) m += dy[r * C + c] * w[c] * get(x, r * C + c) * inv;
     m = block_sum_all(m, scratch) / (float)C;
     for (int c = threadIdx.x; c < C; c += blockDim.x)
-        dx[r * C + c] = (dy[r * C + c] * w[c] - x[r * C + c] * inv * m) * inv;
+        put(dx, r * C + c, (dy[r * C + c] * w[c] - get(x, r * C + c) * inv * m) * inv);
 }
+extern "C" __global__ void rmsnorm_bwd_dx(const float* __restrict__ x, const float* __restrict__ w,
+                                          const float* __restrict__ inv_rms, const float* __restrict__ dy, int C,
+                                          float* __restrict__ dx)
+{ rmsnorm_bwd_dx_impl(x, w, inv_rms, dy, C, dx); }
+extern "C" __global__ void rmsnorm_bwd_dx_bs(const bs_t* __restrict__ x, const float* __restrict__ w,
+                                             const float* __restrict__ inv_rms, const float* __restrict__ dy, int C,
+                                             bs_t* __restrict__ dx)
+{ rmsnorm_bwd_dx_impl(x, w, inv_rms, dy, C, dx); }
 
 // dw[c] += Σ_r dy[r, c]·x[r, c]·inv_rms[r] in two deterministic passes: blocks of
 // 32 columns × 8 row lanes sum one chunk of rows each (fixed order) into
 // part[chunk, c]; rmsnorm_bwd_dw_sum adds the chunks in order.
-extern "C" __global__ void rmsnorm_bwd_dw_part(const float* __restrict__ x, const float* __restrict__ inv_rms,
-                                               const float* __restrict__ dy, int R, int C, int rows_per_chunk,
-                                               float* __restrict__ part)
+template <typename X>
+__device__ __forceinline__ void rmsnorm_bwd_dw_part_impl(const X* __restrict__ x, const float* __restrict__ inv_rms,
+                                                         const float* __restrict__ dy, int R, int C,
+                                                         int rows_per_chunk, float* __restrict__ part)
 {
     __shared__ float sh[8][33];
     const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
@@ -93,7 +112,7 @@ extern "C" __global__ void rmsnorm_bwd_dw_part(const float* __restrict__ x, cons
     const long r1 = r0 + rows_per_chunk < (long)R ? r0 + rows_per_chunk : (long)R;
     float s = 0.f;
     if (c < C)
-        for (long r = r0 + ty; r < r1; r += 8) s += dy[r * C + c] * x[r * C + c] * inv_rms[r];
+        for (long r = r0 + ty; r < r1; r += 8) s += dy[r * C + c] * get(x, r * C + c) * inv_rms[r];
     sh[ty][tx] = s;
     __syncthreads();
     if (ty == 0 && c < C) {
@@ -103,6 +122,14 @@ extern "C" __global__ void rmsnorm_bwd_dw_part(const float* __restrict__ x, cons
         part[(long)blockIdx.y * C + c] = t;
     }
 }
+extern "C" __global__ void rmsnorm_bwd_dw_part(const float* __restrict__ x, const float* __restrict__ inv_rms,
+                                               const float* __restrict__ dy, int R, int C, int rows_per_chunk,
+                                               float* __restrict__ part)
+{ rmsnorm_bwd_dw_part_impl(x, inv_rms, dy, R, C, rows_per_chunk, part); }
+extern "C" __global__ void rmsnorm_bwd_dw_part_bs(const bs_t* __restrict__ x, const float* __restrict__ inv_rms,
+                                                  const float* __restrict__ dy, int R, int C, int rows_per_chunk,
+                                                  float* __restrict__ part)
+{ rmsnorm_bwd_dw_part_impl(x, inv_rms, dy, R, C, rows_per_chunk, part); }
 
 extern "C" __global__ void rmsnorm_bwd_dw_sum(const float* __restrict__ part, int chunks, int C, float* __restrict__ dw)
 {
@@ -428,20 +455,24 @@ extern "C" __global__ void __launch_bounds__(32 * AT_W) attn_bwd_kv(const float*
 
 // ---------------------------------------------------------------------------
 // Embedding and streams. x0[r, s, c] = E[tok_r, c] + P[r mod S, c] for every stream s.
-extern "C" __global__ void embed_fwd(const unsigned int* __restrict__ tokens, const float* __restrict__ E,
-                                     const float* __restrict__ P, long R, int S, int NS, int C, float* __restrict__ x0)
+template <typename X>
+__device__ __forceinline__ void embed_fwd_impl(const unsigned int* __restrict__ tokens, const float* __restrict__ E,
+                                               const float* __restrict__ P, long R, int S, int NS, int C,
+                                               X* __restrict__ x0)
 {
     for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < R * NS * C; e += (long)gridDim.x * blockDim.x) {
         long r = e / ((long)NS * C);
         int c = (int)(e % C);
-        x0[e] = E[(long)tokens[r] * C + c] + P[(r % S) * C + c];
+        put(x0, e, E[(long)tokens[r] * C + c] + P[(r % S) * C + c]);
     }
 }
 
 // dE[v, c] += Σ_{r in rows_of[v]} Σ_s dx0[r, s, c] with a CSR list of the rows of each token
 // (row_start [V+1], rows [R], built on the host in row order: deterministic).
-extern "C" __global__ void embed_bwd_tokens(const float* __restrict__ dx0, const unsigned int* __restrict__ row_start,
-                                            const unsigned int* __restrict__ rows, int V, int NS, int C, float* __restrict__ dE)
+template <typename X>
+__device__ __forceinline__ void embed_bwd_tokens_impl(const X* __restrict__ dx0, const unsigned int* __restrict__ row_start,
+                                                      const unsigned int* __restrict__ rows, int V, int NS, int C,
+                                                      float* __restrict__ dE)
 {
     long e = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= (long)V * C) return;
@@ -449,50 +480,80 @@ extern "C" __global__ void embed_bwd_tokens(const float* __restrict__ dx0, const
     float s = 0.f;
     for (unsigned int i = row_start[v]; i < row_start[v + 1]; ++i) {
         long r = rows[i];
-        for (int st = 0; st < NS; ++st) s += dx0[(r * NS + st) * C + c];
+        for (int st = 0; st < NS; ++st) s += get(dx0, (r * NS + st) * C + c);
     }
     dE[e] += s;
 }
 
 // dP[p, c] += Σ_b Σ_s dx0[b·S + p, s, c].
-extern "C" __global__ void embed_bwd_positions(const float* __restrict__ dx0, int B, int S, int NS, int C, float* __restrict__ dP)
+template <typename X>
+__device__ __forceinline__ void embed_bwd_positions_impl(const X* __restrict__ dx0, int B, int S, int NS, int C,
+                                                         float* __restrict__ dP)
 {
     long e = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= (long)S * C) return;
     int p = (int)(e / C), c = (int)(e % C);
     float s = 0.f;
     for (int b = 0; b < B; ++b)
-        for (int st = 0; st < NS; ++st) s += dx0[(((long)b * S + p) * NS + st) * C + c];
+        for (int st = 0; st < NS; ++st) s += get(dx0, (((long)b * S + p) * NS + st) * C + c);
     dP[e] += s;
 }
 
 // z[r, c] = mean_s x[r, s, c]
-extern "C" __global__ void streams_mean(const float* __restrict__ x, long R, int NS, int C, float* __restrict__ z)
+template <typename X>
+__device__ __forceinline__ void streams_mean_impl(const X* __restrict__ x, long R, int NS, int C, float* __restrict__ z)
 {
     for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < R * C; e += (long)gridDim.x * blockDim.x) {
         long r = e / C;
         int c = (int)(e % C);
         float s = 0.f;
-        for (int st = 0; st < NS; ++st) s += x[(r * NS + st) * C + c];
+        for (int st = 0; st < NS; ++st) s += get(x, (r * NS + st) * C + c);
         z[e] = s / (float)NS;
     }
 }
 
 // dx[r, s, c] = dz[r, c] / NS
-extern "C" __global__ void streams_mean_bwd(const float* __restrict__ dz, long R, int NS, int C, float* __restrict__ dx)
+template <typename X>
+__device__ __forceinline__ void streams_mean_bwd_impl(const float* __restrict__ dz, long R, int NS, int C, X* __restrict__ dx)
 {
     for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < R * NS * C; e += (long)gridDim.x * blockDim.x) {
         long r = e / ((long)NS * C);
         int c = (int)(e % C);
-        dx[e] = dz[r * C + c] / (float)NS;
+        put(dx, e, dz[r * C + c] / (float)NS);
     }
 }
 
 // out = a + b (the residual connection's merge, and gradient sums).
-extern "C" __global__ void add(const float* __restrict__ a, const float* __restrict__ b, long len, float* __restrict__ out)
+template <typename X>
+__device__ __forceinline__ void add_impl(const X* __restrict__ a, const X* __restrict__ b, long len, X* __restrict__ out)
 {
-    for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < len; e += (long)gridDim.x * blockDim.x) out[e] = a[e] + b[e];
+    for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < len; e += (long)gridDim.x * blockDim.x)
+        put(out, e, get(a, e) + get(b, e));
 }
+
+// The f32-stream kernels and their bf16-stream (`_bs`) twins.
+#define STREAM_KERNELS(SFX, X)                                                                                       \
+    extern "C" __global__ void embed_fwd##SFX(const unsigned int* __restrict__ tokens, const float* __restrict__ E,   \
+                                              const float* __restrict__ P, long R, int S, int NS, int C,             \
+                                              X* __restrict__ x0)                                                    \
+    { embed_fwd_impl(tokens, E, P, R, S, NS, C, x0); }                                                               \
+    extern "C" __global__ void embed_bwd_tokens##SFX(const X* __restrict__ dx0,                                      \
+                                                     const unsigned int* __restrict__ row_start,                     \
+                                                     const unsigned int* __restrict__ rows, int V, int NS, int C,    \
+                                                     float* __restrict__ dE)                                         \
+    { embed_bwd_tokens_impl(dx0, row_start, rows, V, NS, C, dE); }                                                   \
+    extern "C" __global__ void embed_bwd_positions##SFX(const X* __restrict__ dx0, int B, int S, int NS, int C,     \
+                                                        float* __restrict__ dP)                                      \
+    { embed_bwd_positions_impl(dx0, B, S, NS, C, dP); }                                                              \
+    extern "C" __global__ void streams_mean##SFX(const X* __restrict__ x, long R, int NS, int C, float* __restrict__ z) \
+    { streams_mean_impl(x, R, NS, C, z); }                                                                           \
+    extern "C" __global__ void streams_mean_bwd##SFX(const float* __restrict__ dz, long R, int NS, int C,           \
+                                                     X* __restrict__ dx)                                             \
+    { streams_mean_bwd_impl(dz, R, NS, C, dx); }                                                                     \
+    extern "C" __global__ void add##SFX(const X* __restrict__ a, const X* __restrict__ b, long len, X* __restrict__ out) \
+    { add_impl(a, b, len, out); }
+STREAM_KERNELS(, float)
+STREAM_KERNELS(_bs, bs_t)
 
 // ---------------------------------------------------------------------------
 // Attention on tensor cores: scores and products are cuBLAS batched GEMMs; these
