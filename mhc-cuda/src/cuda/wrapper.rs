@@ -152,6 +152,24 @@ pub struct MhcCuda<S: StreamElement> {
 }
 
 const CF_TOK: usize = 64;
+
+/// Launch geometry of the dx/dφ kernel for `n` streams and `k` coefficients:
+/// (channels per block, threads per block, dynamic shared memory in bytes,
+/// blocks resident per SM). f32 streams: `dx_dphi` (CUDA cores, static shared
+/// memory); bf16 streams: `dx_dphi_tc` (tensor cores; the byte count mirrors
+/// its `TC_SMEM`, which the kernel checks).
+fn dx_geometry(bf16: bool, n: usize, k: usize) -> (usize, usize, usize, usize) {
+    if bf16 {
+        let (ct, tb) = (if n <= 4 { 32 } else { 16 }, 32);
+        let (mt, kp) = (n * ct, k.next_multiple_of(16));
+        let tile = 2 * tb * (mt + 8) * 2 + tb * (ct + 8) * 2 + 2 * tb * k * 4 + tb * 4;
+        let smem = 2 * tile + 2 * (tb + mt) * (kp + 8) * 2;
+        (ct, 256, smem, if smem <= 100 * 1024 { 2 } else { 1 })
+    } else {
+        let ct = if n <= 4 { 64 } else { 32 };
+        (ct, n * ct, 0, if n <= 4 { 3 } else { 1 })
+    }
+}
 /// Most split-K slices of the coefficient kernel.
 const MAX_SPLITS: usize = 8;
 
@@ -353,12 +371,12 @@ impl<S: StreamElement> MhcCuda<S> {
         params.validate(config)?;
         let k = config.coefficient_len();
         let sm = dev.multiprocessors()? as usize;
-        let ctiles = c.div_ceil(if n <= 4 { 64 } else { 32 });
-        // dx_dphi's token chunks: about two full waves of its blocks (DX_MINB
-        // resident per SM: 3 at n ≤ 4, else 1), chunks of at least 256 tokens.
-        // (Two blocks per SM, as before, filled 0.7 of one wave at d = 768:
-        // 24% achieved occupancy in Nsight Compute on the H200.)
-        let resident = if n <= 4 { 3 } else { 1 };
+        let (ct, _, dx_smem, resident) = dx_geometry(S::BF16, n, k);
+        let ctiles = c.div_ceil(ct);
+        // The dx/dφ kernel's token chunks: about two full waves of its blocks
+        // (`resident` per SM), chunks of at least 256 tokens. (Two blocks per
+        // SM of dx_dphi, as before, filled 0.7 of one wave at d = 768: 24%
+        // achieved occupancy in Nsight Compute on the H200.)
         let chunks = (2 * resident * sm)
             .div_ceil(ctiles)
             .clamp(1, capacity.div_ceil(256).max(1));
@@ -381,7 +399,20 @@ impl<S: StreamElement> MhcCuda<S> {
             post_bwd: name("post_bwd")?,
             pre_bwd: name("pre_bwd")?,
             coeff_bwd: name("coeff_bwd")?,
-            dx_dphi: name("dx_dphi")?,
+            dx_dphi: if S::BF16 {
+                let f = name("dx_dphi_tc")?;
+                dev.context().bind_to_thread()?;
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    dx_smem as i32,
+                )
+                .map_err(|e| {
+                    CudaError::Driver(format!("dx_dphi_tc: allowing {dx_smem} B of shared memory: {e:?}"))
+                })?;
+                f
+            } else {
+                name("dx_dphi")?
+            },
             dphi_reduce: name("dphi_reduce")?,
             token_reduce: name("token_reduce")?,
             split_phi: name("split_phi")?,
@@ -726,7 +757,7 @@ impl<S: StreamElement> MhcCuda<S> {
                 .map_err(|e| launch_error("coeff_bwd", e))?;
             debug_sync(&self.dev, "coeff_bwd")?;
         }
-        let ct = if n <= 4 { 64 } else { 32 };
+        let (ct, threads, smem, _) = dx_geometry(S::BF16, n, self.k);
         let chunks = self.chunks.min(tokens.div_ceil(256)).max(1);
         let chunk = tokens.div_ceil(chunks) as i32;
         let chunks = tokens.div_ceil(chunk as usize);
@@ -744,9 +775,13 @@ impl<S: StreamElement> MhcCuda<S> {
                 .arg(&chunk)
                 .arg(grad_x)
                 .arg(&mut self.gpart);
-            // SAFETY: grid (C/ct, chunks) with chunks·chunk ≥ tokens and chunks ≤ the allocated gpart chunks; bounds checked in the kernel.
-            unsafe { b.launch(cfg((c.div_ceil(ct) as u32, chunks as u32), (n * ct) as u32)) }
-                .map_err(|e| launch_error("dx_dphi", e))?;
+            let launch = LaunchConfig {
+                shared_mem_bytes: smem as u32,
+                ..cfg((c.div_ceil(ct) as u32, chunks as u32), threads as u32)
+            };
+            // SAFETY: grid (C/ct, chunks) with chunks·chunk ≥ tokens and chunks ≤ the allocated gpart chunks; bounds checked in the
+            // kernel; the shared memory is the kernel's layout (dx_dphi_tc traps when given less).
+            unsafe { b.launch(launch) }.map_err(|e| launch_error("dx_dphi", e))?;
             debug_sync(&self.dev, "dx_dphi")?;
         }
         {

@@ -757,6 +757,232 @@ extern "C" __global__ void __launch_bounds__(N * DX_CT, DX_MINB) dx_dphi(
     }
 }
 
+#if STREAM_BF16
+// ---------------------------------------------------------------------------
+// dx_dphi_tc: dx_dphi for bf16 streams, its two products on the tensor cores
+// (mma.sync m16n8k16, f32 accumulation). Same arguments and results as dx_dphi.
+//   (a) dxφ[t, m] = Σ_j dp[t, j] φ'[m, j]  — dp and φ' split into bf16 hi + lo
+//       (three products: about 16 mantissa bits of each), then the epilogue
+//       adds Σ_o H_res[o, i] g[t, o, c] + H_pre[i] dh[t, c] + xs[t] x[t, i, c];
+//   (b) gpart[chunk, m, j] += Σ_t x[t, m] dp[t, j] — x is exact in bf16, dp hi + lo.
+// Block: 8 warps, TC_CT channels of every stream (m' = i·TC_CT + cc, TC_MT
+// columns), tiles of TC_TB tokens through cp.async, two buffers. Dynamic
+// shared memory: TC_SMEM bytes (checked).
+#if N <= 4
+#define TC_CT 32
+#else
+#define TC_CT 16
+#endif
+#define TC_MT (N * TC_CT)
+#define TC_TB 32
+#define TC_KP ((K + 15) / 16 * 16)
+#define TC_XS (TC_MT + 8)      // bf16 row strides: 16-byte rows, conflict-free fragment loads
+#define TC_HS (TC_CT + 8)
+#define TC_PS (TC_KP + 8)
+#define TC_NT (TC_MT / 8)      // n-tiles of (a), over 4 warp columns
+#define TC_NTW ((TC_NT + 3) / 4)
+#define TC_MTL (TC_MT / 16)    // m-tiles of (b), over 8 warps
+#define TC_MTW ((TC_MTL + 7) / 8)
+#define TC_JT (TC_KP / 8)      // j n-tiles of (b)
+struct TcTile {
+    bf16_t x[TC_TB][TC_XS];
+    bf16_t g[TC_TB][TC_XS];
+    bf16_t dh[TC_TB][TC_HS];
+    float dp[TC_TB][K];
+    float coef[TC_TB][K];
+    float xs[TC_TB];
+};
+#define TC_SMEM (2 * sizeof(TcTile) + 2 * (TC_TB + TC_MT) * TC_PS * sizeof(bf16_t))
+
+__device__ __forceinline__ unsigned lds32(const bf16_t* p) { return *reinterpret_cast<const unsigned*>(p); }
+__device__ __forceinline__ float bf_lo(unsigned w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf_hi(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
+// Four 8×8 bf16 matrices, transposed, from rows of `stride` elements (lane l addresses one row).
+__device__ __forceinline__ void ldsm_x4_t(const bf16_t* p, unsigned* r) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
+
+__device__ __forceinline__ void tc_stage(TcTile& s, const stream_t* __restrict__ x, const stream_t* __restrict__ g,
+                                         const stream_t* __restrict__ dh, const float* __restrict__ coef,
+                                         const float* __restrict__ dp, const float* __restrict__ xsc, long tb, int nt,
+                                         int C, int c0)
+{
+    const int tid = threadIdx.x;
+    for (int e = tid; e < TC_TB * N * (TC_CT / 4); e += blockDim.x) {
+        const int tt = e / (N * (TC_CT / 4)), rem = e % (N * (TC_CT / 4)), ii = rem / (TC_CT / 4);
+        const int c2 = (rem % (TC_CT / 4)) * 4;
+        const bool ok = tt < nt && c0 + c2 < C;
+        const long idx = ok ? ((tb + tt) * N + ii) * C + c0 + c2 : 0;
+        cp_async<8>(&s.x[tt][ii * TC_CT + c2], x + idx, ok);
+        cp_async<8>(&s.g[tt][ii * TC_CT + c2], g + idx, ok);
+    }
+    for (int e = tid; e < TC_TB * (TC_CT / 4); e += blockDim.x) {
+        const int tt = e / (TC_CT / 4), c2 = (e % (TC_CT / 4)) * 4;
+        const bool ok = tt < nt && c0 + c2 < C;
+        cp_async<8>(&s.dh[tt][c2], dh + (ok ? (tb + tt) * C + c0 + c2 : 0), ok);
+    }
+    for (int e = tid; e < TC_TB * K; e += blockDim.x) {
+        const int tt = e / K, j = e % K;
+        const bool ok = tt < nt;
+        const long src = ok ? (tb + tt) * K + j : 0;
+        cp_async<4>(&s.dp[tt][j], dp + src, ok);
+        cp_async<4>(&s.coef[tt][j], coef + src, ok);
+    }
+    if (tid < TC_TB) cp_async<4>(&s.xs[tid], xsc + (tid < nt ? tb + tid : 0), tid < nt);
+    cp_commit();
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) dx_dphi_tc(
+    const stream_t* __restrict__ x, const stream_t* __restrict__ g, const stream_t* __restrict__ dh,
+    const float* __restrict__ coef, const float* __restrict__ dp, const float* __restrict__ xsc,
+    const float* __restrict__ phi, int T, int C, int chunk,
+    stream_t* __restrict__ dx, float* __restrict__ gpart)
+{
+    extern __shared__ __align__(16) unsigned char tc_smem[];
+    {
+        unsigned avail;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(avail));
+        if (avail < TC_SMEM) asm volatile("trap;"); // launched with less shared memory than the layout needs
+    }
+    TcTile* tiles = reinterpret_cast<TcTile*>(tc_smem);
+    bf16_t* dp_hi = reinterpret_cast<bf16_t*>(tiles + 2);
+    bf16_t* dp_lo = dp_hi + TC_TB * TC_PS;
+    bf16_t* ph_hi = dp_lo + TC_TB * TC_PS;
+    bf16_t* ph_lo = ph_hi + TC_MT * TC_PS;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, q = lane & 3;
+    const int c0 = blockIdx.x * TC_CT;
+    const long tbeg = (long)blockIdx.y * chunk;
+    const long tend = min((long)T, tbeg + chunk);
+    if (tbeg < tend) tc_stage(tiles[0], x, g, dh, coef, dp, xsc, tbeg, (int)min((long)TC_TB, tend - tbeg), C, c0);
+    // φ' of this block's columns as bf16 hi + lo (zero for j ≥ K and channels ≥ C).
+    for (int e = tid; e < TC_MT * TC_KP; e += blockDim.x) {
+        const int mm = e / TC_KP, j = e % TC_KP;
+        const int i = mm / TC_CT, c = c0 + mm % TC_CT;
+        const float v = (j < K && c < C) ? phi[((long)i * C + c) * K + j] : 0.f;
+        const bf16_t hi = f32_to_bf16(v);
+        ph_hi[mm * TC_PS + j] = hi;
+        ph_lo[mm * TC_PS + j] = f32_to_bf16(v - bf16_to_f32(hi));
+    }
+    float G[TC_MTW][TC_JT][4];
+#pragma unroll
+    for (int u = 0; u < TC_MTW; ++u)
+#pragma unroll
+        for (int jt = 0; jt < TC_JT; ++jt) G[u][jt][0] = G[u][jt][1] = G[u][jt][2] = G[u][jt][3] = 0.f;
+    int buf = 0;
+    for (long tb = tbeg; tb < tend; tb += TC_TB, buf ^= 1) {
+        const int nt = (int)min((long)TC_TB, tend - tb);
+        if (tb + TC_TB < tend) {
+            tc_stage(tiles[buf ^ 1], x, g, dh, coef, dp, xsc, tb + TC_TB, (int)min((long)TC_TB, tend - tb - TC_TB), C,
+                     c0);
+            cp_wait<1>();
+        } else {
+            cp_wait<0>();
+        }
+        __syncthreads();
+        const TcTile& s = tiles[buf];
+        // dp as bf16 hi + lo (rows past the chunk's end were zero-filled by the copy).
+        for (int e = tid; e < TC_TB * TC_KP; e += blockDim.x) {
+            const int tt = e / TC_KP, j = e % TC_KP;
+            const float v = j < K ? s.dp[tt][j] : 0.f;
+            const bf16_t hi = f32_to_bf16(v);
+            dp_hi[tt * TC_PS + j] = hi;
+            dp_lo[tt * TC_PS + j] = f32_to_bf16(v - bf16_to_f32(hi));
+        }
+        __syncthreads();
+        // (a) Warp: tokens [t0, t0 + 16) × n-tiles wc, wc + 4, …
+        {
+            const int t0 = (warp & 1) * 16, wc = warp >> 1;
+            unsigned ahi[TC_KP / 16][4], alo[TC_KP / 16][4];
+#pragma unroll
+            for (int ks = 0; ks < TC_KP / 16; ++ks) {
+                const int o0 = (t0 + gq) * TC_PS + 16 * ks + 2 * q, o1 = o0 + 8 * TC_PS;
+                ahi[ks][0] = lds32(dp_hi + o0); ahi[ks][1] = lds32(dp_hi + o1);
+                ahi[ks][2] = lds32(dp_hi + o0 + 8); ahi[ks][3] = lds32(dp_hi + o1 + 8);
+                alo[ks][0] = lds32(dp_lo + o0); alo[ks][1] = lds32(dp_lo + o1);
+                alo[ks][2] = lds32(dp_lo + o0 + 8); alo[ks][3] = lds32(dp_lo + o1 + 8);
+            }
+#pragma unroll
+            for (int u = 0; u < TC_NTW; ++u) {
+                const int ntile = wc + 4 * u;
+                if (ntile < TC_NT) {
+                    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                    for (int ks = 0; ks < TC_KP / 16; ++ks) {
+                        const int ob = (ntile * 8 + gq) * TC_PS + 16 * ks + 2 * q;
+                        const unsigned bh0 = lds32(ph_hi + ob), bh1 = lds32(ph_hi + ob + 8);
+                        const unsigned bl0 = lds32(ph_lo + ob), bl1 = lds32(ph_lo + ob + 8);
+                        mma_bf16(acc, ahi[ks][0], ahi[ks][1], ahi[ks][2], ahi[ks][3], bh0, bh1);
+                        mma_bf16(acc, ahi[ks][0], ahi[ks][1], ahi[ks][2], ahi[ks][3], bl0, bl1);
+                        mma_bf16(acc, alo[ks][0], alo[ks][1], alo[ks][2], alo[ks][3], bh0, bh1);
+                    }
+                    const int i = (ntile * 8) / TC_CT, cc = (ntile * 8) % TC_CT + 2 * q, c = c0 + cc;
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int tt = t0 + gq + 8 * h;
+                        float v0 = acc[2 * h], v1 = acc[2 * h + 1];
+                        const float hp = s.coef[tt][i], xv = s.xs[tt];
+                        const unsigned dw = lds32(&s.dh[tt][cc]), xw = lds32(&s.x[tt][i * TC_CT + cc]);
+                        v0 += hp * bf_lo(dw) + xv * bf_lo(xw);
+                        v1 += hp * bf_hi(dw) + xv * bf_hi(xw);
+#pragma unroll
+                        for (int o = 0; o < N; ++o) {
+                            const float hr = s.coef[tt][2 * N + o * N + i];
+                            const unsigned gw = lds32(&s.g[tt][o * TC_CT + cc]);
+                            v0 += hr * bf_lo(gw);
+                            v1 += hr * bf_hi(gw);
+                        }
+                        if (tt < nt && c < C)
+                            *reinterpret_cast<unsigned*>(dx + ((tb + tt) * N + i) * C + c) = bf16x2_rn(v0, v1);
+                    }
+                }
+            }
+        }
+        // (b) Warp: m-tiles warp, warp + 8, … × every j n-tile, over the tile's tokens.
+#pragma unroll
+        for (int u = 0; u < TC_MTW; ++u) {
+            const int mt = warp + 8 * u;
+            if (mt < TC_MTL) {
+                const int mi = lane >> 3, r = lane & 7;
+#pragma unroll
+                for (int ks = 0; ks < TC_TB / 16; ++ks) {
+                    unsigned a[4];
+                    ldsm_x4_t(&s.x[16 * ks + r + (mi >> 1) * 8][16 * mt + (mi & 1) * 8], a);
+#pragma unroll
+                    for (int jp = 0; jp < TC_JT / 2; ++jp) {
+                        const int row = 16 * ks + (mi & 1) * 8 + r, col = 16 * jp + (mi >> 1) * 8;
+                        unsigned bh[4], bl[4];
+                        ldsm_x4_t(dp_hi + row * TC_PS + col, bh);
+                        ldsm_x4_t(dp_lo + row * TC_PS + col, bl);
+                        mma_bf16(G[u][2 * jp], a[0], a[1], a[2], a[3], bh[0], bh[1]);
+                        mma_bf16(G[u][2 * jp], a[0], a[1], a[2], a[3], bl[0], bl[1]);
+                        mma_bf16(G[u][2 * jp + 1], a[0], a[1], a[2], a[3], bh[2], bh[3]);
+                        mma_bf16(G[u][2 * jp + 1], a[0], a[1], a[2], a[3], bl[2], bl[3]);
+                    }
+                }
+            }
+        }
+        __syncthreads(); // this buffer and the dp halves are rewritten next iteration
+    }
+#pragma unroll
+    for (int u = 0; u < TC_MTW; ++u) {
+        const int mt = warp + 8 * u;
+        if (mt < TC_MTL) {
+#pragma unroll
+            for (int jt = 0; jt < TC_JT; ++jt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int mm = 16 * mt + gq + (e >= 2 ? 8 : 0), j = 8 * jt + 2 * q + (e & 1);
+                    const int i = mm / TC_CT, c = c0 + mm % TC_CT;
+                    if (j < K && c < C) gpart[((long)blockIdx.y * N * C + (long)i * C + c) * K + j] = G[u][jt][e];
+                }
+        }
+    }
+}
+#endif
+
 // dphi_reduce: dphi_raw[m, j] = gamma[m] · Σ_chunk gpart; dgamma[m] = Σ_j phi_raw[m, j] · Σ_chunk gpart.
 // (phi_raw is φ without gamma.) Block: DR_M rows m × K columns, one thread per (m, j), so
 // that the chunk sums read gpart coalesced; chunks summed in order, then one thread per row
