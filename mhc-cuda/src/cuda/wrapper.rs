@@ -163,7 +163,7 @@ fn dx_geometry(bf16: bool, n: usize, k: usize) -> (usize, usize, usize, usize) {
         let (ct, tb) = (if n <= 4 { 32 } else { 16 }, 32);
         let (mt, kp) = (n * ct, k.next_multiple_of(16));
         let tile = 2 * tb * (mt + 8) * 2 + tb * (ct + 8) * 2 + 2 * tb * k * 4 + tb * 4;
-        let smem = 2 * tile + 2 * (tb + mt) * (kp + 8) * 2;
+        let smem = 2 * tile + (2 * tb * (kp + 8) + 2 * kp * (mt + 8)) * 2;
         (ct, 256, smem, if smem <= 100 * 1024 { 2 } else { 1 })
     } else {
         let ct = if n <= 4 { 64 } else { 32 };
@@ -768,8 +768,13 @@ impl<S: StreamElement> MhcCuda<S> {
                 .arg(&self.dh)
                 .arg(&self.coef)
                 .arg(&self.dp)
-                .arg(&self.xscale)
-                .arg(&self.phi);
+                .arg(&self.xscale);
+            // dx_dphi_tc reads φ' as split_phi's bf16 halves, dx_dphi in f32.
+            if S::BF16 {
+                b.arg(&self.phit_hi).arg(&self.phit_lo);
+            } else {
+                b.arg(&self.phi);
+            }
             b.arg(&t)
                 .arg(&c_i)
                 .arg(&chunk)

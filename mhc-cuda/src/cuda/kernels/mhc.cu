@@ -779,8 +779,8 @@ extern "C" __global__ void __launch_bounds__(N * DX_CT, DX_MINB) dx_dphi(
 #define TC_XS (TC_MT + 8)      // bf16 row strides: 16-byte rows, conflict-free fragment loads
 #define TC_HS (TC_CT + 8)
 #define TC_PS (TC_KP + 8)
-#define TC_NT (TC_MT / 8)      // n-tiles of (a), over 4 warp columns
-#define TC_NTW ((TC_NT + 3) / 4)
+#define TC_NP (TC_MT / 16)     // pairs of n-tiles of (a), over 4 warp columns
+#define TC_NPW ((TC_NP + 3) / 4)
 #define TC_MTL (TC_MT / 16)    // m-tiles of (b), over 8 warps
 #define TC_MTW ((TC_MTL + 7) / 8)
 #define TC_JT (TC_KP / 8)      // j n-tiles of (b)
@@ -792,12 +792,12 @@ struct TcTile {
     float coef[TC_TB][K];
     float xs[TC_TB];
 };
-#define TC_SMEM (2 * sizeof(TcTile) + 2 * (TC_TB + TC_MT) * TC_PS * sizeof(bf16_t))
+#define TC_SMEM (2 * sizeof(TcTile) + (2 * TC_TB * TC_PS + 2 * TC_KP * TC_XS) * sizeof(bf16_t))
 
 __device__ __forceinline__ unsigned lds32(const bf16_t* p) { return *reinterpret_cast<const unsigned*>(p); }
 __device__ __forceinline__ float bf_lo(unsigned w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float bf_hi(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
-// Four 8×8 bf16 matrices, transposed, from rows of `stride` elements (lane l addresses one row).
+// Four 8×8 bf16 matrices, transposed (ldmatrix .trans; lane l addresses one row).
 __device__ __forceinline__ void ldsm_x4_t(const bf16_t* p, unsigned* r) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -835,10 +835,19 @@ __device__ __forceinline__ void tc_stage(TcTile& s, const stream_t* __restrict__
     cp_commit();
 }
 
+// B fragments of the n-tiles [n0, n0 + 8) and [n0 + 8, n0 + 16) for k rows [k0, k0 + 16)
+// of a row-major smem matrix M [k][stride].
+__device__ __forceinline__ void ldsm_b_pair(const bf16_t* M, int stride, int k0, int n0, unsigned* b) {
+    const int l = threadIdx.x & 31, mi = l >> 3, r = l & 7;
+    ldsm_x4_t(M + (k0 + (mi & 1) * 8 + r) * stride + n0 + (mi >> 1) * 8, b);
+}
+
+// φ' (phit_hi + phit_lo, from split_phi: [MF_KP][N·C], rows ≥ K zero) as its
+// argument instead of dx_dphi's f32 phi.
 extern "C" __global__ void __launch_bounds__(256, 2) dx_dphi_tc(
     const stream_t* __restrict__ x, const stream_t* __restrict__ g, const stream_t* __restrict__ dh,
     const float* __restrict__ coef, const float* __restrict__ dp, const float* __restrict__ xsc,
-    const float* __restrict__ phi, int T, int C, int chunk,
+    const bf16_t* __restrict__ phit_hi, const bf16_t* __restrict__ phit_lo, int T, int C, int chunk,
     stream_t* __restrict__ dx, float* __restrict__ gpart)
 {
     extern __shared__ __align__(16) unsigned char tc_smem[];
@@ -850,22 +859,25 @@ extern "C" __global__ void __launch_bounds__(256, 2) dx_dphi_tc(
     TcTile* tiles = reinterpret_cast<TcTile*>(tc_smem);
     bf16_t* dp_hi = reinterpret_cast<bf16_t*>(tiles + 2);
     bf16_t* dp_lo = dp_hi + TC_TB * TC_PS;
-    bf16_t* ph_hi = dp_lo + TC_TB * TC_PS;
-    bf16_t* ph_lo = ph_hi + TC_MT * TC_PS;
+    bf16_t* ph_hi = dp_lo + TC_TB * TC_PS; // φ'ᵀ halves of this block's columns: [TC_KP][TC_XS]
+    bf16_t* ph_lo = ph_hi + TC_KP * TC_XS;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, q = lane & 3;
     const int c0 = blockIdx.x * TC_CT;
     const long tbeg = (long)blockIdx.y * chunk;
     const long tend = min((long)T, tbeg + chunk);
-    if (tbeg < tend) tc_stage(tiles[0], x, g, dh, coef, dp, xsc, tbeg, (int)min((long)TC_TB, tend - tbeg), C, c0);
-    // φ' of this block's columns as bf16 hi + lo (zero for j ≥ K and channels ≥ C).
-    for (int e = tid; e < TC_MT * TC_KP; e += blockDim.x) {
-        const int mm = e / TC_KP, j = e % TC_KP;
-        const int i = mm / TC_CT, c = c0 + mm % TC_CT;
-        const float v = (j < K && c < C) ? phi[((long)i * C + c) * K + j] : 0.f;
-        const bf16_t hi = f32_to_bf16(v);
-        ph_hi[mm * TC_PS + j] = hi;
-        ph_lo[mm * TC_PS + j] = f32_to_bf16(v - bf16_to_f32(hi));
+    const long NC = (long)N * C;
+    // φ'ᵀ rows j < MF_KP from split_phi's halves (zero beyond, and for channels ≥ C);
+    // committed with the first tile.
+    for (int e = tid; e < TC_KP * N * (TC_CT / 4); e += blockDim.x) {
+        const int j = e / (N * (TC_CT / 4)), rem = e % (N * (TC_CT / 4)), ii = rem / (TC_CT / 4);
+        const int c4 = (rem % (TC_CT / 4)) * 4;
+        const bool ok = j < MF_KP && c0 + c4 < C;
+        const long src = ok ? j * NC + (long)ii * C + c0 + c4 : 0;
+        cp_async<8>(ph_hi + j * TC_XS + ii * TC_CT + c4, phit_hi + src, ok);
+        cp_async<8>(ph_lo + j * TC_XS + ii * TC_CT + c4, phit_lo + src, ok);
     }
+    if (tbeg < tend) tc_stage(tiles[0], x, g, dh, coef, dp, xsc, tbeg, (int)min((long)TC_TB, tend - tbeg), C, c0);
+    else cp_commit();
     float G[TC_MTW][TC_JT][4];
 #pragma unroll
     for (int u = 0; u < TC_MTW; ++u)
@@ -892,7 +904,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) dx_dphi_tc(
             dp_lo[tt * TC_PS + j] = f32_to_bf16(v - bf16_to_f32(hi));
         }
         __syncthreads();
-        // (a) Warp: tokens [t0, t0 + 16) × n-tiles wc, wc + 4, …
+        // (a) Warp: tokens [t0, t0 + 16) × the n-tile pairs wc, wc + 4, … (a pair: 16 columns of one stream).
         {
             const int t0 = (warp & 1) * 16, wc = warp >> 1;
             unsigned ahi[TC_KP / 16][4], alo[TC_KP / 16][4];
@@ -905,19 +917,27 @@ extern "C" __global__ void __launch_bounds__(256, 2) dx_dphi_tc(
                 alo[ks][2] = lds32(dp_lo + o0 + 8); alo[ks][3] = lds32(dp_lo + o1 + 8);
             }
 #pragma unroll
-            for (int u = 0; u < TC_NTW; ++u) {
-                const int ntile = wc + 4 * u;
-                if (ntile < TC_NT) {
-                    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+            for (int u = 0; u < TC_NPW; ++u) {
+                const int pair = wc + 4 * u;
+                if (pair < TC_NP) {
+                    float accs[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
                     for (int ks = 0; ks < TC_KP / 16; ++ks) {
-                        const int ob = (ntile * 8 + gq) * TC_PS + 16 * ks + 2 * q;
-                        const unsigned bh0 = lds32(ph_hi + ob), bh1 = lds32(ph_hi + ob + 8);
-                        const unsigned bl0 = lds32(ph_lo + ob), bl1 = lds32(ph_lo + ob + 8);
-                        mma_bf16(acc, ahi[ks][0], ahi[ks][1], ahi[ks][2], ahi[ks][3], bh0, bh1);
-                        mma_bf16(acc, ahi[ks][0], ahi[ks][1], ahi[ks][2], ahi[ks][3], bl0, bl1);
-                        mma_bf16(acc, alo[ks][0], alo[ks][1], alo[ks][2], alo[ks][3], bh0, bh1);
+                        unsigned bh[4], bl[4];
+                        ldsm_b_pair(ph_hi, TC_XS, 16 * ks, 16 * pair, bh);
+                        ldsm_b_pair(ph_lo, TC_XS, 16 * ks, 16 * pair, bl);
+#pragma unroll
+                        for (int hf = 0; hf < 2; ++hf) {
+                            float* acc = accs[hf];
+                            mma_bf16(acc, ahi[ks][0], ahi[ks][1], ahi[ks][2], ahi[ks][3], bh[2 * hf], bh[2 * hf + 1]);
+                            mma_bf16(acc, ahi[ks][0], ahi[ks][1], ahi[ks][2], ahi[ks][3], bl[2 * hf], bl[2 * hf + 1]);
+                            mma_bf16(acc, alo[ks][0], alo[ks][1], alo[ks][2], alo[ks][3], bh[2 * hf], bh[2 * hf + 1]);
+                        }
                     }
+#pragma unroll
+                    for (int hf = 0; hf < 2; ++hf) {
+                    const float* acc = accs[hf];
+                    const int ntile = 2 * pair + hf;
                     const int i = (ntile * 8) / TC_CT, cc = (ntile * 8) % TC_CT + 2 * q, c = c0 + cc;
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
@@ -936,6 +956,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) dx_dphi_tc(
                         }
                         if (tt < nt && c < C)
                             *reinterpret_cast<unsigned*>(dx + ((tb + tt) * N + i) * C + c) = bf16x2_rn(v0, v1);
+                    }
                     }
                 }
             }
