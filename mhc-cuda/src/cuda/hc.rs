@@ -402,12 +402,14 @@ impl HcCuda {
             unsafe { b.launch(launch_cfg(grid, 256)) }
                 .map_err(|e| launch_error("hc_dx_merge", e))?;
         }
-        let mut b = st.launch_builder(&self.kernels.token_reduce);
-        b.arg(&self.dtok).arg(&t).arg(&mut self.dparams);
-        // SAFETY: one block per output j < K + 3; reads tokens·(K+3) of dtok.
-        unsafe { b.launch(launch_cfg((k + 3) as u32, 256)) }
-            .map_err(|e| launch_error("token_reduce", e))?;
-        Ok(())
+        super::wrapper::launch_token_reduce(
+            &self.dev,
+            &self.kernels.token_reduce,
+            &self.dtok,
+            tokens,
+            k,
+            &mut self.dparams,
+        )
     }
 
     /// Coefficients of the last forward, `[tokens, K]` rows `[H_pre | H_post | H_res]`, copied to the host.

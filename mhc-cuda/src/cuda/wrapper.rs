@@ -240,6 +240,34 @@ fn token_warps(tokens: usize) -> (u32, u32) {
 /// the post/res entries of `dcoef` (`g_o·y`, `g_o·x_i`), one warp per token.
 /// The callers check the shapes: x and g `[tokens, n, C]`, y and dy
 /// `[tokens, C]`, coef and dcoef `[tokens, K]`.
+/// `out[j] = Σ_t dtok[t, j]` for `j < k + 3` (the per-token parameter
+/// gradients of `coeff_bwd` / `hc_coef_bwd`): one block of 1024 threads per
+/// output (fixed order; 1024 rather than 256 threads keep four times as many
+/// of the strided loads in flight).
+pub(crate) fn launch_token_reduce(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    dtok: &CudaSlice<f32>,
+    tokens: usize,
+    k: usize,
+    out: &mut CudaSlice<f32>,
+) -> CudaResult<()> {
+    if dtok.len() < tokens * (k + 3) || out.len() < k + 3 {
+        return Err(CudaError::Shape {
+            what: "token_reduce buffers",
+            expected: tokens * (k + 3),
+            got: dtok.len(),
+        });
+    }
+    let t = tokens as i32;
+    let mut b = dev.stream().launch_builder(f);
+    b.arg(dtok).arg(&t).arg(out);
+    // SAFETY: one block per output j < k + 3 (out holds k + 3, checked); reads tokens·(k+3) of dtok (checked).
+    unsafe { b.launch(cfg(((k + 3) as u32, 1), 1024)) }
+        .map_err(|e| launch_error("token_reduce", e))?;
+    debug_sync(dev, "token_reduce")
+}
+
 pub(crate) fn launch_post_bwd<S: StreamElement>(
     dev: &CudaDevice,
     f: &CudaFunction,
@@ -804,15 +832,14 @@ impl<S: StreamElement> MhcCuda<S> {
                 .map_err(|e| launch_error("dphi_reduce", e))?;
             debug_sync(&self.dev, "dphi_reduce")?;
         }
-        {
-            let mut b = st.launch_builder(&self.kernels.token_reduce);
-            b.arg(&self.dtok).arg(&t).arg(&mut self.dparams);
-            // SAFETY: one block per output j < K + 3; reads tokens·(K+3) of dtok.
-            unsafe { b.launch(cfg(((k + 3) as u32, 1), 256)) }
-                .map_err(|e| launch_error("token_reduce", e))?;
-            debug_sync(&self.dev, "token_reduce")?;
-        }
-        Ok(())
+        launch_token_reduce(
+            &self.dev,
+            &self.kernels.token_reduce,
+            &self.dtok,
+            tokens,
+            k,
+            &mut self.dparams,
+        )
     }
 
     /// Coefficients of the last forward, `[tokens, K]` rows `[H_pre | H_post | H_res]`, copied to the host.

@@ -811,19 +811,44 @@ __device__ __forceinline__ void tc_stage(TcTile& s, const stream_t* __restrict__
                                          int C, int c0)
 {
     const int tid = threadIdx.x;
-    for (int e = tid; e < TC_TB * N * (TC_CT / 4); e += blockDim.x) {
-        const int tt = e / (N * (TC_CT / 4)), rem = e % (N * (TC_CT / 4)), ii = rem / (TC_CT / 4);
-        const int c2 = (rem % (TC_CT / 4)) * 4;
-        const bool ok = tt < nt && c0 + c2 < C;
-        const long idx = ok ? ((tb + tt) * N + ii) * C + c0 + c2 : 0;
-        cp_async<8>(&s.x[tt][ii * TC_CT + c2], x + idx, ok);
-        cp_async<8>(&s.g[tt][ii * TC_CT + c2], g + idx, ok);
+    if ((C & 7) == 0) { // units of 8 channels (16 bytes)
+        for (int e = tid; e < TC_TB * N * (TC_CT / 8); e += blockDim.x) {
+            const int tt = e / (N * (TC_CT / 8)), rem = e % (N * (TC_CT / 8)), ii = rem / (TC_CT / 8);
+            const int c2 = (rem % (TC_CT / 8)) * 8;
+            const bool ok = tt < nt && c0 + c2 < C;
+            const long idx = ok ? ((tb + tt) * N + ii) * C + c0 + c2 : 0;
+            cp_async<16>(&s.x[tt][ii * TC_CT + c2], x + idx, ok);
+            cp_async<16>(&s.g[tt][ii * TC_CT + c2], g + idx, ok);
+        }
+        for (int e = tid; e < TC_TB * (TC_CT / 8); e += blockDim.x) {
+            const int tt = e / (TC_CT / 8), c2 = (e % (TC_CT / 8)) * 8;
+            const bool ok = tt < nt && c0 + c2 < C;
+            cp_async<16>(&s.dh[tt][c2], dh + (ok ? (tb + tt) * C + c0 + c2 : 0), ok);
+        }
+    } else { // C % 8 == 4: units of 4 channels (8 bytes)
+        for (int e = tid; e < TC_TB * N * (TC_CT / 4); e += blockDim.x) {
+            const int tt = e / (N * (TC_CT / 4)), rem = e % (N * (TC_CT / 4)), ii = rem / (TC_CT / 4);
+            const int c2 = (rem % (TC_CT / 4)) * 4;
+            const bool ok = tt < nt && c0 + c2 < C;
+            const long idx = ok ? ((tb + tt) * N + ii) * C + c0 + c2 : 0;
+            cp_async<8>(&s.x[tt][ii * TC_CT + c2], x + idx, ok);
+            cp_async<8>(&s.g[tt][ii * TC_CT + c2], g + idx, ok);
+        }
+        for (int e = tid; e < TC_TB * (TC_CT / 4); e += blockDim.x) {
+            const int tt = e / (TC_CT / 4), c2 = (e % (TC_CT / 4)) * 4;
+            const bool ok = tt < nt && c0 + c2 < C;
+            cp_async<8>(&s.dh[tt][c2], dh + (ok ? (tb + tt) * C + c0 + c2 : 0), ok);
+        }
     }
-    for (int e = tid; e < TC_TB * (TC_CT / 4); e += blockDim.x) {
-        const int tt = e / (TC_CT / 4), c2 = (e % (TC_CT / 4)) * 4;
-        const bool ok = tt < nt && c0 + c2 < C;
-        cp_async<8>(&s.dh[tt][c2], dh + (ok ? (tb + tt) * C + c0 + c2 : 0), ok);
+#if K % 4 == 0
+    for (int e = tid; e < TC_TB * (K / 4); e += blockDim.x) {
+        const int tt = e / (K / 4), j = (e % (K / 4)) * 4;
+        const bool ok = tt < nt;
+        const long src = ok ? (tb + tt) * K + j : 0;
+        cp_async<16>(&s.dp[tt][j], dp + src, ok);
+        cp_async<16>(&s.coef[tt][j], coef + src, ok);
     }
+#else
     for (int e = tid; e < TC_TB * K; e += blockDim.x) {
         const int tt = e / K, j = e % K;
         const bool ok = tt < nt;
@@ -831,6 +856,7 @@ __device__ __forceinline__ void tc_stage(TcTile& s, const stream_t* __restrict__
         cp_async<4>(&s.dp[tt][j], dp + src, ok);
         cp_async<4>(&s.coef[tt][j], coef + src, ok);
     }
+#endif
     if (tid < TC_TB) cp_async<4>(&s.xs[tid], xsc + (tid < nt ? tb + tid : 0), tid < nt);
     cp_commit();
 }
@@ -895,13 +921,13 @@ extern "C" __global__ void __launch_bounds__(256, 2) dx_dphi_tc(
         }
         __syncthreads();
         const TcTile& s = tiles[buf];
-        // dp as bf16 hi + lo (rows past the chunk's end were zero-filled by the copy).
-        for (int e = tid; e < TC_TB * TC_KP; e += blockDim.x) {
-            const int tt = e / TC_KP, j = e % TC_KP;
-            const float v = j < K ? s.dp[tt][j] : 0.f;
-            const bf16_t hi = f32_to_bf16(v);
-            dp_hi[tt * TC_PS + j] = hi;
-            dp_lo[tt * TC_PS + j] = f32_to_bf16(v - bf16_to_f32(hi));
+        // dp as bf16 hi + lo, two columns at a time (rows past the chunk's end were zero-filled by the copy).
+        for (int e = tid; e < TC_TB * TC_KP / 2; e += blockDim.x) {
+            const int tt = e / (TC_KP / 2), j = (e % (TC_KP / 2)) * 2;
+            const float v0 = j < K ? s.dp[tt][j] : 0.f, v1 = j + 1 < K ? s.dp[tt][j + 1] : 0.f;
+            const unsigned hi = bf16x2_rn(v0, v1);
+            *reinterpret_cast<unsigned*>(dp_hi + tt * TC_PS + j) = hi;
+            *reinterpret_cast<unsigned*>(dp_lo + tt * TC_PS + j) = bf16x2_rn(v0 - bf_lo(hi), v1 - bf_hi(hi));
         }
         __syncthreads();
         // (a) Warp: tokens [t0, t0 + 16) × the n-tile pairs wc, wc + 4, … (a pair: 16 columns of one stream).
