@@ -621,6 +621,18 @@ extern "C" __global__ void causal_softmax_bwd(const float* __restrict__ p, float
 //   C (16×8):       c0,c1 (g, 2t..2t+1), c2,c3 (g+8, 2t..2t+1)
 // ---------------------------------------------------------------------------
 #define FA_T 64          // rows of a query tile and of a key tile
+// The backward kernels form S and dP over FA_QW columns of a tile at a time
+// (64: the whole tile; 32: two halves, half the live registers), and aim for
+// FA_MINB_DKV / FA_MINB_DQ resident blocks per SM (tunable through MHC_CUDA_DEFINES).
+#ifndef FA_QW
+#define FA_QW 32
+#endif
+#ifndef FA_MINB_DKV
+#define FA_MINB_DKV 1
+#endif
+#ifndef FA_MINB_DQ
+#define FA_MINB_DQ 1
+#endif
 #define FA_INF __int_as_float(0x7f800000)
 #define FA_LOG2E 1.4426950408889634f
 
@@ -717,22 +729,22 @@ __device__ __forceinline__ void fa_zero8(float (*x)[4]) {
     for (int i = 0; i < 8; ++i) x[i][0] = x[i][1] = x[i][2] = x[i][3] = 0.f;
 }
 
-// acc (16 × 64) += A · Bᵀ: A = 16 rows × D (register fragments), B a row-major smem tile [64][D + 8].
-template <int D>
+// acc (16 × 8·NT) += A · Bᵀ: A = 16 rows × D (register fragments), B a row-major smem tile [8·NT][D + 8].
+template <int D, int NT = 8>
 __device__ __forceinline__ void fa_mma_abt(float (*acc)[4], const unsigned (*a)[4], const unsigned short* B)
 {
     const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
 #pragma unroll
     for (int kc = 0; kc < D / 16; ++kc)
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
+        for (int nt = 0; nt < NT; ++nt) {
             const unsigned short* b = B + (nt * 8 + g) * (D + 8) + 16 * kc + 2 * t;
             fa_mma(acc[nt], a[kc], fa_ld32(b), fa_ld32(b + 8));
         }
 }
 
 // As fa_mma_abt, with A read from a row-major smem matrix (16 rows from `A`, stride D + 8).
-template <int D>
+template <int D, int NT = 8>
 __device__ __forceinline__ void fa_mma_abt_s(float (*acc)[4], const unsigned short* A, const unsigned short* B)
 {
     const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
@@ -741,19 +753,19 @@ __device__ __forceinline__ void fa_mma_abt_s(float (*acc)[4], const unsigned sho
         unsigned a[4];
         fa_frag_a(A, D + 8, kc, a);
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
+        for (int nt = 0; nt < NT; ++nt) {
             const unsigned short* b = B + (nt * 8 + g) * (D + 8) + 16 * kc + 2 * t;
             fa_mma(acc[nt], a, fa_ld32(b), fa_ld32(b + 8));
         }
     }
 }
 
-// acc (16 × D) += P · V: P (16 × 64) in C-fragment registers, V a row-major smem tile [64][D + 8].
-template <int D>
+// acc (16 × D) += P · V: P (16 × 16·KC) in C-fragment registers, V a row-major smem tile [16·KC][D + 8].
+template <int D, int KC = FA_T / 16>
 __device__ __forceinline__ void fa_mma_pv(float (*acc)[4], const float (*p)[4], const unsigned short* V)
 {
 #pragma unroll
-    for (int kc = 0; kc < FA_T / 16; ++kc) {
+    for (int kc = 0; kc < KC; ++kc) {
         const unsigned a[4] = {fa_pack(p[2 * kc][0], p[2 * kc][1]), fa_pack(p[2 * kc][2], p[2 * kc][3]),
                                fa_pack(p[2 * kc + 1][0], p[2 * kc + 1][1]), fa_pack(p[2 * kc + 1][2], p[2 * kc + 1][3])};
 #pragma unroll
@@ -964,29 +976,34 @@ __device__ __forceinline__ void flash_bwd_dkv_impl(const unsigned short* __restr
         const unsigned short* dOs = Qs + TS;
         const float* Ls = stats + buf * 2 * FA_T;
         const float* Ds = Ls + FA_T;
-        // Sᵀ (16 keys × 64 queries) = K·Qᵀ and dPᵀ = V·dOᵀ.
-        float s[8][4], dp[8][4];
-        fa_zero8(s);
-        fa_zero8(dp);
-        if constexpr (KV_SMEM) {
-            fa_mma_abt_s<D>(s, Kb + warp * 16 * RS, Qs);
-            fa_mma_abt_s<D>(dp, Vb + warp * 16 * RS, dOs);
-        } else {
-            fa_mma_abt<D>(s, ka, Qs);
-            fa_mma_abt<D>(dp, va, dOs);
-        }
+        // Sᵀ (16 keys × FA_QW queries) = K·Qᵀ and dPᵀ = V·dOᵀ, over the query tile
+        // in FA_T / FA_QW parts (the same products in the same order; fewer live registers).
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
+        for (int part = 0; part < FA_T / FA_QW; ++part) {
+            const int qb = part * FA_QW;
+            float s[FA_QW / 8][4], dp[FA_QW / 8][4];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int qi = nt * 8 + 2 * t + (e & 1), key = e < 2 ? kr0 : kr1;
-                const float p = (q0 + qi >= key && q0 + qi < S) ? exp2f(s[nt][e] * sl - Ls[qi]) : 0.f;
-                s[nt][e] = p;
-                dp[nt][e] = p * (dp[nt][e] - Ds[qi]);
+            for (int i = 0; i < FA_QW / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
+            if constexpr (KV_SMEM) {
+                fa_mma_abt_s<D, FA_QW / 8>(s, Kb + warp * 16 * RS, Qs + qb * RS);
+                fa_mma_abt_s<D, FA_QW / 8>(dp, Vb + warp * 16 * RS, dOs + qb * RS);
+            } else {
+                fa_mma_abt<D, FA_QW / 8>(s, ka, Qs + qb * RS);
+                fa_mma_abt<D, FA_QW / 8>(dp, va, dOs + qb * RS);
             }
-        fa_mma_pv<D>(dv, s, dOs); // dV += Pᵀ·dO
-        fa_mma_pv<D>(dk, dp, Qs); // dK += dSᵀ·Q (scaled below)
-        __syncthreads();          // this buffer is refilled next iteration
+#pragma unroll
+            for (int nt = 0; nt < FA_QW / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = qb + nt * 8 + 2 * t + (e & 1), key = e < 2 ? kr0 : kr1;
+                    const float p = (q0 + qi >= key && q0 + qi < S) ? exp2f(s[nt][e] * sl - Ls[qi]) : 0.f;
+                    s[nt][e] = p;
+                    dp[nt][e] = p * (dp[nt][e] - Ds[qi]);
+                }
+            fa_mma_pv<D, FA_QW / 16>(dv, s, dOs + qb * RS); // dV += Pᵀ·dO
+            fa_mma_pv<D, FA_QW / 16>(dk, dp, Qs + qb * RS); // dK += dSᵀ·Q (scaled below)
+        }
+        __syncthreads(); // this buffer is refilled next iteration
     }
     const long db = (long)b * S * ld + h * D + 2 * t;
 #pragma unroll
@@ -1059,26 +1076,31 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const unsigned short* __restri
             fa_wait<0>();
         }
         __syncthreads();
-        float s[8][4], dp[8][4];
-        fa_zero8(s);
-        fa_zero8(dp);
-        if constexpr (Q_SMEM) {
-            fa_mma_abt_s<D>(s, Qb + warp * 16 * RS, Ks);
-            fa_mma_abt_s<D>(dp, dOb + warp * 16 * RS, Vs);
-        } else {
-            fa_mma_abt<D>(s, qa, Ks);
-            fa_mma_abt<D>(dp, da, Vs);
-        }
+        // S (16 queries × FA_QW keys) and dP, over the key tile in FA_T / FA_QW parts.
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
+        for (int part = 0; part < FA_T / FA_QW; ++part) {
+            const int kb = part * FA_QW;
+            float s[FA_QW / 8][4], dp[FA_QW / 8][4];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = k0 + nt * 8 + 2 * t + (e & 1), row = e < 2 ? r0 : r1;
-                const float p = (key <= row && key < S) ? exp2f(s[nt][e] * sl - (e < 2 ? L0 : L1)) : 0.f;
-                dp[nt][e] = p * (dp[nt][e] - (e < 2 ? D0 : D1));
+            for (int i = 0; i < FA_QW / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
+            if constexpr (Q_SMEM) {
+                fa_mma_abt_s<D, FA_QW / 8>(s, Qb + warp * 16 * RS, Ks + kb * RS);
+                fa_mma_abt_s<D, FA_QW / 8>(dp, dOb + warp * 16 * RS, Vs + kb * RS);
+            } else {
+                fa_mma_abt<D, FA_QW / 8>(s, qa, Ks + kb * RS);
+                fa_mma_abt<D, FA_QW / 8>(dp, da, Vs + kb * RS);
             }
-        fa_mma_pv<D>(dq, dp, Ks); // dQ += dS·K (scaled below)
-        __syncthreads();          // this buffer is refilled next iteration
+#pragma unroll
+            for (int nt = 0; nt < FA_QW / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = k0 + kb + nt * 8 + 2 * t + (e & 1), row = e < 2 ? r0 : r1;
+                    const float p = (key <= row && key < S) ? exp2f(s[nt][e] * sl - (e < 2 ? L0 : L1)) : 0.f;
+                    dp[nt][e] = p * (dp[nt][e] - (e < 2 ? D0 : D1));
+                }
+            fa_mma_pv<D, FA_QW / 16>(dq, dp, Ks + kb * RS); // dQ += dS·K (scaled below)
+        }
+        __syncthreads(); // this buffer is refilled next iteration
     }
     const long db = (long)b * S * ld + h * D + 2 * t;
 #pragma unroll
@@ -1100,12 +1122,12 @@ extern "C" __global__ void cast_bf16(const float* __restrict__ x, long n, unsign
         const unsigned short* __restrict__ qkv, int S, int H, float scale, float* __restrict__ out,                   \
         unsigned short* __restrict__ out16, float* __restrict__ lse)                                                  \
     { flash_fwd_impl<D>(qkv, S, H, scale, out, out16, lse); }                                                        \
-    extern "C" __global__ void __launch_bounds__(128) flash_bwd_dkv_##D(                                              \
+    extern "C" __global__ void __launch_bounds__(128, FA_MINB_DKV) flash_bwd_dkv_##D(                                 \
         const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dout,                              \
         const float* __restrict__ lse, const float* __restrict__ dvec, int S, int H, float scale,                     \
         float* __restrict__ dqkv, unsigned short* __restrict__ dqkv16)                                                \
     { flash_bwd_dkv_impl<D>(qkv, dout, lse, dvec, S, H, scale, dqkv, dqkv16); }                                      \
-    extern "C" __global__ void __launch_bounds__(128) flash_bwd_dq_##D(                                               \
+    extern "C" __global__ void __launch_bounds__(128, FA_MINB_DQ) flash_bwd_dq_##D(                                   \
         const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dout,                              \
         const float* __restrict__ lse, const float* __restrict__ dvec, int S, int H, float scale,                     \
         float* __restrict__ dqkv, unsigned short* __restrict__ dqkv16)                                                \
