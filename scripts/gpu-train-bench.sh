@@ -17,6 +17,8 @@ done | tee "$out/parity.log"
 echo "== mhc-train GPU model (bf16 products, f32 weights; bf16 streams for residual and mHC, f32 for HC)"
 $B/mhc-bench --train-width 768 --heads 12 --batch 16 --schemes residual,hc,mhc --json "$out/train_768.json"
 $B/mhc-bench --train-width 2048 --heads 16 --batch 8 --schemes residual,mhc --json "$out/train_2048.json"
+echo "== the f32-stream option"
+$B/mhc-bench --dtype f32 --train-width 768 --heads 12 --batch 16 --schemes residual,mhc --json "$out/train_768_f32.json"
 echo "== PyTorch peers"
 python3 mhc-cuda/bench/peers_train.py --width 768 --heads 12 --batch 16 ${PEERS_COMPILE:+--compile} --json "$out/peers_train_768.json" 2>&1 | grep -v Warning
 python3 mhc-cuda/bench/peers_train.py --width 2048 --heads 16 --batch 8 --json "$out/peers_train_2048.json" 2>&1 | grep -v Warning

@@ -18,6 +18,9 @@ print("| d | model | step ms | tokens/s | peak GiB | ratio |")
 print("|---|---|---|---|---|---|")
 for d in (768, 2048):
     ours = {r["scheme"]: r for r in json.load(open(res / f"train_{d}.json"))["rows"]}
+    # The f32-stream option, when the call measured it (train_<d>_f32.json).
+    f32_path = res / f"train_{d}_f32.json"
+    ours_f32 = {r["scheme"]: r for r in json.load(open(f32_path))["rows"]} if f32_path.exists() else {}
     peers = {r["model"]: r for r in json.load(open(res / f"peers_train_{d}.json"))["rows"]}
     eager = next(r for k, r in peers.items() if k.startswith("residual, PyTorch eager"))
     liger = next((r for k, r in peers.items() if "Liger" in k), None)
@@ -26,9 +29,17 @@ for d in (768, 2048):
     rows = []
     for k, r in peers.items():
         rows.append((k, r["step_ms"], r["tokens_per_s"], r["peak_gib"], ""))
-    for s, r in ours.items():
+    for s, r, base in [(s, r, res_ours) for s, r in ours.items()] + [
+        (s, r, ours_f32.get("residual")) for s, r in ours_f32.items()
+    ]:
         attention = r.get("attention")
-        name = {"residual": "residual", "hc": "HC n=4", "mhc": "mHC n=4"}[s] + ", mhc-train (CUDA, " + r["precision"] + " products" + (f", {attention} attention" if attention else "") + ")"
+        streams = r.get("stream_dtype", "f32")
+        name = {"residual": "residual", "hc": "HC n=4", "mhc": "mHC n=4"}[s] + ", mhc-train (CUDA, " + r["precision"] + " products, " + streams + " streams" + (f", {attention} attention" if attention else "") + ")"
+        if base is not res_ours:
+            # The f32-stream rows: overhead over the f32-stream residual, kept out of the summary's ratios.
+            note = "f32-stream option" if s == "residual" else f"+{100 * (r['step_ms'] / base['step_ms'] - 1):.0f}% over our f32-stream residual"
+            rows.append((name, r["step_ms"], r["tokens_per_s"], r["memory_gib"], note))
+            continue
         if s == "residual":
             ratio = r["tokens_per_s"] / eager["tokens_per_s"]
             shape["residual_vs_eager"] = ratio
