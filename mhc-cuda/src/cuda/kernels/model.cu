@@ -627,6 +627,8 @@ extern "C" __global__ void causal_softmax_bwd(const float* __restrict__ p, float
 // MHC_CUDA_DEFINES). Measured on the H200 (d = 768, head 64, Nsight Compute):
 // dK/dV 515 → 464 µs with halves (255 → 201 registers), → 438 µs with 3 blocks
 // (168 registers); dQ 350 → 324 → 293 µs; 4 blocks (128 registers) were slower.
+// Heads of more than 64 dimensions keep whole tiles and no bound: with both
+// knobs the d = 2048 step (heads of 128) went from 76 to 84 ms.
 #ifndef FA_QW
 #define FA_QW 32
 #endif
@@ -936,6 +938,7 @@ __device__ __forceinline__ void flash_bwd_dkv_impl(const unsigned short* __restr
                                                    unsigned short* __restrict__ dqkv16)
 {
     constexpr bool KV_SMEM = D > 64;
+    constexpr int QW = D > 64 ? FA_T : FA_QW; // halves measured at D = 64 only
     extern __shared__ __align__(16) unsigned short fa_smem[];
     const int RS = D + 8, TS = FA_T * RS;
     unsigned short* bufs = fa_smem;                                 // two × (query tile, its dO)
@@ -982,23 +985,23 @@ __device__ __forceinline__ void flash_bwd_dkv_impl(const unsigned short* __restr
         const unsigned short* dOs = Qs + TS;
         const float* Ls = stats + buf * 2 * FA_T;
         const float* Ds = Ls + FA_T;
-        // Sᵀ (16 keys × FA_QW queries) = K·Qᵀ and dPᵀ = V·dOᵀ, over the query tile
-        // in FA_T / FA_QW parts (the same products in the same order; fewer live registers).
+        // Sᵀ (16 keys × QW queries) = K·Qᵀ and dPᵀ = V·dOᵀ, over the query tile
+        // in FA_T / QW parts (the same products in the same order; fewer live registers).
 #pragma unroll
-        for (int part = 0; part < FA_T / FA_QW; ++part) {
-            const int qb = part * FA_QW;
-            float s[FA_QW / 8][4], dp[FA_QW / 8][4];
+        for (int part = 0; part < FA_T / QW; ++part) {
+            const int qb = part * QW;
+            float s[QW / 8][4], dp[QW / 8][4];
 #pragma unroll
-            for (int i = 0; i < FA_QW / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
+            for (int i = 0; i < QW / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
             if constexpr (KV_SMEM) {
-                fa_mma_abt_s<D, FA_QW / 8>(s, Kb + warp * 16 * RS, Qs + qb * RS);
-                fa_mma_abt_s<D, FA_QW / 8>(dp, Vb + warp * 16 * RS, dOs + qb * RS);
+                fa_mma_abt_s<D, QW / 8>(s, Kb + warp * 16 * RS, Qs + qb * RS);
+                fa_mma_abt_s<D, QW / 8>(dp, Vb + warp * 16 * RS, dOs + qb * RS);
             } else {
-                fa_mma_abt<D, FA_QW / 8>(s, ka, Qs + qb * RS);
-                fa_mma_abt<D, FA_QW / 8>(dp, va, dOs + qb * RS);
+                fa_mma_abt<D, QW / 8>(s, ka, Qs + qb * RS);
+                fa_mma_abt<D, QW / 8>(dp, va, dOs + qb * RS);
             }
 #pragma unroll
-            for (int nt = 0; nt < FA_QW / 8; ++nt)
+            for (int nt = 0; nt < QW / 8; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int qi = qb + nt * 8 + 2 * t + (e & 1), key = e < 2 ? kr0 : kr1;
@@ -1006,8 +1009,8 @@ __device__ __forceinline__ void flash_bwd_dkv_impl(const unsigned short* __restr
                     s[nt][e] = p;
                     dp[nt][e] = p * (dp[nt][e] - Ds[qi]);
                 }
-            fa_mma_pv<D, FA_QW / 16>(dv, s, dOs + qb * RS); // dV += Pᵀ·dO
-            fa_mma_pv<D, FA_QW / 16>(dk, dp, Qs + qb * RS); // dK += dSᵀ·Q (scaled below)
+            fa_mma_pv<D, QW / 16>(dv, s, dOs + qb * RS); // dV += Pᵀ·dO
+            fa_mma_pv<D, QW / 16>(dk, dp, Qs + qb * RS); // dK += dSᵀ·Q (scaled below)
         }
         __syncthreads(); // this buffer is refilled next iteration
     }
@@ -1037,6 +1040,7 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const unsigned short* __restri
                                                   unsigned short* __restrict__ dqkv16)
 {
     constexpr bool Q_SMEM = D > 64;
+    constexpr int QW = D > 64 ? FA_T : FA_QW; // halves measured at D = 64 only
     extern __shared__ __align__(16) unsigned short fa_smem[];
     const int RS = D + 8, TS = FA_T * RS;
     unsigned short* bufs = fa_smem;     // two × (key tile, its values)
@@ -1082,29 +1086,29 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const unsigned short* __restri
             fa_wait<0>();
         }
         __syncthreads();
-        // S (16 queries × FA_QW keys) and dP, over the key tile in FA_T / FA_QW parts.
+        // S (16 queries × QW keys) and dP, over the key tile in FA_T / QW parts.
 #pragma unroll
-        for (int part = 0; part < FA_T / FA_QW; ++part) {
-            const int kb = part * FA_QW;
-            float s[FA_QW / 8][4], dp[FA_QW / 8][4];
+        for (int part = 0; part < FA_T / QW; ++part) {
+            const int kb = part * QW;
+            float s[QW / 8][4], dp[QW / 8][4];
 #pragma unroll
-            for (int i = 0; i < FA_QW / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
+            for (int i = 0; i < QW / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
             if constexpr (Q_SMEM) {
-                fa_mma_abt_s<D, FA_QW / 8>(s, Qb + warp * 16 * RS, Ks + kb * RS);
-                fa_mma_abt_s<D, FA_QW / 8>(dp, dOb + warp * 16 * RS, Vs + kb * RS);
+                fa_mma_abt_s<D, QW / 8>(s, Qb + warp * 16 * RS, Ks + kb * RS);
+                fa_mma_abt_s<D, QW / 8>(dp, dOb + warp * 16 * RS, Vs + kb * RS);
             } else {
-                fa_mma_abt<D, FA_QW / 8>(s, qa, Ks + kb * RS);
-                fa_mma_abt<D, FA_QW / 8>(dp, da, Vs + kb * RS);
+                fa_mma_abt<D, QW / 8>(s, qa, Ks + kb * RS);
+                fa_mma_abt<D, QW / 8>(dp, da, Vs + kb * RS);
             }
 #pragma unroll
-            for (int nt = 0; nt < FA_QW / 8; ++nt)
+            for (int nt = 0; nt < QW / 8; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int key = k0 + kb + nt * 8 + 2 * t + (e & 1), row = e < 2 ? r0 : r1;
                     const float p = (key <= row && key < S) ? exp2f(s[nt][e] * sl - (e < 2 ? L0 : L1)) : 0.f;
                     dp[nt][e] = p * (dp[nt][e] - (e < 2 ? D0 : D1));
                 }
-            fa_mma_pv<D, FA_QW / 16>(dq, dp, Ks + kb * RS); // dQ += dS·K (scaled below)
+            fa_mma_pv<D, QW / 16>(dq, dp, Ks + kb * RS); // dQ += dS·K (scaled below)
         }
         __syncthreads(); // this buffer is refilled next iteration
     }
@@ -1123,22 +1127,26 @@ extern "C" __global__ void cast_bf16(const float* __restrict__ x, long n, unsign
         y[i] = (unsigned short)bf16_bits(x[i]);
 }
 
-#define FA_INSTANCES(D)                                                                                              \
-    extern "C" __global__ void __launch_bounds__(128, FA_MINB_FWD) flash_fwd_##D(                                    \
+#define FA_INSTANCES(D, FWD_BOUNDS, DKV_BOUNDS, DQ_BOUNDS)                                                   \
+    extern "C" __global__ void FWD_BOUNDS flash_fwd_##D(                                                          \
         const unsigned short* __restrict__ qkv, int S, int H, float scale, float* __restrict__ out,                   \
         unsigned short* __restrict__ out16, float* __restrict__ lse)                                                  \
     { flash_fwd_impl<D>(qkv, S, H, scale, out, out16, lse); }                                                        \
-    extern "C" __global__ void __launch_bounds__(128, FA_MINB_DKV) flash_bwd_dkv_##D(                                 \
+    extern "C" __global__ void DKV_BOUNDS flash_bwd_dkv_##D(                                                      \
         const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dout,                              \
         const float* __restrict__ lse, const float* __restrict__ dvec, int S, int H, float scale,                     \
         float* __restrict__ dqkv, unsigned short* __restrict__ dqkv16)                                                \
     { flash_bwd_dkv_impl<D>(qkv, dout, lse, dvec, S, H, scale, dqkv, dqkv16); }                                      \
-    extern "C" __global__ void __launch_bounds__(128, FA_MINB_DQ) flash_bwd_dq_##D(                                   \
+    extern "C" __global__ void DQ_BOUNDS flash_bwd_dq_##D(                                                        \
         const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ dout,                              \
         const float* __restrict__ lse, const float* __restrict__ dvec, int S, int H, float scale,                     \
         float* __restrict__ dqkv, unsigned short* __restrict__ dqkv16)                                                \
     { flash_bwd_dq_impl<D>(qkv, dout, lse, dvec, S, H, scale, dqkv, dqkv16); }
-FA_INSTANCES(16)
-FA_INSTANCES(32)
-FA_INSTANCES(64)
-FA_INSTANCES(128)
+// Heads of up to 64 dimensions take the FA_MINB_* bounds; heads of 128 keep the plain bound (measured slower with them).
+#define FA_FWD_B __launch_bounds__(128, FA_MINB_FWD)
+#define FA_DKV_B __launch_bounds__(128, FA_MINB_DKV)
+#define FA_DQ_B __launch_bounds__(128, FA_MINB_DQ)
+FA_INSTANCES(16, FA_FWD_B, FA_DKV_B, FA_DQ_B)
+FA_INSTANCES(32, FA_FWD_B, FA_DKV_B, FA_DQ_B)
+FA_INSTANCES(64, FA_FWD_B, FA_DKV_B, FA_DQ_B)
+FA_INSTANCES(128, __launch_bounds__(128), __launch_bounds__(128), __launch_bounds__(128))
