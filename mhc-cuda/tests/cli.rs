@@ -113,6 +113,7 @@ fn bad_input_exits_with_code_2_and_one_clear_line() {
         &["--scheme", "resnet"],
         &["--n", "0"],
         &["--preset", "huge"],
+        &["--streams", "f16"],
     ] {
         let err = stderr_of(
             mhc_train()

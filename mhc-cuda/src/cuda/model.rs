@@ -1560,3 +1560,38 @@ impl<S: StreamElement> GpuTrainer<S> {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_dtype_resolves_as_documented() {
+        use GemmPrecision::{Bf16, F32, Tf32};
+        use Scheme::{HcDynamic, MhcDynamic, Residual};
+        let r = |req, scheme, p| StreamDtype::resolve(req, scheme, p);
+        // Default: bf16 where possible.
+        assert_eq!(r(None, MhcDynamic, Bf16).unwrap(), StreamDtype::Bf16);
+        assert_eq!(r(None, Residual, Bf16).unwrap(), StreamDtype::Bf16);
+        assert_eq!(r(None, HcDynamic, Bf16).unwrap(), StreamDtype::F32);
+        assert_eq!(r(None, MhcDynamic, F32).unwrap(), StreamDtype::F32);
+        assert_eq!(r(None, MhcDynamic, Tf32).unwrap(), StreamDtype::F32);
+        // Explicit requests.
+        assert_eq!(
+            r(Some(StreamDtype::F32), MhcDynamic, Bf16).unwrap(),
+            StreamDtype::F32
+        );
+        assert_eq!(
+            r(Some(StreamDtype::Bf16), HcDynamic, Bf16).unwrap(),
+            StreamDtype::F32
+        );
+        assert!(matches!(
+            r(Some(StreamDtype::Bf16), MhcDynamic, F32),
+            Err(CudaError::Unsupported(_))
+        ));
+        assert_eq!("bf16".parse::<StreamDtype>(), Ok(StreamDtype::Bf16));
+        assert_eq!("f32".parse::<StreamDtype>(), Ok(StreamDtype::F32));
+        assert!("f16".parse::<StreamDtype>().is_err());
+        assert_eq!(StreamDtype::Bf16.name(), "bf16");
+    }
+}
