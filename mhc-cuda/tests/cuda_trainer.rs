@@ -38,14 +38,20 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     (num / den).sqrt()
 }
 
-/// A 2-block model of width 32 (2 heads, context 16), batch 4, warm-up 2 of 10 steps.
-fn tiny(scheme: Scheme, streams: usize, seed: u64) -> (ModelConfig, TrainConfig) {
+/// A 2-block model (vocabulary 256) of `width`, `heads` and `context`, batch 4,
+/// warm-up 2 of 10 steps.
+fn small(
+    scheme: Scheme,
+    streams: usize,
+    (width, heads, context): (usize, usize, usize),
+    seed: u64,
+) -> (ModelConfig, TrainConfig) {
     let model = ModelConfig {
         vocab: 256,
-        width: 32,
+        width,
         layers: 2,
-        heads: 2,
-        context: 16,
+        heads,
+        context,
         streams,
         scheme,
         sinkhorn_iterations: 20,
@@ -63,6 +69,11 @@ fn tiny(scheme: Scheme, streams: usize, seed: u64) -> (ModelConfig, TrainConfig)
         seed,
     };
     (model, train)
+}
+
+/// Width 32, 2 heads, context 16.
+fn tiny(scheme: Scheme, streams: usize, seed: u64) -> (ModelConfig, TrainConfig) {
+    small(scheme, streams, (32, 2, 16), seed)
 }
 
 #[test]
@@ -115,31 +126,9 @@ fn gpu_training_steps_match_the_cpu_reference() {
     }
 }
 
-/// A tiny GPT config for the tracking tests.
+/// The tracking tests' model: width 64, `heads`, context 32, seed 9.
 fn tracking_config(scheme: Scheme, streams: usize, heads: usize) -> (ModelConfig, TrainConfig) {
-    let model = ModelConfig {
-        vocab: 256,
-        width: 64,
-        layers: 2,
-        heads,
-        context: 32,
-        streams,
-        scheme,
-        sinkhorn_iterations: 20,
-    };
-    let train = TrainConfig {
-        batch: 4,
-        schedule: Schedule {
-            max_lr: 3e-3,
-            min_lr: 3e-4,
-            warmup: 2,
-            total: 10,
-        },
-        adamw: AdamWConfig::default(),
-        clip: 1.0,
-        seed: 9,
-    };
-    (model, train)
+    small(scheme, streams, (64, heads, 32), 9)
 }
 
 /// Four steps of the CPU reference and of `gpu_step` on the same batches: the

@@ -470,6 +470,7 @@ fn train_main(args: &TrainArgs) -> Result<(), Fatal> {
             gpu_runs
                 .iter()
                 .map(|&spec| {
+                    // streams_of succeeded for every GPU run when the device line was printed.
                     let cuda = match (&gpu, streams_of(spec)) {
                         (Some(d), Ok(s)) => Some((d.clone(), precision, s)),
                         _ => None,
