@@ -28,6 +28,7 @@ done
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 if ((${#missing[@]})); then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
@@ -50,3 +51,7 @@ if ! cmp -s "$e2e/package-lock.json" "$e2e/node_modules/.mhc-installed-lock" 2>/
   (cd "$e2e" && npm ci --no-audit --no-fund)
   cp "$e2e/package-lock.json" "$e2e/node_modules/.mhc-installed-lock"
 fi
+
+# CUDA 13's NVRTC (NVIDIA's PyPI wheel, unpacked into .cuda-tools/): the
+# offline compile test builds every kernel for sm_90 and sm_80 without a GPU.
+bash scripts/cuda-tools.sh >/dev/null

@@ -372,3 +372,74 @@ impl CudaDevice {
             as u32)
     }
 }
+
+/// What NVRTC and ptxas made of one kernel source, compiled without a GPU.
+#[derive(Debug, Clone)]
+pub struct OfflineBuild {
+    /// The machine code's size in bytes.
+    pub cubin_bytes: usize,
+    /// NVRTC's log: warnings, and ptxas's per-kernel registers, shared
+    /// memory and spills when `verbose` was asked.
+    pub log: String,
+}
+
+/// Whether NVRTC alone can be loaded (no driver needed): what [`compile_offline`] uses.
+pub fn nvrtc_present() -> bool {
+    // SAFETY: this only tries to dlopen the library and reports whether that worked.
+    std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// Compiles `source` with NVRTC to machine code for the real architecture
+/// `sm` (e.g. 90 for H100/H200) with `defines`, without a GPU or driver: the
+/// same options as the run-time path ([`CudaDevice`] compiles to PTX for the
+/// device's `compute_` architecture), then ptxas, so code that would fail to
+/// load on the device fails here. `verbose` adds ptxas's resource report to
+/// the log. [`CudaError::NoDriver`] when NVRTC cannot be loaded.
+pub fn compile_offline(
+    source: &str,
+    defines: &[String],
+    sm: u32,
+    verbose: bool,
+) -> CudaResult<OfflineBuild> {
+    use cudarc::nvrtc::{result, sys};
+    use std::ffi::CString;
+    if !nvrtc_present() {
+        return Err(CudaError::NoDriver(
+            "libnvrtc.so not found (CUDA 13's NVRTC: a CUDA install, or the \
+             nvidia-cuda-nvrtc wheel's lib folder in LD_LIBRARY_PATH)"
+                .into(),
+        ));
+    }
+    let src = CString::new(source)
+        .map_err(|_| CudaError::Compile("the kernel source holds a NUL byte".into()))?;
+    let mut options: Vec<String> = defines.to_vec();
+    options.push("-std=c++17".into());
+    options.push(format!("--gpu-architecture=sm_{sm}"));
+    options.push("--fmad=true".into());
+    if verbose {
+        options.push("--ptxas-options=-v".into());
+    }
+    let prog =
+        result::create_program(&src, None).map_err(|e| CudaError::Compile(format!("{e:?}")))?;
+    // SAFETY: `prog` was created above from `src`, which outlives it, and is
+    // destroyed exactly once, below, on every path.
+    unsafe {
+        let compiled = result::compile_program(prog, &options);
+        let log = result::get_program_log(prog)
+            .map(|l| {
+                let bytes: Vec<u8> = l.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+                String::from_utf8_lossy(&bytes).into_owned()
+            })
+            .unwrap_or_default();
+        let cubin = compiled.and_then(|()| {
+            let mut size = 0usize;
+            sys::nvrtcGetCUBINSize(prog, &mut size).result()?;
+            Ok(size)
+        });
+        let _ = result::destroy_program(prog);
+        match cubin {
+            Ok(cubin_bytes) => Ok(OfflineBuild { cubin_bytes, log }),
+            Err(e) => Err(CudaError::Compile(format!("{e:?}\n{log}"))),
+        }
+    }
+}

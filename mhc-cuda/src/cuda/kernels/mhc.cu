@@ -709,10 +709,12 @@ extern "C" __global__ void __launch_bounds__(N * DX_CT, DX_MINB) dx_dphi(
     const bool live = c < C;
     const long m = (long)i * C + c;
     // The padding columns j ∈ [K, KP4) of dp are never copied: zero them once in both buffers.
+#if KP4 > K
     for (int e = tid; e < 2 * DX_TB * (KP4 - K); e += blockDim.x) {
         const int b = e / (DX_TB * (KP4 - K)), r = e % (DX_TB * (KP4 - K));
         tiles[b].dp[r / (KP4 - K)][K + r % (KP4 - K)] = 0.f;
     }
+#endif
     float f[KP4], G[KP4];
 #pragma unroll
     for (int j = 0; j < KP4; ++j) { f[j] = (live && j < K) ? phi[m * K + j] : 0.f; G[j] = 0.f; }

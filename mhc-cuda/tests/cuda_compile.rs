@@ -1,0 +1,82 @@
+//! Every kernel source compiles with NVRTC and ptxas for the H100/H200
+//! (sm_90) and the oldest supported architecture (sm_80), for every define the
+//! trainer uses — without a GPU. Catches kernel edits that would fail to
+//! build or load on the device. Skips with a message when NVRTC is not found
+//! (`scripts/setup.sh` installs it for CI: see `scripts/cuda-tools.sh`), or
+//! fails when `MHC_REQUIRE_NVRTC` is set (as `scripts/test.sh` does).
+
+use mhc_cuda::cuda::{KERNEL_SOURCE, MODEL_KERNEL_SOURCE, compile_offline, nvrtc_present};
+
+const ARCHES: [u32; 2] = [90, 80];
+
+fn nvrtc() -> bool {
+    if nvrtc_present() {
+        true
+    } else if std::env::var_os("MHC_REQUIRE_NVRTC").is_some() {
+        panic!("MHC_REQUIRE_NVRTC is set but libnvrtc.so is not found (LD_LIBRARY_PATH?)");
+    } else {
+        eprintln!(
+            "skipping the offline kernel compile: libnvrtc.so not found \
+             (run scripts/cuda-tools.sh and put its lib folder in LD_LIBRARY_PATH)"
+        );
+        false
+    }
+}
+
+#[test]
+fn mhc_kernels_compile_for_every_n_and_stream_dtype() {
+    if !nvrtc() {
+        return;
+    }
+    for sm in ARCHES {
+        for n in 1..=8 {
+            for bf16 in [0, 1] {
+                let defines = [format!("-DN={n}"), format!("-DSTREAM_BF16={bf16}")];
+                let built = compile_offline(KERNEL_SOURCE, &defines, sm, false)
+                    .unwrap_or_else(|e| panic!("mhc.cu, sm_{sm}, n = {n}, bf16 = {bf16}: {e}"));
+                assert!(built.cubin_bytes > 0, "mhc.cu sm_{sm} n = {n}: empty cubin");
+                assert!(
+                    !built.log.contains("warning"),
+                    "mhc.cu sm_{sm} n = {n} bf16 = {bf16} warns:\n{}",
+                    built.log
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn model_kernels_compile() {
+    if !nvrtc() {
+        return;
+    }
+    for sm in ARCHES {
+        let built = compile_offline(MODEL_KERNEL_SOURCE, &[], sm, false)
+            .unwrap_or_else(|e| panic!("model.cu, sm_{sm}: {e}"));
+        assert!(built.cubin_bytes > 0);
+        assert!(
+            !built.log.contains("warning"),
+            "model.cu sm_{sm} warns:\n{}",
+            built.log
+        );
+    }
+}
+
+#[test]
+fn a_broken_kernel_is_a_compile_error_with_the_log() {
+    if !nvrtc() {
+        return;
+    }
+    let err = compile_offline(
+        "extern \"C\" __global__ void k(float* p) { p[0] = undefined_name; }",
+        &[],
+        90,
+        false,
+    )
+    .expect_err("an undefined identifier must not compile");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("undefined_name"),
+        "the log names the error: {msg}"
+    );
+}

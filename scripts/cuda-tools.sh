@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# CUDA 13's NVRTC from NVIDIA's PyPI wheel, into .cuda-tools/ (git-ignored),
+# idempotently; no GPU or CUDA install needed. With it, the test suite compiles
+# every kernel for sm_90 and sm_80 (mhc-cuda/tests/cuda_compile.rs) on a
+# machine without a GPU, and scripts/cuda-resources.sh prints ptxas's
+# registers / shared memory / spills per kernel. Prints the folder to put in
+# LD_LIBRARY_PATH.
+#
+#   export LD_LIBRARY_PATH="$(bash scripts/cuda-tools.sh)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+version=13.0.88 # the H100/H200 machine's CUDA is 13.0
+root=.cuda-tools
+lib="$PWD/$root/cu13/lib"
+
+# wheel name, sha256 of the manylinux x86_64 wheel of $version
+fetch() {
+  local pkg=$1 sha=$2 stamp="$root/.$1-$version"
+  [[ -f "$stamp" ]] && return 0
+  python3 -m pip --version >/dev/null 2>&1 || {
+    echo "cuda-tools: python3 -m pip is missing (Debian: apt-get install python3-pip)" >&2
+    exit 1
+  }
+  local tmp
+  tmp=$(mktemp -d)
+  # shellcheck disable=SC2064
+  trap "rm -rf '$tmp'" RETURN
+  echo "$pkg==$version --hash=sha256:$sha" >"$tmp/req.txt"
+  python3 -m pip download --quiet --no-deps --only-binary=:all: \
+    --platform manylinux2014_x86_64 --require-hashes -r "$tmp/req.txt" -d "$tmp" >&2
+  # The wheel is a zip: unpack nvidia/cu13/lib without installing it.
+  python3 - "$tmp"/*.whl "$root" <<'PY'
+import os, sys, zipfile
+wheel, root = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    for info in z.infolist():
+        name = info.filename
+        if not name.startswith("nvidia/cu13/") or name.endswith("/") or ".alt." in name:
+            continue
+        rel = name[len("nvidia/"):]
+        if not rel.startswith("cu13/lib/"):
+            continue
+        dest = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with z.open(info) as src, open(dest, "wb") as out:
+            out.write(src.read())
+        mode = (info.external_attr >> 16) & 0o777
+        os.chmod(dest, mode or 0o644)
+PY
+  touch "$stamp"
+}
+
+mkdir -p "$root"
+fetch nvidia-cuda-nvrtc ad9b6d2ead2435f11cbb6868809d2adeeee302e9bb94bcf0539c7a40d80e8575
+[[ -f "$lib/libnvrtc.so.13" ]] || { echo "cuda-tools: $lib/libnvrtc.so.13 missing" >&2; exit 1; }
+echo "$lib"
