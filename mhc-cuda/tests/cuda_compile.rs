@@ -62,6 +62,30 @@ fn model_kernels_compile() {
     }
 }
 
+/// The tuning variants that `scripts/gpu-ab.sh` compares on the device stay
+/// buildable (sm_90): they are off by default, so nothing else compiles them.
+#[test]
+fn tuning_variants_compile() {
+    if !nvrtc() {
+        return;
+    }
+    let model: [&[&str]; 3] = [
+        &["-DFA_LDSM=1"],
+        &["-DFA_LDSM=1", "-DFA_REG_ROWS_MAX_D=32"],
+        &["-DFA_LDSM=1", "-DFA_MINB_DKV=2", "-DFA_MINB_DQ=2"],
+    ];
+    for defines in model {
+        let defines: Vec<String> = defines.iter().map(|d| d.to_string()).collect();
+        let built = compile_offline(MODEL_KERNEL_SOURCE, &defines, 90, false)
+            .unwrap_or_else(|e| panic!("model.cu {defines:?}: {e}"));
+        assert!(
+            !built.log.contains("warning"),
+            "{defines:?}:\n{}",
+            built.log
+        );
+    }
+}
+
 #[test]
 fn a_broken_kernel_is_a_compile_error_with_the_log() {
     if !nvrtc() {

@@ -373,6 +373,38 @@ impl CudaDevice {
     }
 }
 
+/// The integer value of `-DNAME=V` in `defines` (space-separated `-D` options),
+/// the last one winning as it does for the compiler.
+fn define_value(defines: &str, name: &str) -> Option<i64> {
+    defines
+        .split_whitespace()
+        .rev()
+        .filter_map(|d| d.strip_prefix("-D")?.split_once('='))
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+/// A kernel tuning define that also changes host-side sizes (e.g. shared
+/// memory), as set in `MHC_CUDA_DEFINES`; `None` when unset.
+pub(crate) fn tuning_define(name: &str) -> Option<i64> {
+    define_value(&std::env::var("MHC_CUDA_DEFINES").ok()?, name)
+}
+
+#[cfg(test)]
+mod define_tests {
+    use super::define_value;
+
+    #[test]
+    fn tuning_defines_are_read_like_the_compiler_reads_them() {
+        let d = "-DFA_LDSM=1 -DFA_REG_ROWS_MAX_D=32 junk -DX -DFA_REG_ROWS_MAX_D=16";
+        assert_eq!(define_value(d, "FA_REG_ROWS_MAX_D"), Some(16));
+        assert_eq!(define_value(d, "FA_LDSM"), Some(1));
+        assert_eq!(define_value(d, "X"), None);
+        assert_eq!(define_value(d, "FA_QW"), None);
+        assert_eq!(define_value("", "FA_LDSM"), None);
+    }
+}
+
 /// What NVRTC and ptxas made of one kernel source, compiled without a GPU.
 #[derive(Debug, Clone)]
 pub struct OfflineBuild {

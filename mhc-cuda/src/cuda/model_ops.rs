@@ -948,8 +948,13 @@ impl ModelKernels {
         unsafe { b.launch(self.softmax_launch((batch * heads * seq).min(1 << 20))) }?;
         let tiles = seq.div_ceil(FLASH_TILE) as u32;
         // Two buffers of (query tile, its dO) and (L, dvec); the block's own
-        // rows in shared memory too above 64 dimensions (registers below).
-        let own = if head_dim > 64 { 2 } else { 0 };
+        // rows in shared memory too above FA_REG_ROWS_MAX_D (64 unless
+        // MHC_CUDA_DEFINES sets it) dimensions, in registers below.
+        let own = if head_dim as i64 > super::tuning_define("FA_REG_ROWS_MAX_D").unwrap_or(64) {
+            2
+        } else {
+            0
+        };
         let smem_dkv = (4 + own) * FLASH_TILE * (head_dim + 8) * 2 + 4 * FLASH_TILE * 4;
         let smem_dq = (4 + own) * FLASH_TILE * (head_dim + 8) * 2;
         // The two passes take the same arguments: dK/dV (over key tiles) writes

@@ -641,6 +641,19 @@ extern "C" __global__ void causal_softmax_bwd(const float* __restrict__ p, float
 #ifndef FA_MINB_FWD
 #define FA_MINB_FWD 1
 #endif
+// FA_LDSM 1: the A·Bᵀ products read their smem fragments with ldmatrix.x4 (one
+// instruction per four 32-bit reads of the LDS path; the same registers, so the
+// same results bit for bit). Off until measured on the device.
+// The backward kernels hold their block's own rows (K, V for dK/dV; Q, dO for
+// dQ) as register fragments up to this head dimension, in shared memory above
+// it. The host sizes shared memory from the same value (it reads the define
+// from MHC_CUDA_DEFINES), and the kernels trap if given less.
+#ifndef FA_REG_ROWS_MAX_D
+#define FA_REG_ROWS_MAX_D 64
+#endif
+#ifndef FA_LDSM
+#define FA_LDSM 0
+#endif
 #define FA_INF __int_as_float(0x7f800000)
 #define FA_LOG2E 1.4426950408889634f
 
@@ -680,6 +693,13 @@ __device__ __forceinline__ void fa_commit() { asm volatile("cp.async.commit_grou
 template <int N>
 __device__ __forceinline__ void fa_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
+// Traps when the launch gave less dynamic shared memory than the layout needs.
+__device__ __forceinline__ void fa_need_smem(unsigned bytes) {
+    unsigned avail;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(avail));
+    if (avail < bytes) asm volatile("trap;");
+}
+
 // B fragments of the n-tiles [n0, n0 + 8) and [n0 + 8, n0 + 16) for k rows
 // [k0, k0 + 16) of a row-major smem matrix M [k][stride] (ldmatrix.trans).
 __device__ __forceinline__ void fa_ldsm_t4(const unsigned short* M, int stride, int k0, int n0, unsigned* b) {
@@ -691,14 +711,59 @@ __device__ __forceinline__ void fa_ldsm_t4(const unsigned short* M, int stride, 
                  : "memory");
 }
 
-// The A fragment of rows [0, 16) × k columns [16·kc, 16·kc + 16) of a row-major bf16 matrix.
-__device__ __forceinline__ void fa_frag_a(const unsigned short* M, long stride, int kc, unsigned* a) {
+// B fragments of the n-tiles [n0, n0 + 8) and [n0 + 8, n0 + 16) for k columns
+// [k0, k0 + 16) of a row-major smem matrix M [n][stride] (ldmatrix, no transpose):
+// b[0], b[1] of the first n-tile, b[2], b[3] of the second.
+__device__ __forceinline__ void fa_ldsm4(const unsigned short* M, int stride, int n0, int k0, unsigned* b) {
+    const int l = threadIdx.x & 31, mi = l >> 3, ri = l & 7;
+    const unsigned short* p = M + (n0 + (mi >> 1) * 8 + ri) * stride + k0 + (mi & 1) * 8;
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                 : "r"(fa_smem_addr(p))
+                 : "memory");
+}
+
+// The A fragment of rows [0, 16) × k columns [16·kc, 16·kc + 16) of a row-major bf16 smem matrix.
+__device__ __forceinline__ void fa_frag_a(const unsigned short* M, int stride, int kc, unsigned* a) {
+#if FA_LDSM
+    const int l = threadIdx.x & 31, mi = l >> 3, ri = l & 7;
+    const unsigned short* p = M + ((mi & 1) * 8 + ri) * stride + 16 * kc + (mi >> 1) * 8;
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                 : "r"(fa_smem_addr(p))
+                 : "memory");
+#else
     const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
     const unsigned short* p = M + g * stride + 16 * kc + 2 * t;
     a[0] = fa_ld32(p);
     a[1] = fa_ld32(p + 8 * stride);
     a[2] = fa_ld32(p + 8);
     a[3] = fa_ld32(p + 8 * stride + 8);
+#endif
+}
+
+// acc[nt], nt < NT (16 × 8·NT) += a · Bᵀ for the 16 k columns [16·kc, 16·kc + 16):
+// B a row-major smem tile [8·NT][D + 8].
+template <int D, int NT>
+__device__ __forceinline__ void fa_mma_abt_kc(float (*acc)[4], const unsigned* a, const unsigned short* B, int kc)
+{
+#if FA_LDSM
+    static_assert(NT % 2 == 0, "ldmatrix.x4 reads n-tiles in pairs");
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+        unsigned b[4];
+        fa_ldsm4(B, D + 8, 16 * np, 16 * kc, b);
+        fa_mma(acc[2 * np], a, b[0], b[1]);
+        fa_mma(acc[2 * np + 1], a, b[2], b[3]);
+    }
+#else
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const unsigned short* b = B + (nt * 8 + g) * (D + 8) + 16 * kc + 2 * t;
+        fa_mma(acc[nt], a, fa_ld32(b), fa_ld32(b + 8));
+    }
+#endif
 }
 
 // Starts copying rows [r0, r0 + 64) × columns [col, col + D) of a row-major bf16
@@ -741,30 +806,19 @@ __device__ __forceinline__ void fa_zero8(float (*x)[4]) {
 template <int D, int NT = 8>
 __device__ __forceinline__ void fa_mma_abt(float (*acc)[4], const unsigned (*a)[4], const unsigned short* B)
 {
-    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
 #pragma unroll
-    for (int kc = 0; kc < D / 16; ++kc)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            const unsigned short* b = B + (nt * 8 + g) * (D + 8) + 16 * kc + 2 * t;
-            fa_mma(acc[nt], a[kc], fa_ld32(b), fa_ld32(b + 8));
-        }
+    for (int kc = 0; kc < D / 16; ++kc) fa_mma_abt_kc<D, NT>(acc, a[kc], B, kc);
 }
 
 // As fa_mma_abt, with A read from a row-major smem matrix (16 rows from `A`, stride D + 8).
 template <int D, int NT = 8>
 __device__ __forceinline__ void fa_mma_abt_s(float (*acc)[4], const unsigned short* A, const unsigned short* B)
 {
-    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
 #pragma unroll
     for (int kc = 0; kc < D / 16; ++kc) {
         unsigned a[4];
         fa_frag_a(A, D + 8, kc, a);
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            const unsigned short* b = B + (nt * 8 + g) * (D + 8) + 16 * kc + 2 * t;
-            fa_mma(acc[nt], a, fa_ld32(b), fa_ld32(b + 8));
-        }
+        fa_mma_abt_kc<D, NT>(acc, a, B, kc);
     }
 }
 
@@ -927,8 +981,8 @@ __device__ __forceinline__ void fa_stage_queries(const unsigned short* __restric
 }
 
 // dK, dV. grid (ceil(S/64) key tiles, B·H), 128 threads; smem 4·64·(D+8) bf16 + 4·64 f32,
-// plus 2·64·(D+8) bf16 for the block's keys and values when D > 64 (D ≤ 64 keeps
-// them in registers). Each warp owns 16 keys and walks the query tiles at or after
+// plus 2·64·(D+8) bf16 for the block's keys and values when D > FA_REG_ROWS_MAX_D
+// (smaller heads keep them in registers). Each warp owns 16 keys and walks the query tiles at or after
 // the diagonal; writes the k and v columns of dqkv (f32).
 template <int D>
 __device__ __forceinline__ void flash_bwd_dkv_impl(const unsigned short* __restrict__ qkv,
@@ -937,14 +991,15 @@ __device__ __forceinline__ void flash_bwd_dkv_impl(const unsigned short* __restr
                                                    int S, int H, float scale, float* __restrict__ dqkv,
                                                    unsigned short* __restrict__ dqkv16)
 {
-    constexpr bool KV_SMEM = D > 64;
+    constexpr bool KV_SMEM = D > FA_REG_ROWS_MAX_D;
     constexpr int QW = D > 64 ? FA_T : FA_QW; // halves measured at D = 64 only
     extern __shared__ __align__(16) unsigned short fa_smem[];
     const int RS = D + 8, TS = FA_T * RS;
     unsigned short* bufs = fa_smem;                                 // two × (query tile, its dO)
     float* stats = (float*)(bufs + 4 * TS);                         // two × (L [64], dvec [64])
-    unsigned short* Kb = (unsigned short*)(stats + 4 * FA_T);       // D > 64: this block's keys
+    unsigned short* Kb = (unsigned short*)(stats + 4 * FA_T);       // KV_SMEM: this block's keys
     unsigned short* Vb = Kb + TS;                                   // and values
+    fa_need_smem((4 + (KV_SMEM ? 2 : 0)) * FA_T * RS * 2 + 4 * FA_T * 4);
     const int C = H * D;
     const long ld = 3L * C;
     const int bh = blockIdx.y, b = bh / H, h = bh % H;
@@ -1029,8 +1084,8 @@ __device__ __forceinline__ void flash_bwd_dkv_impl(const unsigned short* __restr
 }
 
 // dQ. grid (ceil(S/64) query tiles, B·H), 128 threads; smem 4·64·(D+8) bf16, plus
-// 2·64·(D+8) for the block's queries and their dO when D > 64 (D ≤ 64 keeps them in
-// registers). Each warp owns 16 queries and walks the key tiles at or below the
+// 2·64·(D+8) for the block's queries and their dO when D > FA_REG_ROWS_MAX_D
+// (smaller heads keep them in registers). Each warp owns 16 queries and walks the key tiles at or below the
 // diagonal; writes the q columns of dqkv (f32).
 template <int D>
 __device__ __forceinline__ void flash_bwd_dq_impl(const unsigned short* __restrict__ qkv,
@@ -1039,13 +1094,14 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const unsigned short* __restri
                                                   int S, int H, float scale, float* __restrict__ dqkv,
                                                   unsigned short* __restrict__ dqkv16)
 {
-    constexpr bool Q_SMEM = D > 64;
+    constexpr bool Q_SMEM = D > FA_REG_ROWS_MAX_D;
     constexpr int QW = D > 64 ? FA_T : FA_QW; // halves measured at D = 64 only
     extern __shared__ __align__(16) unsigned short fa_smem[];
     const int RS = D + 8, TS = FA_T * RS;
     unsigned short* bufs = fa_smem;     // two × (key tile, its values)
-    unsigned short* Qb = bufs + 4 * TS; // D > 64: this block's queries
+    unsigned short* Qb = bufs + 4 * TS; // Q_SMEM: this block's queries
     unsigned short* dOb = Qb + TS;      // and their output gradient
+    fa_need_smem((4 + (Q_SMEM ? 2 : 0)) * FA_T * RS * 2);
     const int C = H * D;
     const long ld = 3L * C;
     const int bh = blockIdx.y, b = bh / H, h = bh % H;

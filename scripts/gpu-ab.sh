@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# On the GPU machine (one call): A/B of kernel variants selected through
+# MHC_CUDA_DEFINES. For each variant ("" is the default build): the kernel
+# parity tests (flash attention against the GEMM path and the core, the mHC
+# kernels against mhc-core), then the d = 768 training step (residual and mHC)
+# and the d = 2048 one (heads of 128). Needs .device-bin/
+# (scripts/build-device-bin.sh). Logs and JSON in $OUT/ab/.
+#
+#   bash scripts/gpu-ab.sh "" "-DFA_LDSM=1" "-DFA_LDSM=1 -DFA_REG_ROWS_MAX_D=32"
+#   SCHEMES=residual WIDE=0 bash scripts/gpu-ab.sh "" "-DFA_LDSM=1"
+set -uo pipefail
+out=${OUT:-gpu-out}/ab
+mkdir -p "$out"
+B=.device-bin
+schemes=${SCHEMES:-residual,mhc}
+(($#)) || set -- ""
+i=0
+for defs in "$@"; do
+  tag="v$i"
+  i=$((i + 1))
+  echo "== $tag: MHC_CUDA_DEFINES='$defs'" | tee -a "$out/summary.txt"
+  for t in cuda_model_ops cuda_parity; do
+    MHC_CUDA_DEFINES="$defs" $B/$t --test-threads 1 2>&1 | grep -E "test result|FAILED|panicked" \
+      | sed "s/^/  $t: /" | tee -a "$out/summary.txt"
+  done
+  MHC_CUDA_DEFINES="$defs" $B/mhc-bench --train-width 768 --heads 12 --batch 16 \
+    --schemes "$schemes" --json "$out/${tag}_768.json" 2>&1 | grep -E "^\||error" \
+    | sed "s/^/  /" | tee -a "$out/summary.txt"
+  if [[ "${WIDE:-1}" == 1 ]]; then
+    MHC_CUDA_DEFINES="$defs" $B/mhc-bench --train-width 2048 --heads 16 --batch 8 \
+      --schemes "$schemes" --json "$out/${tag}_2048.json" 2>&1 | grep -E "^\||error" \
+      | sed "s/^/  /" | tee -a "$out/summary.txt"
+  fi
+done
