@@ -84,6 +84,21 @@ fn tuning_variants_compile() {
             built.log
         );
     }
+    // dx_dphi_tc's shared-memory epilogue exists for bf16 streams only.
+    for n in 1..=8 {
+        let defines = [
+            format!("-DN={n}"),
+            "-DSTREAM_BF16=1".to_string(),
+            "-DTC_EPI_SMEM=1".to_string(),
+        ];
+        let built = compile_offline(KERNEL_SOURCE, &defines, 90, false)
+            .unwrap_or_else(|e| panic!("mhc.cu {defines:?}: {e}"));
+        assert!(
+            !built.log.contains("warning"),
+            "{defines:?}:\n{}",
+            built.log
+        );
+    }
 }
 
 #[test]

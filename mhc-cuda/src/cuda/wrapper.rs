@@ -163,7 +163,14 @@ fn dx_geometry(bf16: bool, n: usize, k: usize) -> (usize, usize, usize, usize) {
         let (ct, tb) = (if n <= 4 { 32 } else { 16 }, 32);
         let (mt, kp) = (n * ct, k.next_multiple_of(16));
         let tile = 2 * tb * (mt + 8) * 2 + tb * (ct + 8) * 2 + 2 * tb * k * 4 + tb * 4;
-        let smem = 2 * tile + (2 * tb * (kp + 8) + 2 * kp * (mt + 8)) * 2;
+        // TC_EPI_SMEM (a kernel define, off unless MHC_CUDA_DEFINES sets it)
+        // adds the f32 results of product (a).
+        let epi = if super::tuning_define("TC_EPI_SMEM").unwrap_or(0) != 0 {
+            tb * (mt + 8) * 4
+        } else {
+            0
+        };
+        let smem = 2 * tile + (2 * tb * (kp + 8) + 2 * kp * (mt + 8)) * 2 + epi;
         (ct, 256, smem, if smem <= 100 * 1024 { 2 } else { 1 })
     } else {
         let ct = if n <= 4 { 64 } else { 32 };

@@ -794,7 +794,22 @@ struct TcTile {
     float coef[TC_TB][K];
     float xs[TC_TB];
 };
-#define TC_SMEM (2 * sizeof(TcTile) + (2 * TC_TB * TC_PS + 2 * TC_KP * TC_XS) * sizeof(bf16_t))
+// TC_EPI_SMEM 1: product (a) goes through shared memory (f32 [TC_TB][TC_AS]) and
+// the ∂x epilogue runs one thread per (token, channel pair) for all N streams,
+// reading g, dh and the coefficients once per token instead of once per output
+// pair (the same sums in the same order). Off until measured on the device; the
+// host sizes shared memory from the same define (MHC_CUDA_DEFINES).
+#ifndef TC_EPI_SMEM
+#define TC_EPI_SMEM 0
+#endif
+#define TC_AS (TC_MT + 8)      // f32 row stride of the (a) results: conflict-free float2 stores
+#if N % 4 == 0
+static_assert(((2 * TC_TB * TC_XS + TC_TB * TC_HS) * 2 + TC_TB * K * 4) % 16 == 0 // where TcTile::coef starts
+                  && sizeof(TcTile) % 16 == 0 && (K * 4) % 16 == 0,
+              "float4 reads of the coefficient rows need 16-byte alignment");
+#endif
+#define TC_SMEM (2 * sizeof(TcTile) + (2 * TC_TB * TC_PS + 2 * TC_KP * TC_XS) * sizeof(bf16_t) \
+                 + (TC_EPI_SMEM ? TC_TB * TC_AS * sizeof(float) : 0))
 
 __device__ __forceinline__ unsigned lds32(const bf16_t* p) { return *reinterpret_cast<const unsigned*>(p); }
 __device__ __forceinline__ float bf_lo(unsigned w) { return __uint_as_float(w << 16); }
@@ -889,6 +904,9 @@ extern "C" __global__ void __launch_bounds__(256, 2) dx_dphi_tc(
     bf16_t* dp_lo = dp_hi + TC_TB * TC_PS;
     bf16_t* ph_hi = dp_lo + TC_TB * TC_PS; // φ'ᵀ halves of this block's columns: [TC_KP][TC_XS]
     bf16_t* ph_lo = ph_hi + TC_KP * TC_XS;
+#if TC_EPI_SMEM
+    float* ax = reinterpret_cast<float*>(ph_lo + TC_KP * TC_XS); // (a) results [TC_TB][TC_AS]
+#endif
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, q = lane & 3;
     const int c0 = blockIdx.x * TC_CT;
     const long tbeg = (long)blockIdx.y * chunk;
@@ -962,6 +980,14 @@ extern "C" __global__ void __launch_bounds__(256, 2) dx_dphi_tc(
                             mma_bf16(acc, alo[ks][0], alo[ks][1], alo[ks][2], alo[ks][3], bh[2 * hf], bh[2 * hf + 1]);
                         }
                     }
+#if TC_EPI_SMEM
+#pragma unroll
+                    for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+                        for (int h = 0; h < 2; ++h)
+                            *reinterpret_cast<float2*>(ax + (t0 + gq + 8 * h) * TC_AS + (2 * pair + hf) * 8 + 2 * q) =
+                                make_float2(accs[hf][2 * h], accs[hf][2 * h + 1]);
+#else
 #pragma unroll
                     for (int hf = 0; hf < 2; ++hf) {
                     const float* acc = accs[hf];
@@ -986,9 +1012,53 @@ extern "C" __global__ void __launch_bounds__(256, 2) dx_dphi_tc(
                             *reinterpret_cast<unsigned*>(dx + ((tb + tt) * N + i) * C + c) = bf16x2_rn(v0, v1);
                     }
                     }
+#endif
                 }
             }
         }
+#if TC_EPI_SMEM
+        __syncthreads(); // every (a) result is in ax
+        // ∂x epilogue: a thread per (token, channel pair), all N streams.
+        for (int e = tid; e < TC_TB * (TC_CT / 2); e += blockDim.x) {
+            const int tt = e / (TC_CT / 2), cc = (e % (TC_CT / 2)) * 2, c = c0 + cc;
+            if (tt >= nt || c >= C) continue;
+            const float* cf = s.coef[tt];
+            const float xv = s.xs[tt];
+            const unsigned dw = lds32(&s.dh[tt][cc]);
+            float v[N][2];
+#pragma unroll
+            for (int i = 0; i < N; ++i) {
+                const float2 a = *reinterpret_cast<const float2*>(ax + tt * TC_AS + i * TC_CT + cc);
+                const unsigned xw = lds32(&s.x[tt][i * TC_CT + cc]);
+                const float hp = cf[i];
+                v[i][0] = a.x + (hp * bf_lo(dw) + xv * bf_lo(xw));
+                v[i][1] = a.y + (hp * bf_hi(dw) + xv * bf_hi(xw));
+            }
+#pragma unroll
+            for (int o = 0; o < N; ++o) {
+                const unsigned gw = lds32(&s.g[tt][o * TC_CT + cc]);
+                float hr[N]; // H_res[o, ·]
+#if N % 4 == 0
+#pragma unroll
+                for (int i = 0; i < N; i += 4) {
+                    const float4 w = *reinterpret_cast<const float4*>(cf + 2 * N + o * N + i);
+                    hr[i] = w.x; hr[i + 1] = w.y; hr[i + 2] = w.z; hr[i + 3] = w.w;
+                }
+#else
+#pragma unroll
+                for (int i = 0; i < N; ++i) hr[i] = cf[2 * N + o * N + i];
+#endif
+#pragma unroll
+                for (int i = 0; i < N; ++i) {
+                    v[i][0] += hr[i] * bf_lo(gw);
+                    v[i][1] += hr[i] * bf_hi(gw);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < N; ++i)
+                *reinterpret_cast<unsigned*>(dx + ((tb + tt) * N + i) * C + c) = bf16x2_rn(v[i][0], v[i][1]);
+        }
+#endif
         // (b) Warp: m-tiles warp, warp + 8, … × every j n-tile, over the tile's tokens.
 #pragma unroll
         for (int u = 0; u < TC_MTW; ++u) {
