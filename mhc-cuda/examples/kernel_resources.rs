@@ -6,6 +6,8 @@
 //! export LD_LIBRARY_PATH="$(bash scripts/cuda-tools.sh)"
 //! cargo run -p mhc-cuda --example kernel_resources -- --source mhc --n 4 --streams bf16
 //! cargo run -p mhc-cuda --example kernel_resources -- --source model -D FA_MINB_DQ=2
+//! git show HEAD:mhc-cuda/src/cuda/kernels/mhc.cu > /tmp/before.cu
+//! cargo run -p mhc-cuda --example kernel_resources -- --n 4 --against /tmp/before.cu
 //! ```
 
 use clap::{Parser, ValueEnum};
@@ -40,6 +42,18 @@ struct Args {
     /// Print NVRTC's whole log instead of the table.
     #[arg(long)]
     raw: bool,
+    /// Compile this file instead of the built-in source of --source (e.g. an
+    /// older version from `git show`), with the same defines.
+    #[arg(long)]
+    file: Option<std::path::PathBuf>,
+    /// Also compile this file with the same defines and say, per kernel,
+    /// whether the machine code is the same (a refactor should be).
+    #[arg(long)]
+    against: Option<std::path::PathBuf>,
+    /// Also write the machine code (cubin) here: `cmp` of two builds tells
+    /// whether a source refactor changed any instruction.
+    #[arg(long)]
+    cubin: Option<std::path::PathBuf>,
 }
 
 #[derive(Default)]
@@ -82,18 +96,62 @@ fn parse(log: &str) -> Vec<Kernel> {
     out
 }
 
-fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+/// The `.text.<kernel>` sections (machine code per kernel) of a 64-bit
+/// little-endian ELF cubin.
+fn kernel_code(elf: &[u8]) -> Result<std::collections::BTreeMap<String, Vec<u8>>, String> {
+    let bad = || "not a 64-bit ELF cubin".to_string();
+    // The little-endian unsigned integer of `width` bytes at `o`.
+    let le = |o: usize, width: usize| -> Result<usize, String> {
+        let bytes = elf.get(o..o + width).ok_or_else(bad)?;
+        Ok(bytes
+            .iter()
+            .rev()
+            .fold(0, |acc, &b| (acc << 8) | usize::from(b)))
+    };
+    if elf.get(..5) != Some(b"\x7fELF\x02".as_slice()) {
+        return Err(bad());
+    }
+    let (shoff, shentsize, shnum, shstrndx) =
+        (le(0x28, 8)?, le(0x3a, 2)?, le(0x3c, 2)?, le(0x3e, 2)?);
+    // (name offset, data offset, size) of section i
+    let header = |i: usize| -> Result<(usize, usize, usize), String> {
+        let h = shoff + i * shentsize;
+        Ok((le(h, 4)?, le(h + 0x18, 8)?, le(h + 0x20, 8)?))
+    };
+    let names = header(shstrndx)?.1;
+    let mut out = std::collections::BTreeMap::new();
+    for i in 0..shnum {
+        let (name_at, offset, size) = header(i)?;
+        let start = names + name_at;
+        let len = elf
+            .get(start..)
+            .ok_or_else(bad)?
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or_else(bad)?;
+        let name = String::from_utf8_lossy(&elf[start..start + len]);
+        if let Some(kernel) = name.strip_prefix(".text.") {
+            out.insert(
+                kernel.to_string(),
+                elf.get(offset..offset + size).ok_or_else(bad)?.to_vec(),
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn read(path: &std::path::Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))
+}
+
+fn run(args: Args) -> Result<(), String> {
     let mut defines: Vec<String> = args.define.iter().map(|d| format!("-D{d}")).collect();
-    let source = match args.source {
+    let builtin = match args.source {
         Source::Mhc => {
             let bf16 = match args.streams.as_str() {
                 "bf16" => 1,
                 "f32" => 0,
-                other => {
-                    eprintln!("--streams must be bf16 or f32, not {other:?}");
-                    return std::process::ExitCode::from(2);
-                }
+                other => return Err(format!("--streams must be bf16 or f32, not {other:?}")),
             };
             defines.push(format!("-DN={}", args.n));
             defines.push(format!("-DSTREAM_BF16={bf16}"));
@@ -101,27 +159,76 @@ fn main() -> std::process::ExitCode {
         }
         Source::Model => MODEL_KERNEL_SOURCE,
     };
-    let built = match compile_offline(source, &defines, args.sm, true) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("{e}");
-            return std::process::ExitCode::FAILURE;
-        }
+    let source = match &args.file {
+        Some(path) => read(path)?,
+        None => builtin.to_string(),
     };
-    if args.raw {
-        println!("{}", built.log);
-        return std::process::ExitCode::SUCCESS;
+    let built = compile_offline(&source, &defines, args.sm, true).map_err(|e| e.to_string())?;
+    if let Some(path) = &args.cubin {
+        std::fs::write(path, &built.cubin)
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
     }
-    println!("sm_{} {}", args.sm, defines.join(" "));
-    println!(
-        "{:<48} {:>5} {:>7} {:>6} {:>7} {:>7}",
-        "kernel", "regs", "smem", "stack", "spill>", "spill<"
+    if args.raw {
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout().lock(), "{}", built.log);
+        return Ok(());
+    }
+    // With --against: whether each kernel's machine code is the same in the other source.
+    let same = match &args.against {
+        Some(path) => {
+            let other = compile_offline(&read(path)?, &defines, args.sm, false)
+                .map_err(|e| e.to_string())?;
+            let (a, b) = (kernel_code(&built.cubin)?, kernel_code(&other.cubin)?);
+            Some(move |k: &str| match (a.get(k), b.get(k)) {
+                (Some(x), Some(y)) if x == y => "same",
+                (Some(_), Some(_)) => "DIFFERS",
+                _ => "only here",
+            })
+        }
+        None => None,
+    };
+    // A closed pipe (`| head`) ends the listing quietly.
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "sm_{} {}", args.sm, defines.join(" "));
+    let _ = writeln!(
+        out,
+        "{:<48} {:>5} {:>7} {:>6} {:>7} {:>7}{}",
+        "kernel",
+        "regs",
+        "smem",
+        "stack",
+        "spill>",
+        "spill<",
+        if same.is_some() { "  vs --against" } else { "" }
     );
     for k in parse(&built.log) {
-        println!(
-            "{:<48} {:>5} {:>7} {:>6} {:>7} {:>7}",
-            k.name, k.registers, k.smem, k.stack, k.spill_stores, k.spill_loads
+        let line = writeln!(
+            out,
+            "{:<48} {:>5} {:>7} {:>6} {:>7} {:>7}{}",
+            k.name,
+            k.registers,
+            k.smem,
+            k.stack,
+            k.spill_stores,
+            k.spill_loads,
+            same.as_ref()
+                .map(|f| format!("  {}", f(&k.name)))
+                .unwrap_or_default()
         );
+        if line.is_err() {
+            break;
+        }
     }
-    std::process::ExitCode::SUCCESS
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -23,6 +23,26 @@ fn nvrtc() -> bool {
     }
 }
 
+/// Compiles `source` (named `what` in messages) for `sm` with `defines`:
+/// machine code must come out, with no warning in NVRTC's log.
+fn build(what: &str, source: &str, defines: &[String], sm: u32) {
+    let built = compile_offline(source, defines, sm, false)
+        .unwrap_or_else(|e| panic!("{what} sm_{sm} {defines:?}: {e}"));
+    assert!(
+        !built.cubin.is_empty(),
+        "{what} sm_{sm} {defines:?}: empty cubin"
+    );
+    assert!(
+        !built.log.contains("warning"),
+        "{what} sm_{sm} {defines:?} warns:\n{}",
+        built.log
+    );
+}
+
+fn strings(defines: &[&str]) -> Vec<String> {
+    defines.iter().map(|d| d.to_string()).collect()
+}
+
 #[test]
 fn mhc_kernels_compile_for_every_n_and_stream_dtype() {
     if !nvrtc() {
@@ -32,14 +52,7 @@ fn mhc_kernels_compile_for_every_n_and_stream_dtype() {
         for n in 1..=8 {
             for bf16 in [0, 1] {
                 let defines = [format!("-DN={n}"), format!("-DSTREAM_BF16={bf16}")];
-                let built = compile_offline(KERNEL_SOURCE, &defines, sm, false)
-                    .unwrap_or_else(|e| panic!("mhc.cu, sm_{sm}, n = {n}, bf16 = {bf16}: {e}"));
-                assert!(built.cubin_bytes > 0, "mhc.cu sm_{sm} n = {n}: empty cubin");
-                assert!(
-                    !built.log.contains("warning"),
-                    "mhc.cu sm_{sm} n = {n} bf16 = {bf16} warns:\n{}",
-                    built.log
-                );
+                build("mhc.cu", KERNEL_SOURCE, &defines, sm);
             }
         }
     }
@@ -51,14 +64,7 @@ fn model_kernels_compile() {
         return;
     }
     for sm in ARCHES {
-        let built = compile_offline(MODEL_KERNEL_SOURCE, &[], sm, false)
-            .unwrap_or_else(|e| panic!("model.cu, sm_{sm}: {e}"));
-        assert!(built.cubin_bytes > 0);
-        assert!(
-            !built.log.contains("warning"),
-            "model.cu sm_{sm} warns:\n{}",
-            built.log
-        );
+        build("model.cu", MODEL_KERNEL_SOURCE, &[], sm);
     }
 }
 
@@ -69,35 +75,18 @@ fn tuning_variants_compile() {
     if !nvrtc() {
         return;
     }
-    let model: [&[&str]; 3] = [
-        &["-DFA_LDSM=1"],
+    for defines in [
+        &["-DFA_LDSM=1"][..],
         &["-DFA_LDSM=1", "-DFA_REG_ROWS_MAX_D=32"],
         &["-DFA_LDSM=1", "-DFA_MINB_DKV=2", "-DFA_MINB_DQ=2"],
-    ];
-    for defines in model {
-        let defines: Vec<String> = defines.iter().map(|d| d.to_string()).collect();
-        let built = compile_offline(MODEL_KERNEL_SOURCE, &defines, 90, false)
-            .unwrap_or_else(|e| panic!("model.cu {defines:?}: {e}"));
-        assert!(
-            !built.log.contains("warning"),
-            "{defines:?}:\n{}",
-            built.log
-        );
+    ] {
+        build("model.cu", MODEL_KERNEL_SOURCE, &strings(defines), 90);
     }
     // dx_dphi_tc's shared-memory epilogue exists for bf16 streams only.
     for n in 1..=8 {
-        let defines = [
-            format!("-DN={n}"),
-            "-DSTREAM_BF16=1".to_string(),
-            "-DTC_EPI_SMEM=1".to_string(),
-        ];
-        let built = compile_offline(KERNEL_SOURCE, &defines, 90, false)
-            .unwrap_or_else(|e| panic!("mhc.cu {defines:?}: {e}"));
-        assert!(
-            !built.log.contains("warning"),
-            "{defines:?}:\n{}",
-            built.log
-        );
+        let n = format!("-DN={n}");
+        let defines = strings(&[&n, "-DSTREAM_BF16=1", "-DTC_EPI_SMEM=1"]);
+        build("mhc.cu", KERNEL_SOURCE, &defines, 90);
     }
 }
 

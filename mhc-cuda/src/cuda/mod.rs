@@ -408,8 +408,9 @@ mod define_tests {
 /// What NVRTC and ptxas made of one kernel source, compiled without a GPU.
 #[derive(Debug, Clone)]
 pub struct OfflineBuild {
-    /// The machine code's size in bytes.
-    pub cubin_bytes: usize,
+    /// The machine code (an ELF cubin): two builds with the same bytes run
+    /// the same instructions, which proves a refactor changed nothing.
+    pub cubin: Vec<u8>,
     /// NVRTC's log: warnings, and ptxas's per-kernel registers, shared
     /// memory and spills when `verbose` was asked.
     pub log: String,
@@ -466,11 +467,13 @@ pub fn compile_offline(
         let cubin = compiled.and_then(|()| {
             let mut size = 0usize;
             sys::nvrtcGetCUBINSize(prog, &mut size).result()?;
-            Ok(size)
+            let mut bytes = vec![0u8; size];
+            sys::nvrtcGetCUBIN(prog, bytes.as_mut_ptr().cast()).result()?;
+            Ok(bytes)
         });
         let _ = result::destroy_program(prog);
         match cubin {
-            Ok(cubin_bytes) => Ok(OfflineBuild { cubin_bytes, log }),
+            Ok(cubin) => Ok(OfflineBuild { cubin, log }),
             Err(e) => Err(CudaError::Compile(format!("{e:?}\n{log}"))),
         }
     }

@@ -822,58 +822,46 @@ __device__ __forceinline__ void ldsm_x4_t(const bf16_t* p, unsigned* r) {
                  : "memory");
 }
 
+// x, g (all N streams) and dh of tile rows [0, nt) and the block's TC_CT channels,
+// in units of U channels (U · 2 bytes per copy); zeros beyond nt and C.
+template <int U>
+__device__ __forceinline__ void tc_stage_streams(TcTile& s, const stream_t* __restrict__ x,
+                                                 const stream_t* __restrict__ g, const stream_t* __restrict__ dh,
+                                                 long tb, int nt, int C, int c0)
+{
+    const int tid = threadIdx.x;
+    for (int e = tid; e < TC_TB * N * (TC_CT / U); e += blockDim.x) {
+        const int tt = e / (N * (TC_CT / U)), rem = e % (N * (TC_CT / U)), ii = rem / (TC_CT / U);
+        const int c2 = (rem % (TC_CT / U)) * U;
+        const bool ok = tt < nt && c0 + c2 < C;
+        const long idx = ok ? ((tb + tt) * N + ii) * C + c0 + c2 : 0;
+        cp_async<2 * U>(&s.x[tt][ii * TC_CT + c2], x + idx, ok);
+        cp_async<2 * U>(&s.g[tt][ii * TC_CT + c2], g + idx, ok);
+    }
+    for (int e = tid; e < TC_TB * (TC_CT / U); e += blockDim.x) {
+        const int tt = e / (TC_CT / U), c2 = (e % (TC_CT / U)) * U;
+        const bool ok = tt < nt && c0 + c2 < C;
+        cp_async<2 * U>(&s.dh[tt][c2], dh + (ok ? (tb + tt) * C + c0 + c2 : 0), ok);
+    }
+}
+
 __device__ __forceinline__ void tc_stage(TcTile& s, const stream_t* __restrict__ x, const stream_t* __restrict__ g,
                                          const stream_t* __restrict__ dh, const float* __restrict__ coef,
                                          const float* __restrict__ dp, const float* __restrict__ xsc, long tb, int nt,
                                          int C, int c0)
 {
     const int tid = threadIdx.x;
-    if ((C & 7) == 0) { // units of 8 channels (16 bytes)
-        for (int e = tid; e < TC_TB * N * (TC_CT / 8); e += blockDim.x) {
-            const int tt = e / (N * (TC_CT / 8)), rem = e % (N * (TC_CT / 8)), ii = rem / (TC_CT / 8);
-            const int c2 = (rem % (TC_CT / 8)) * 8;
-            const bool ok = tt < nt && c0 + c2 < C;
-            const long idx = ok ? ((tb + tt) * N + ii) * C + c0 + c2 : 0;
-            cp_async<16>(&s.x[tt][ii * TC_CT + c2], x + idx, ok);
-            cp_async<16>(&s.g[tt][ii * TC_CT + c2], g + idx, ok);
-        }
-        for (int e = tid; e < TC_TB * (TC_CT / 8); e += blockDim.x) {
-            const int tt = e / (TC_CT / 8), c2 = (e % (TC_CT / 8)) * 8;
-            const bool ok = tt < nt && c0 + c2 < C;
-            cp_async<16>(&s.dh[tt][c2], dh + (ok ? (tb + tt) * C + c0 + c2 : 0), ok);
-        }
-    } else { // C % 8 == 4: units of 4 channels (8 bytes)
-        for (int e = tid; e < TC_TB * N * (TC_CT / 4); e += blockDim.x) {
-            const int tt = e / (N * (TC_CT / 4)), rem = e % (N * (TC_CT / 4)), ii = rem / (TC_CT / 4);
-            const int c2 = (rem % (TC_CT / 4)) * 4;
-            const bool ok = tt < nt && c0 + c2 < C;
-            const long idx = ok ? ((tb + tt) * N + ii) * C + c0 + c2 : 0;
-            cp_async<8>(&s.x[tt][ii * TC_CT + c2], x + idx, ok);
-            cp_async<8>(&s.g[tt][ii * TC_CT + c2], g + idx, ok);
-        }
-        for (int e = tid; e < TC_TB * (TC_CT / 4); e += blockDim.x) {
-            const int tt = e / (TC_CT / 4), c2 = (e % (TC_CT / 4)) * 4;
-            const bool ok = tt < nt && c0 + c2 < C;
-            cp_async<8>(&s.dh[tt][c2], dh + (ok ? (tb + tt) * C + c0 + c2 : 0), ok);
-        }
-    }
-#if K % 4 == 0
-    for (int e = tid; e < TC_TB * (K / 4); e += blockDim.x) {
-        const int tt = e / (K / 4), j = (e % (K / 4)) * 4;
+    if ((C & 7) == 0) tc_stage_streams<8>(s, x, g, dh, tb, nt, C, c0); // 16-byte copies
+    else tc_stage_streams<4>(s, x, g, dh, tb, nt, C, c0);              // C % 8 == 4: 8-byte copies
+    // dp and the coefficients: rows of K floats, in units of four when K allows.
+    constexpr int UK = K % 4 == 0 ? 4 : 1;
+    for (int e = tid; e < TC_TB * (K / UK); e += blockDim.x) {
+        const int tt = e / (K / UK), j = (e % (K / UK)) * UK;
         const bool ok = tt < nt;
         const long src = ok ? (tb + tt) * K + j : 0;
-        cp_async<16>(&s.dp[tt][j], dp + src, ok);
-        cp_async<16>(&s.coef[tt][j], coef + src, ok);
+        cp_async<4 * UK>(&s.dp[tt][j], dp + src, ok);
+        cp_async<4 * UK>(&s.coef[tt][j], coef + src, ok);
     }
-#else
-    for (int e = tid; e < TC_TB * K; e += blockDim.x) {
-        const int tt = e / K, j = e % K;
-        const bool ok = tt < nt;
-        const long src = ok ? (tb + tt) * K + j : 0;
-        cp_async<4>(&s.dp[tt][j], dp + src, ok);
-        cp_async<4>(&s.coef[tt][j], coef + src, ok);
-    }
-#endif
     if (tid < TC_TB) cp_async<4>(&s.xs[tid], xsc + (tid < nt ? tb + tid : 0), tid < nt);
     cp_commit();
 }

@@ -840,6 +840,25 @@ __device__ __forceinline__ void fa_mma_pv(float (*acc)[4], const float (*p)[4], 
     }
 }
 
+// The backward's two score products for one part of a tile: s = A·Xᵀ and
+// dp = B·Yᵀ (16 own rows × W columns), with the own rows A, B as register
+// fragments (ra, rb) or, when SMEM, as the warp's 16 rows of smem tiles (sa, sb).
+template <int D, int W, bool SMEM>
+__device__ __forceinline__ void fa_scores(float (*s)[4], float (*dp)[4], const unsigned (*ra)[4],
+                                          const unsigned (*rb)[4], const unsigned short* sa,
+                                          const unsigned short* sb, const unsigned short* X, const unsigned short* Y)
+{
+#pragma unroll
+    for (int i = 0; i < W / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
+    if constexpr (SMEM) {
+        fa_mma_abt_s<D, W / 8>(s, sa, X);
+        fa_mma_abt_s<D, W / 8>(dp, sb, Y);
+    } else {
+        fa_mma_abt<D, W / 8>(s, ra, X);
+        fa_mma_abt<D, W / 8>(dp, rb, Y);
+    }
+}
+
 // Forward. grid (ceil(S/64), B·H), 128 threads, smem 4·64·(D+8) bf16 (K and V, two buffers);
 // out [B, S, C] f32; lse [B·H, S] = m + log2(l) in units of log2 of the scaled scores.
 template <int D>
@@ -1046,15 +1065,8 @@ __device__ __forceinline__ void flash_bwd_dkv_impl(const unsigned short* __restr
         for (int part = 0; part < FA_T / QW; ++part) {
             const int qb = part * QW;
             float s[QW / 8][4], dp[QW / 8][4];
-#pragma unroll
-            for (int i = 0; i < QW / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
-            if constexpr (KV_SMEM) {
-                fa_mma_abt_s<D, QW / 8>(s, Kb + warp * 16 * RS, Qs + qb * RS);
-                fa_mma_abt_s<D, QW / 8>(dp, Vb + warp * 16 * RS, dOs + qb * RS);
-            } else {
-                fa_mma_abt<D, QW / 8>(s, ka, Qs + qb * RS);
-                fa_mma_abt<D, QW / 8>(dp, va, dOs + qb * RS);
-            }
+            fa_scores<D, QW, KV_SMEM>(s, dp, ka, va, Kb + warp * 16 * RS, Vb + warp * 16 * RS, Qs + qb * RS,
+                                      dOs + qb * RS);
 #pragma unroll
             for (int nt = 0; nt < QW / 8; ++nt)
 #pragma unroll
@@ -1147,15 +1159,8 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const unsigned short* __restri
         for (int part = 0; part < FA_T / QW; ++part) {
             const int kb = part * QW;
             float s[QW / 8][4], dp[QW / 8][4];
-#pragma unroll
-            for (int i = 0; i < QW / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
-            if constexpr (Q_SMEM) {
-                fa_mma_abt_s<D, QW / 8>(s, Qb + warp * 16 * RS, Ks + kb * RS);
-                fa_mma_abt_s<D, QW / 8>(dp, dOb + warp * 16 * RS, Vs + kb * RS);
-            } else {
-                fa_mma_abt<D, QW / 8>(s, qa, Ks + kb * RS);
-                fa_mma_abt<D, QW / 8>(dp, da, Vs + kb * RS);
-            }
+            fa_scores<D, QW, Q_SMEM>(s, dp, qa, da, Qb + warp * 16 * RS, dOb + warp * 16 * RS, Ks + kb * RS,
+                                     Vs + kb * RS);
 #pragma unroll
             for (int nt = 0; nt < QW / 8; ++nt)
 #pragma unroll
