@@ -405,6 +405,22 @@ mod define_tests {
     }
 }
 
+/// For unit tests that compile kernels offline: whether NVRTC is there;
+/// without it they skip with a message, or fail when `MHC_REQUIRE_NVRTC` is
+/// set (as `scripts/test.sh` does).
+#[cfg(test)]
+pub(crate) fn offline_nvrtc() -> bool {
+    if nvrtc_present() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("MHC_REQUIRE_NVRTC").is_none(),
+        "MHC_REQUIRE_NVRTC is set but libnvrtc.so is not found (LD_LIBRARY_PATH?)"
+    );
+    eprintln!("skipping an offline kernel compile: libnvrtc.so not found (scripts/cuda-tools.sh)");
+    false
+}
+
 /// What NVRTC and ptxas made of one kernel source, compiled without a GPU.
 #[derive(Debug, Clone)]
 pub struct OfflineBuild {

@@ -32,6 +32,21 @@ fn check(what: &'static str, len: usize, expected: usize) -> CudaResult<()> {
 pub const FLASH_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 
 /// A failed launch of a flash-attention kernel, with the shared memory it asked for.
+/// Dynamic shared memory (bytes) of the flash backward's dK/dV and dQ kernels
+/// at `head_dim`: two buffers of (query tile, its dO) and (L, dvec) for dK/dV,
+/// of (key tile, its values) for dQ; the block's own rows in shared memory too
+/// above `reg_rows_max_d` (the kernels' `FA_REG_ROWS_MAX_D`, 64 unless
+/// `MHC_CUDA_DEFINES` sets it), in registers below.
+fn flash_backward_smem(head_dim: usize, reg_rows_max_d: i64) -> (usize, usize) {
+    let own = if head_dim as i64 > reg_rows_max_d {
+        2
+    } else {
+        0
+    };
+    let tiles = (4 + own) * FLASH_TILE * (head_dim + 8) * 2;
+    (tiles + 4 * FLASH_TILE * 4, tiles)
+}
+
 fn flash_launch_error(name: &str, smem: usize, e: cudarc::driver::DriverError) -> CudaError {
     CudaError::Driver(format!(
         "{name} (with {smem} B of dynamic shared memory): {e:?}"
@@ -947,16 +962,8 @@ impl ModelKernels {
         // checked (dvec: batch·heads·seq, dout16: batch·seq·C).
         unsafe { b.launch(self.softmax_launch((batch * heads * seq).min(1 << 20))) }?;
         let tiles = seq.div_ceil(FLASH_TILE) as u32;
-        // Two buffers of (query tile, its dO) and (L, dvec); the block's own
-        // rows in shared memory too above FA_REG_ROWS_MAX_D (64 unless
-        // MHC_CUDA_DEFINES sets it) dimensions, in registers below.
-        let own = if head_dim as i64 > super::tuning_define("FA_REG_ROWS_MAX_D").unwrap_or(64) {
-            2
-        } else {
-            0
-        };
-        let smem_dkv = (4 + own) * FLASH_TILE * (head_dim + 8) * 2 + 4 * FLASH_TILE * 4;
-        let smem_dq = (4 + own) * FLASH_TILE * (head_dim + 8) * 2;
+        let reg_rows_max_d = super::tuning_define("FA_REG_ROWS_MAX_D").unwrap_or(64);
+        let (smem_dkv, smem_dq) = flash_backward_smem(head_dim, reg_rows_max_d);
         // The two passes take the same arguments: dK/dV (over key tiles) writes
         // the k and v columns of the gradient, dQ (over query tiles) the q columns.
         let mut pass = |name: &str, smem: usize| -> CudaResult<()> {
@@ -1687,5 +1694,35 @@ impl MatMul {
             ldc: n as i32,
         };
         self.gemm(cfg, grad_out, a, grad_b)
+    }
+}
+
+#[cfg(test)]
+mod smem_tests {
+    use super::flash_backward_smem;
+    use crate::cuda::{MODEL_KERNEL_SOURCE, compile_offline, offline_nvrtc};
+
+    /// The host's shared-memory sizes for the flash backward are the kernels'
+    /// (which trap on less at run time): model.cu `static_assert`s them
+    /// against the values passed in, per head dimension and both row
+    /// placements (NVRTC, no GPU).
+    #[test]
+    fn flash_backward_shared_memory_matches_the_kernel_layout() {
+        if !offline_nvrtc() {
+            return;
+        }
+        // Both placements at heads of 64, and one head size on each side of it.
+        for (head_dim, reg_rows_max_d) in [(64, 64), (128, 64), (64, 32), (32, 32)] {
+            let (dkv, dq) = flash_backward_smem(head_dim, reg_rows_max_d);
+            let defines = [
+                format!("-DFA_REG_ROWS_MAX_D={reg_rows_max_d}"),
+                format!("-DEXPECT_FA_D={head_dim}"),
+                format!("-DEXPECT_FA_SMEM_DKV={dkv}"),
+                format!("-DEXPECT_FA_SMEM_DQ={dq}"),
+            ];
+            if let Err(e) = compile_offline(MODEL_KERNEL_SOURCE, &defines, 90, false) {
+                panic!("head {head_dim}, rows in registers up to {reg_rows_max_d}: {e}");
+            }
+        }
     }
 }

@@ -159,17 +159,19 @@ const CF_TOK: usize = 64;
 /// memory); bf16 streams: `dx_dphi_tc` (tensor cores; the byte count mirrors
 /// its `TC_SMEM`, which the kernel checks).
 fn dx_geometry(bf16: bool, n: usize, k: usize) -> (usize, usize, usize, usize) {
+    // TC_EPI_SMEM: a kernel define, off unless MHC_CUDA_DEFINES sets it.
+    let epi = super::tuning_define("TC_EPI_SMEM").unwrap_or(0) != 0;
+    dx_geometry_with(bf16, n, k, epi)
+}
+
+/// [`dx_geometry`] for a given `TC_EPI_SMEM` setting.
+fn dx_geometry_with(bf16: bool, n: usize, k: usize, epi: bool) -> (usize, usize, usize, usize) {
     if bf16 {
         let (ct, tb) = (if n <= 4 { 32 } else { 16 }, 32);
         let (mt, kp) = (n * ct, k.next_multiple_of(16));
         let tile = 2 * tb * (mt + 8) * 2 + tb * (ct + 8) * 2 + 2 * tb * k * 4 + tb * 4;
-        // TC_EPI_SMEM (a kernel define, off unless MHC_CUDA_DEFINES sets it)
-        // adds the f32 results of product (a).
-        let epi = if super::tuning_define("TC_EPI_SMEM").unwrap_or(0) != 0 {
-            tb * (mt + 8) * 4
-        } else {
-            0
-        };
+        // TC_EPI_SMEM adds the f32 results of product (a).
+        let epi = if epi { tb * (mt + 8) * 4 } else { 0 };
         let smem = 2 * tile + (2 * tb * (kp + 8) + 2 * kp * (mt + 8)) * 2 + epi;
         (ct, 256, smem, if smem <= 100 * 1024 { 2 } else { 1 })
     } else {
@@ -874,5 +876,36 @@ impl<S: StreamElement> MhcCuda<S> {
     /// The device.
     pub fn device(&self) -> &Arc<CudaDevice> {
         &self.dev
+    }
+}
+
+#[cfg(test)]
+mod geometry_tests {
+    use super::dx_geometry_with;
+    use crate::cuda::{KERNEL_SOURCE, compile_offline, offline_nvrtc};
+
+    /// The host's shared-memory size for `dx_dphi_tc` is the kernel's
+    /// `TC_SMEM`, for every n and both epilogues: the kernel source
+    /// `static_assert`s it against the value passed in (NVRTC, no GPU).
+    #[test]
+    fn dx_tc_shared_memory_matches_the_kernel_layout() {
+        if !offline_nvrtc() {
+            return;
+        }
+        for n in 1..=8 {
+            let k = n * n + 2 * n;
+            for epi in [false, true] {
+                let (_, _, smem, _) = dx_geometry_with(true, n, k, epi);
+                let defines = [
+                    format!("-DN={n}"),
+                    "-DSTREAM_BF16=1".into(),
+                    format!("-DTC_EPI_SMEM={}", u8::from(epi)),
+                    format!("-DEXPECT_TC_SMEM={smem}"),
+                ];
+                if let Err(e) = compile_offline(KERNEL_SOURCE, &defines, 90, false) {
+                    panic!("n = {n}, epilogue in smem {epi}: host says {smem} bytes: {e}");
+                }
+            }
+        }
     }
 }

@@ -810,6 +810,9 @@ static_assert(((2 * TC_TB * TC_XS + TC_TB * TC_HS) * 2 + TC_TB * K * 4) % 16 == 
 #endif
 #define TC_SMEM (2 * sizeof(TcTile) + (2 * TC_TB * TC_PS + 2 * TC_KP * TC_XS) * sizeof(bf16_t) \
                  + (TC_EPI_SMEM ? TC_TB * TC_AS * sizeof(float) : 0))
+#ifdef EXPECT_TC_SMEM // the host's size (wrapper.rs, dx_geometry), checked by its unit test
+static_assert(TC_SMEM == EXPECT_TC_SMEM, "dx_geometry's shared-memory size differs from TC_SMEM");
+#endif
 
 __device__ __forceinline__ unsigned lds32(const bf16_t* p) { return *reinterpret_cast<const unsigned*>(p); }
 __device__ __forceinline__ float bf_lo(unsigned w) { return __uint_as_float(w << 16); }

@@ -1018,7 +1018,11 @@ __device__ __forceinline__ void flash_bwd_dkv_impl(const unsigned short* __restr
     float* stats = (float*)(bufs + 4 * TS);                         // two × (L [64], dvec [64])
     unsigned short* Kb = (unsigned short*)(stats + 4 * FA_T);       // KV_SMEM: this block's keys
     unsigned short* Vb = Kb + TS;                                   // and values
-    fa_need_smem((4 + (KV_SMEM ? 2 : 0)) * FA_T * RS * 2 + 4 * FA_T * 4);
+    constexpr unsigned SMEM_NEED = (4 + (KV_SMEM ? 2 : 0)) * FA_T * (D + 8) * 2 + 4 * FA_T * 4;
+#ifdef EXPECT_FA_D // the host's size (model_ops.rs, flash_backward_smem), checked by its unit test
+    static_assert(D != EXPECT_FA_D || SMEM_NEED == EXPECT_FA_SMEM_DKV, "host and dK/dV kernel disagree on smem");
+#endif
+    fa_need_smem(SMEM_NEED);
     const int C = H * D;
     const long ld = 3L * C;
     const int bh = blockIdx.y, b = bh / H, h = bh % H;
@@ -1113,7 +1117,11 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const unsigned short* __restri
     unsigned short* bufs = fa_smem;     // two × (key tile, its values)
     unsigned short* Qb = bufs + 4 * TS; // Q_SMEM: this block's queries
     unsigned short* dOb = Qb + TS;      // and their output gradient
-    fa_need_smem((4 + (Q_SMEM ? 2 : 0)) * FA_T * RS * 2);
+    constexpr unsigned SMEM_NEED = (4 + (Q_SMEM ? 2 : 0)) * FA_T * (D + 8) * 2;
+#ifdef EXPECT_FA_D
+    static_assert(D != EXPECT_FA_D || SMEM_NEED == EXPECT_FA_SMEM_DQ, "host and dQ kernel disagree on smem");
+#endif
+    fa_need_smem(SMEM_NEED);
     const int C = H * D;
     const long ld = 3L * C;
     const int bh = blockIdx.y, b = bh / H, h = bh % H;
