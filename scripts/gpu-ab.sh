@@ -23,6 +23,16 @@ for defs in "$@"; do
     MHC_CUDA_DEFINES="$defs" $B/$t --test-threads 1 2>&1 | grep -E "test result|FAILED|panicked" \
       | sed "s/^/  $t: /" | tee -a "$out/summary.txt"
   done
+  MHC_CUDA_DEFINES="$defs" $B/mhc-train --scheme mhc --device cuda --width 256 --heads 4 \
+    --steps 40 --log-every 20 --eval-every 40 --checkpoint-every 40 --seed 7 --force \
+    --out "/tmp/ab_$tag" > /dev/null 2>&1 || echo "  mhc-train failed" | tee -a "$out/summary.txt"
+  python3 - "/tmp/ab_v0/mhc/checkpoint.safetensors" "/tmp/ab_$tag/mhc/checkpoint.safetensors" <<'PY' 2>&1 | tee -a "$out/summary.txt"
+import sys
+from safetensors.numpy import load_file
+a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
+diff = [k for k in a if k not in b or not (a[k] == b[k]).all()]
+print(f"  40 steps vs v0: {len(a)} tensors, {len(diff)} differing {diff[:3]}")
+PY
   MHC_CUDA_DEFINES="$defs" $B/mhc-bench --train-width 768 --heads 12 --batch 16 \
     --schemes "$schemes" --json "$out/${tag}_768.json" 2>&1 | grep -E "^\||error" \
     | sed "s/^/  /" | tee -a "$out/summary.txt"
