@@ -2,9 +2,9 @@
 # CUDA 13's NVRTC from NVIDIA's PyPI wheel, into .cuda-tools/ (git-ignored),
 # idempotently; no GPU or CUDA install needed. With it, the test suite compiles
 # every kernel for sm_90 and sm_80 (mhc-cuda/tests/cuda_compile.rs) on a
-# machine without a GPU, and scripts/cuda-resources.sh prints ptxas's
-# registers / shared memory / spills per kernel. Prints the folder to put in
-# LD_LIBRARY_PATH.
+# machine without a GPU, and `cargo run -p mhc-cuda --example kernel_resources`
+# prints ptxas's registers / shared memory / spills per kernel. Prints the
+# folder to put in LD_LIBRARY_PATH.
 #
 #   export LD_LIBRARY_PATH="$(bash scripts/cuda-tools.sh)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 set -euo pipefail

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # On the GPU machine (one call): A/B of kernel variants selected through
-# MHC_CUDA_DEFINES. For each variant ("" is the default build): the kernel
-# parity tests (flash attention against the GEMM path and the core, the mHC
-# kernels against mhc-core), then the d = 768 training step (residual and mHC)
-# and the d = 2048 one (heads of 128). Needs .device-bin/
+# MHC_CUDA_DEFINES. For each variant ("" is the default build, and the first
+# variant is the reference): the kernel parity tests (flash attention against
+# the GEMM path and the core, the mHC kernels against mhc-core); 40 mHC
+# training steps at heads of 64 whose final weights are compared bit for bit
+# with the first variant's (a variant that only changes how values are loaded
+# should give 0 differing tensors); then the d = 768 training step (residual
+# and mHC) and the d = 2048 one (heads of 128). Needs .device-bin/
 # (scripts/build-device-bin.sh). Logs and JSON in $OUT/ab/.
 #
 #   bash scripts/gpu-ab.sh "" "-DFA_LDSM=1" "-DFA_LDSM=1 -DFA_REG_ROWS_MAX_D=32"

@@ -31,7 +31,6 @@ fn check(what: &'static str, len: usize, expected: usize) -> CudaResult<()> {
 /// Head dimensions the flash-attention kernels are compiled for.
 pub const FLASH_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 
-/// A failed launch of a flash-attention kernel, with the shared memory it asked for.
 /// Dynamic shared memory (bytes) of the flash backward's dK/dV and dQ kernels
 /// at `head_dim`: two buffers of (query tile, its dO) and (L, dvec) for dK/dV,
 /// of (key tile, its values) for dQ; the block's own rows in shared memory too
@@ -47,6 +46,7 @@ fn flash_backward_smem(head_dim: usize, reg_rows_max_d: i64) -> (usize, usize) {
     (tiles + 4 * FLASH_TILE * 4, tiles)
 }
 
+/// A failed launch of a flash-attention kernel, with the shared memory it asked for.
 fn flash_launch_error(name: &str, smem: usize, e: cudarc::driver::DriverError) -> CudaError {
     CudaError::Driver(format!(
         "{name} (with {smem} B of dynamic shared memory): {e:?}"

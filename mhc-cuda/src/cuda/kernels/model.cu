@@ -641,9 +641,6 @@ extern "C" __global__ void causal_softmax_bwd(const float* __restrict__ p, float
 #ifndef FA_MINB_FWD
 #define FA_MINB_FWD 1
 #endif
-// FA_LDSM 1: the A·Bᵀ products read their smem fragments with ldmatrix.x4 (one
-// instruction per four 32-bit reads of the LDS path; the same registers, so the
-// same results bit for bit). Off until measured on the device.
 // The backward kernels hold their block's own rows (K, V for dK/dV; Q, dO for
 // dQ) as register fragments up to this head dimension, in shared memory above
 // it. The host sizes shared memory from the same value (it reads the define
@@ -651,6 +648,9 @@ extern "C" __global__ void causal_softmax_bwd(const float* __restrict__ p, float
 #ifndef FA_REG_ROWS_MAX_D
 #define FA_REG_ROWS_MAX_D 64
 #endif
+// FA_LDSM 1: the A·Bᵀ products read their smem fragments with ldmatrix.x4 (one
+// instruction per four 32-bit reads of the LDS path; the same registers, so the
+// same results bit for bit). Off until measured on the device.
 #ifndef FA_LDSM
 #define FA_LDSM 0
 #endif
@@ -1001,8 +1001,8 @@ __device__ __forceinline__ void fa_stage_queries(const unsigned short* __restric
 
 // dK, dV. grid (ceil(S/64) key tiles, B·H), 128 threads; smem 4·64·(D+8) bf16 + 4·64 f32,
 // plus 2·64·(D+8) bf16 for the block's keys and values when D > FA_REG_ROWS_MAX_D
-// (smaller heads keep them in registers). Each warp owns 16 keys and walks the query tiles at or after
-// the diagonal; writes the k and v columns of dqkv (f32).
+// (smaller heads keep them in registers). Each warp owns 16 keys and walks the
+// query tiles at or after the diagonal; writes the k and v columns of dqkv (f32).
 template <int D>
 __device__ __forceinline__ void flash_bwd_dkv_impl(const unsigned short* __restrict__ qkv,
                                                    const unsigned short* __restrict__ dout,
