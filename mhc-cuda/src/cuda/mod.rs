@@ -190,12 +190,10 @@ pub struct CudaDevice {
 
 /// Whether the CUDA driver and NVRTC libraries can be loaded (never panics).
 pub fn libraries_present() -> bool {
-    // SAFETY: these only try to dlopen the libraries and report whether that worked.
+    // SAFETY: this only tries to dlopen the driver library and reports whether that worked.
     let driver = std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() })
         .unwrap_or(false);
-    let nvrtc = std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() })
-        .unwrap_or(false);
-    driver && nvrtc
+    driver && nvrtc_present()
 }
 
 impl CudaDevice {

@@ -277,6 +277,8 @@ pub(crate) fn launch_token_reduce(
     debug_sync(dev, "token_reduce")
 }
 
+/// `post_bwd` (shared by the mHC and HC wrappers): `dy` and the post/res
+/// entries of `dcoef`, one warp per token.
 pub(crate) fn launch_post_bwd<S: StreamElement>(
     dev: &CudaDevice,
     f: &CudaFunction,

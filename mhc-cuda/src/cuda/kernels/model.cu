@@ -779,6 +779,26 @@ __device__ __forceinline__ void fa_stage(const unsigned short* __restrict__ src,
     }
 }
 
+// Makes key/value tile kt of a double buffer `bufs` (two × (K, V) [64][D + 8]
+// bf16, tile kt in buffer kt & 1) ready for the whole block: first starts
+// copying tile kt + 1 into the other buffer when kt < last, then waits for kt.
+template <int D>
+__device__ __forceinline__ void fa_kv_tile(const unsigned short* __restrict__ base, long ld, int S,
+                                                            int C, int h, int kt, int last, unsigned short* bufs)
+{
+    const int TS = FA_T * (D + 8);
+    if (kt < last) {
+        unsigned short* next = bufs + ((kt + 1) & 1) * 2 * TS;
+        fa_stage<D>(base, ld, (kt + 1) * FA_T, S, C + h * D, next);
+        fa_stage<D>(base, ld, (kt + 1) * FA_T, S, 2 * C + h * D, next + TS);
+        fa_commit();
+        fa_wait<1>();
+    } else {
+        fa_wait<0>();
+    }
+    __syncthreads();
+}
+
 // A fragments of 16 rows × D columns (bf16, row stride ld; rows ≥ S are zero) from global memory.
 template <int D>
 __device__ __forceinline__ void fa_frag_a_global(const unsigned short* __restrict__ src, long ld, int row, int S,
@@ -889,16 +909,7 @@ __device__ __forceinline__ void flash_fwd_impl(const unsigned short* __restrict_
         const int k0 = kt * FA_T;
         const unsigned short* Ks = fa_smem + (kt & 1) * 2 * TS;
         const unsigned short* Vs = Ks + TS;
-        if (kt < qt) {
-            unsigned short* next = fa_smem + ((kt + 1) & 1) * 2 * TS;
-            fa_stage<D>(base, ld, k0 + FA_T, S, C + h * D, next);
-            fa_stage<D>(base, ld, k0 + FA_T, S, 2 * C + h * D, next + TS);
-            fa_commit();
-            fa_wait<1>();
-        } else {
-            fa_wait<0>();
-        }
-        __syncthreads();
+        fa_kv_tile<D>(base, ld, S, C, h, kt, qt, fa_smem);
         float s[8][4];
         fa_zero8(s);
         fa_mma_abt<D>(s, qa, Ks);
@@ -1152,16 +1163,7 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const unsigned short* __restri
         const int k0 = kt * FA_T;
         const unsigned short* Ks = bufs + (kt & 1) * 2 * TS;
         const unsigned short* Vs = Ks + TS;
-        if (kt < qt) {
-            unsigned short* next = bufs + ((kt + 1) & 1) * 2 * TS;
-            fa_stage<D>(base, ld, k0 + FA_T, S, C + h * D, next);
-            fa_stage<D>(base, ld, k0 + FA_T, S, 2 * C + h * D, next + TS);
-            fa_commit();
-            fa_wait<1>();
-        } else {
-            fa_wait<0>();
-        }
-        __syncthreads();
+        fa_kv_tile<D>(base, ld, S, C, h, kt, qt, bufs);
         // S (16 queries × QW keys) and dP, over the key tile in FA_T / QW parts.
 #pragma unroll
         for (int part = 0; part < FA_T / QW; ++part) {
