@@ -159,8 +159,8 @@ const CF_TOK: usize = 64;
 /// memory); bf16 streams: `dx_dphi_tc` (tensor cores; the byte count mirrors
 /// its `TC_SMEM`, which the kernel checks).
 fn dx_geometry(bf16: bool, n: usize, k: usize) -> (usize, usize, usize, usize) {
-    // TC_EPI_SMEM: a kernel define, off unless MHC_CUDA_DEFINES sets it.
-    let epi = super::tuning_define("TC_EPI_SMEM").unwrap_or(0) != 0;
+    // TC_EPI_SMEM: a kernel define, on unless MHC_CUDA_DEFINES sets it to 0.
+    let epi = super::tuning_define("TC_EPI_SMEM").unwrap_or(1) != 0;
     dx_geometry_with(bf16, n, k, epi)
 }
 

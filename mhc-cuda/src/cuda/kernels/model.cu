@@ -32,11 +32,18 @@ __device__ __forceinline__ float block_max_all(float v, float* scratch) {
     return m;
 }
 
-// bf16 bits of f, rounded to nearest even (NaN stays NaN, ±Inf stays ±Inf).
+// bf16 bits of f, rounded to nearest even (NaN stays NaN, ±Inf stays ±Inf): one
+// cvt instruction from sm_80 on (the integer rounding below takes about seven).
 __device__ __forceinline__ unsigned bf16_bits(float f) {
+#if __CUDA_ARCH__ >= 800
+    unsigned short r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+#else
     unsigned u = __float_as_uint(f);
     if ((u & 0x7f800000u) == 0x7f800000u) return (u >> 16) | ((u & 0x007fffffu) ? 0x40u : 0u);
     return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+#endif
 }
 // Stores of an f32 result into f32 or bf16 outputs (kernels with a _bf16 twin).
 __device__ __forceinline__ void put(float* p, long i, float v) { p[i] = v; }
@@ -621,6 +628,7 @@ extern "C" __global__ void causal_softmax_bwd(const float* __restrict__ p, float
 //   C (16×8):       c0,c1 (g, 2t..2t+1), c2,c3 (g+8, 2t..2t+1)
 // ---------------------------------------------------------------------------
 #define FA_T 64          // rows of a query tile and of a key tile
+#define FA_THREADS 128   // threads of every flash block (the host launches 4 warps)
 // The backward kernels form S and dP over FA_QW columns of a tile at a time
 // (64: the whole tile; 32: two halves, half the live registers), and the
 // kernels aim for FA_MINB_* resident blocks per SM (tunable through
@@ -650,14 +658,27 @@ extern "C" __global__ void causal_softmax_bwd(const float* __restrict__ p, float
 #endif
 // FA_LDSM 1: the A·Bᵀ products read their smem fragments with ldmatrix.x4 (one
 // instruction per four 32-bit reads of the LDS path; the same registers, so the
-// same results bit for bit). Off until measured on the device.
+// same results bit for bit). Measured on the H200 (scripts/gpu-ab.sh): the d = 768
+// step 33.4 → 32.8 ms, the same weights after 40 steps; FA_LDSM=0 keeps the 32-bit loads.
 #ifndef FA_LDSM
-#define FA_LDSM 0
+#define FA_LDSM 1
 #endif
 #define FA_INF __int_as_float(0x7f800000)
 #define FA_LOG2E 1.4426950408889634f
 
-__device__ __forceinline__ unsigned fa_pack(float lo, float hi) { return bf16_bits(lo) | (bf16_bits(hi) << 16); }
+// bf16(lo) in the low half, bf16(hi) in the high half (one cvt; mma.sync needs sm_80 anyway).
+__device__ __forceinline__ unsigned fa_pack(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+// 2^x by the MUFU unit alone (flushes results below 2^-126 to zero; exp2f adds
+// three instructions to keep them).
+__device__ __forceinline__ float fa_exp2(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
 // Two adjacent results at element e of an f32 and/or a bf16 output (either may be null).
 __device__ __forceinline__ void fa_put2(float* f, unsigned short* h, long e, float x, float y) {
     if (f) *(float2*)(f + e) = make_float2(x, y);
@@ -678,11 +699,9 @@ __device__ __forceinline__ float fa_quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-__device__ __forceinline__ unsigned fa_smem_addr(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
+// The shared-state-space address of a pointer into shared memory (the compiler
+// folds it into the address arithmetic; an inline cvta would hide it).
+__device__ __forceinline__ unsigned fa_smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 // 16 bytes global → shared, asynchronously; zero-filled when !valid (nothing is read).
 __device__ __forceinline__ void fa_cp16(void* dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(fa_smem_addr(dst)), "l"(src),
@@ -772,10 +791,14 @@ template <int D>
 __device__ __forceinline__ void fa_stage(const unsigned short* __restrict__ src, long ld, int r0, int S, int col,
                                          unsigned short* rm)
 {
-    for (int idx = threadIdx.x; idx < FA_T * D / 8; idx += blockDim.x) {
-        const int r = idx / (D / 8), d = (idx % (D / 8)) * 8;
-        const bool valid = r0 + r < S;
-        fa_cp16(rm + r * (D + 8) + d, src + (valid ? (long)(r0 + r) * ld + col + d : 0), valid);
+    constexpr int CPR = D / 8, RPP = FA_THREADS / CPR; // 16-byte chunks per row, rows per pass
+    static_assert(FA_THREADS % CPR == 0 && FA_T % RPP == 0, "fa_stage: tile rows per pass");
+    const int r = threadIdx.x / CPR, d = (threadIdx.x % CPR) * 8;
+    const unsigned short* s = src + (long)(r0 + r) * ld + col + d;
+#pragma unroll
+    for (int i = 0; i < FA_T / RPP; ++i) {
+        const bool valid = r0 + r + i * RPP < S;
+        fa_cp16(rm + (r + i * RPP) * (D + 8) + d, valid ? s + (long)i * RPP * ld : src, valid);
     }
 }
 
@@ -927,16 +950,16 @@ __device__ __forceinline__ void flash_fwd_impl(const unsigned short* __restrict_
             }
         // Key 0 is in the first tile and at or below every row: the maxima are finite from then on.
         const float n0 = fmaxf(m0, fa_quad_max(mx0)), n1 = fmaxf(m1, fa_quad_max(mx1));
-        const float al0 = exp2f(m0 - n0), al1 = exp2f(m1 - n1);
+        const float al0 = fa_exp2(m0 - n0), al1 = fa_exp2(m1 - n1);
         m0 = n0;
         m1 = n1;
         float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt) {
-            s[nt][0] = exp2f(s[nt][0] - n0);
-            s[nt][1] = exp2f(s[nt][1] - n0);
-            s[nt][2] = exp2f(s[nt][2] - n1);
-            s[nt][3] = exp2f(s[nt][3] - n1);
+            s[nt][0] = fa_exp2(s[nt][0] - n0);
+            s[nt][1] = fa_exp2(s[nt][1] - n0);
+            s[nt][2] = fa_exp2(s[nt][2] - n1);
+            s[nt][3] = fa_exp2(s[nt][3] - n1);
             sum0 += s[nt][0] + s[nt][1];
             sum1 += s[nt][2] + s[nt][3];
         }
@@ -1074,6 +1097,7 @@ __device__ __forceinline__ void flash_bwd_dkv_impl(const unsigned short* __restr
         const unsigned short* dOs = Qs + TS;
         const float* Ls = stats + buf * 2 * FA_T;
         const float* Ds = Ls + FA_T;
+        const bool edge = qt == kt || q0 + FA_T > S; // only the diagonal tile and a partial last tile mask
         // Sᵀ (16 keys × QW queries) = K·Qᵀ and dPᵀ = V·dOᵀ, over the query tile
         // in FA_T / QW parts (the same products in the same order; fewer live registers).
 #pragma unroll
@@ -1087,7 +1111,8 @@ __device__ __forceinline__ void flash_bwd_dkv_impl(const unsigned short* __restr
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int qi = qb + nt * 8 + 2 * t + (e & 1), key = e < 2 ? kr0 : kr1;
-                    const float p = (q0 + qi >= key && q0 + qi < S) ? exp2f(s[nt][e] * sl - Ls[qi]) : 0.f;
+                    const bool in = !edge || (q0 + qi >= key && q0 + qi < S);
+                    const float p = in ? fa_exp2(s[nt][e] * sl - Ls[qi]) : 0.f;
                     s[nt][e] = p;
                     dp[nt][e] = p * (dp[nt][e] - Ds[qi]);
                 }
@@ -1164,6 +1189,7 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const unsigned short* __restri
         const unsigned short* Ks = bufs + (kt & 1) * 2 * TS;
         const unsigned short* Vs = Ks + TS;
         fa_kv_tile<D>(base, ld, S, C, h, kt, qt, bufs);
+        const bool edge = kt == qt || k0 + FA_T > S; // only the diagonal tile and a partial last tile mask
         // S (16 queries × QW keys) and dP, over the key tile in FA_T / QW parts.
 #pragma unroll
         for (int part = 0; part < FA_T / QW; ++part) {
@@ -1176,7 +1202,8 @@ __device__ __forceinline__ void flash_bwd_dq_impl(const unsigned short* __restri
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int key = k0 + kb + nt * 8 + 2 * t + (e & 1), row = e < 2 ? r0 : r1;
-                    const float p = (key <= row && key < S) ? exp2f(s[nt][e] * sl - (e < 2 ? L0 : L1)) : 0.f;
+                    const bool in = !edge || (key <= row && key < S);
+                    const float p = in ? fa_exp2(s[nt][e] * sl - (e < 2 ? L0 : L1)) : 0.f;
                     dp[nt][e] = p * (dp[nt][e] - (e < 2 ? D0 : D1));
                 }
             fa_mma_pv<D, QW / 16>(dq, dp, Ks + kb * RS); // dQ += dS·K (scaled below)
