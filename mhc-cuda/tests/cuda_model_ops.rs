@@ -58,7 +58,8 @@ fn model_kernels_match_mhc_core() {
     let k = ModelKernels::new(dev.clone()).unwrap();
     let st = dev.stream().clone();
     let mut rng = Rng::new(5);
-    for (rows, c) in [(7usize, 64usize), (33, 260), (128, 768)] {
+    // Widths of 4k (vector path) and not (c = 30: the scalar path); rows not a multiple of 8.
+    for (rows, c) in [(7usize, 64usize), (33, 260), (128, 768), (9, 30)] {
         // RMSNorm forward and backward.
         let x = randn(&mut rng, rows * c, 1.5);
         let w: Vec<f32> = (0..c).map(|_| 1.0 + 0.2 * rng.normal() as f32).collect();
@@ -965,6 +966,14 @@ fn bf16_stream_kernels_are_the_f32_ones_rounded() {
         round_bits(st.clone_dtoh(&sum32).unwrap()),
         "add"
     );
+    let want: Vec<f32> = a32.iter().zip(&b32).map(|(x, y)| x + y).collect();
+    assert_eq!(st.clone_dtoh(&sum32).unwrap(), want, "add against the host");
+    // A length that is not a multiple of 4: the four-wide loop and the tail.
+    let odd = len - 3;
+    let (ao, bo) = (f32_of(&a32[..odd]), f32_of(&b32[..odd]));
+    let mut so = f32_of(&vec![f32::NAN; odd]);
+    k.add(&ao, &bo, &mut so).unwrap();
+    assert_eq!(st.clone_dtoh(&so).unwrap(), want[..odd], "add, odd length");
 
     let mut z32 = f32_of(&vec![f32::NAN; rows * c]);
     let mut z16 = f32_of(&vec![f32::NAN; rows * c]);

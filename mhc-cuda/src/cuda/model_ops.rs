@@ -56,6 +56,25 @@ fn flash_launch_error(name: &str, smem: usize, e: cudarc::driver::DriverError) -
 /// Query and key rows per tile of the flash-attention kernels.
 const FLASH_TILE: usize = 64;
 
+/// Rows per block of the warp-per-row kernels (the kernels' `RN_ROWS`).
+const RN_ROWS: usize = 8;
+
+/// Launch of a warp-per-row kernel over `rows` rows.
+fn rows_per_warp(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(RN_ROWS).max(1) as u32, 1, 1),
+        block_dim: (32 * RN_ROWS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `v` as a kernel's `int` argument, or an error naming what is too large.
+fn dim_i32(what: &str, v: usize) -> CudaResult<i32> {
+    i32::try_from(v).map_err(|_| {
+        CudaError::Unsupported(format!("{what} {v}: the kernels take at most 2^31 − 1"))
+    })
+}
+
 fn row_block(width: usize) -> u32 {
     (width.next_multiple_of(32)).clamp(32, 256) as u32
 }
@@ -131,17 +150,17 @@ impl ModelKernels {
         check("rmsnorm w", w.len(), c)?;
         check("rmsnorm y", y.len(), rows * c)?;
         check("rmsnorm inv_rms", inv_rms.len(), rows)?;
-        let c_i = c as i32;
+        let (r_i, c_i) = (dim_i32("rmsnorm rows", rows)?, dim_i32("rmsnorm width", c)?);
         let mut b = self.dev.stream().launch_builder(&f);
-        b.arg(x).arg(w).arg(&c_i).arg(&eps).arg(y).arg(inv_rms);
-        // SAFETY: one block per row < rows; every buffer was checked to hold rows·c (or c, rows) elements.
-        unsafe {
-            b.launch(LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (row_block(c), 1, 1),
-                shared_mem_bytes: 0,
-            })
-        }?;
+        b.arg(x)
+            .arg(w)
+            .arg(&r_i)
+            .arg(&c_i)
+            .arg(&eps)
+            .arg(y)
+            .arg(inv_rms);
+        // SAFETY: one warp per row, rows ≥ rows skipped in the kernel; every buffer was checked to hold rows·c (or c, rows) elements.
+        unsafe { b.launch(rows_per_warp(rows)) }?;
         Ok(())
     }
 
@@ -222,18 +241,18 @@ impl ModelKernels {
         ] {
             check(what, len, want)?;
         }
-        let c_i = c as i32;
+        let (r_i, c_i) = (dim_i32("rmsnorm rows", rows)?, dim_i32("rmsnorm width", c)?);
         let f = self.f_stream::<S>("rmsnorm_bwd_dx")?;
         let mut b = self.dev.stream().launch_builder(&f);
-        b.arg(x).arg(w).arg(inv_rms).arg(dy).arg(&c_i).arg(dx);
-        // SAFETY: one block per row; sizes checked above.
-        unsafe {
-            b.launch(LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (row_block(c), 1, 1),
-                shared_mem_bytes: 0,
-            })
-        }?;
+        b.arg(x)
+            .arg(w)
+            .arg(inv_rms)
+            .arg(dy)
+            .arg(&r_i)
+            .arg(&c_i)
+            .arg(dx);
+        // SAFETY: one warp per row, rows ≥ rows skipped in the kernel; sizes checked above.
+        unsafe { b.launch(rows_per_warp(rows)) }?;
         Ok(())
     }
 

@@ -55,54 +55,101 @@ __device__ __forceinline__ float get(const float* p, long i) { return p[i]; }
 __device__ __forceinline__ float get(const unsigned short* p, long i) { return __uint_as_float((unsigned)p[i] << 16); }
 typedef unsigned short bs_t; // a bf16 stream element
 
-// y = x / sqrt(mean(x²) + eps) ⊙ w per row; inv_rms[r] = 1/rms. One block per row.
+// RMSNorm runs one warp per row, RN_ROWS rows per block (no block-wide
+// synchronisation); rows whose width is a multiple of 4 are read and written
+// four elements at a time (16-byte f32 / 8-byte bf16 accesses).
+#define RN_ROWS 8
+__device__ __forceinline__ float4 get4(const float* p, long i) { return *(const float4*)(p + i); }
+__device__ __forceinline__ float4 get4(const unsigned short* p, long i) {
+    const uint2 u = *(const uint2*)(p + i);
+    return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16),
+                       __uint_as_float(u.y & 0xffff0000u));
+}
+__device__ __forceinline__ void put4(float* p, long i, float4 v) { *(float4*)(p + i) = v; }
+__device__ __forceinline__ void put4(unsigned short* p, long i, float4 v) {
+    *(uint2*)(p + i) = make_uint2(bf16_bits(v.x) | (bf16_bits(v.y) << 16), bf16_bits(v.z) | (bf16_bits(v.w) << 16));
+}
+
+// y = x / sqrt(mean(x²) + eps) ⊙ w per row; inv_rms[r] = 1/rms. grid ceil(R / RN_ROWS) × 32·RN_ROWS threads.
 // rmsnorm_fwd_bf16 writes y rounded to bf16 (the same f32 values, then rounded).
 template <typename X, typename T>
-__device__ __forceinline__ void rmsnorm_fwd_impl(const X* __restrict__ x, const float* __restrict__ w, int C,
+__device__ __forceinline__ void rmsnorm_fwd_impl(const X* __restrict__ x, const float* __restrict__ w, int R, int C,
                                                  float eps, T* __restrict__ y, float* __restrict__ inv_rms)
 {
-    __shared__ float scratch[32];
-    const long r = blockIdx.x;
-    const X* xr = x + r * C;
+    const long r = (long)blockIdx.x * RN_ROWS + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (r >= R) return; // the whole warp
+    const long o = r * C;
     float ss = 0.f;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) ss += get(xr, c) * get(xr, c);
-    float inv = rsqrtf(block_sum_all(ss, scratch) / (float)C + eps);
-    for (int c = threadIdx.x; c < C; c += blockDim.x) put(y, r * C + c, get(xr, c) * inv * w[c]);
-    if (threadIdx.x == 0) inv_rms[r] = inv;
+    if (C % 4 == 0) {
+        for (int c = 4 * lane; c < C; c += 128) {
+            const float4 v = get4(x, o + c);
+            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+    } else {
+        for (int c = lane; c < C; c += 32) ss += get(x, o + c) * get(x, o + c);
+    }
+    const float inv = rsqrtf(warp_sum(ss) / (float)C + eps);
+    if (C % 4 == 0) {
+        for (int c = 4 * lane; c < C; c += 128) {
+            const float4 v = get4(x, o + c), g = *(const float4*)(w + c);
+            put4(y, o + c, make_float4(v.x * inv * g.x, v.y * inv * g.y, v.z * inv * g.z, v.w * inv * g.w));
+        }
+    } else {
+        for (int c = lane; c < C; c += 32) put(y, o + c, get(x, o + c) * inv * w[c]);
+    }
+    if (lane == 0) inv_rms[r] = inv;
 }
-extern "C" __global__ void rmsnorm_fwd(const float* __restrict__ x, const float* __restrict__ w, int C, float eps,
-                                       float* __restrict__ y, float* __restrict__ inv_rms)
-{ rmsnorm_fwd_impl(x, w, C, eps, y, inv_rms); }
-extern "C" __global__ void rmsnorm_fwd_bf16(const float* __restrict__ x, const float* __restrict__ w, int C, float eps,
-                                            unsigned short* __restrict__ y, float* __restrict__ inv_rms)
-{ rmsnorm_fwd_impl(x, w, C, eps, y, inv_rms); }
-extern "C" __global__ void rmsnorm_fwd_bf16_bs(const bs_t* __restrict__ x, const float* __restrict__ w, int C, float eps,
-                                               unsigned short* __restrict__ y, float* __restrict__ inv_rms)
-{ rmsnorm_fwd_impl(x, w, C, eps, y, inv_rms); }
+extern "C" __global__ void rmsnorm_fwd(const float* __restrict__ x, const float* __restrict__ w, int R, int C,
+                                       float eps, float* __restrict__ y, float* __restrict__ inv_rms)
+{ rmsnorm_fwd_impl(x, w, R, C, eps, y, inv_rms); }
+extern "C" __global__ void rmsnorm_fwd_bf16(const float* __restrict__ x, const float* __restrict__ w, int R, int C,
+                                            float eps, unsigned short* __restrict__ y, float* __restrict__ inv_rms)
+{ rmsnorm_fwd_impl(x, w, R, C, eps, y, inv_rms); }
+extern "C" __global__ void rmsnorm_fwd_bf16_bs(const bs_t* __restrict__ x, const float* __restrict__ w, int R, int C,
+                                               float eps, unsigned short* __restrict__ y, float* __restrict__ inv_rms)
+{ rmsnorm_fwd_impl(x, w, R, C, eps, y, inv_rms); }
 
-// dx = (dy⊙w − x̂·mean(dy⊙w⊙x̂))·inv per row (one block per row).
+// dx = (dy⊙w − x̂·mean(dy⊙w⊙x̂))·inv per row (one warp per row, as the forward).
 template <typename X>
 __device__ __forceinline__ void rmsnorm_bwd_dx_impl(const X* __restrict__ x, const float* __restrict__ w,
                                                     const float* __restrict__ inv_rms, const float* __restrict__ dy,
-                                                    int C, X* __restrict__ dx)
+                                                    int R, int C, X* __restrict__ dx)
 {
-    __shared__ float scratch[32];
-    const long r = blockIdx.x;
+    const long r = (long)blockIdx.x * RN_ROWS + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (r >= R) return; // the whole warp
+    const long o = r * C;
     const float inv = inv_rms[r];
     float m = 0.f;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) m += dy[r * C + c] * w[c] * get(x, r * C + c) * inv;
-    m = block_sum_all(m, scratch) / (float)C;
-    for (int c = threadIdx.x; c < C; c += blockDim.x)
-        put(dx, r * C + c, (dy[r * C + c] * w[c] - get(x, r * C + c) * inv * m) * inv);
+    if (C % 4 == 0) {
+        for (int c = 4 * lane; c < C; c += 128) {
+            const float4 v = get4(x, o + c), d = get4(dy, o + c), g = *(const float4*)(w + c);
+            m += d.x * g.x * v.x * inv + d.y * g.y * v.y * inv + d.z * g.z * v.z * inv + d.w * g.w * v.w * inv;
+        }
+    } else {
+        for (int c = lane; c < C; c += 32) m += dy[o + c] * w[c] * get(x, o + c) * inv;
+    }
+    m = warp_sum(m) / (float)C;
+    if (C % 4 == 0) {
+        for (int c = 4 * lane; c < C; c += 128) {
+            const float4 v = get4(x, o + c), d = get4(dy, o + c), g = *(const float4*)(w + c);
+            put4(dx, o + c,
+                 make_float4((d.x * g.x - v.x * inv * m) * inv, (d.y * g.y - v.y * inv * m) * inv,
+                             (d.z * g.z - v.z * inv * m) * inv, (d.w * g.w - v.w * inv * m) * inv));
+        }
+    } else {
+        for (int c = lane; c < C; c += 32) put(dx, o + c, (dy[o + c] * w[c] - get(x, o + c) * inv * m) * inv);
+    }
 }
 extern "C" __global__ void rmsnorm_bwd_dx(const float* __restrict__ x, const float* __restrict__ w,
-                                          const float* __restrict__ inv_rms, const float* __restrict__ dy, int C,
-                                          float* __restrict__ dx)
-{ rmsnorm_bwd_dx_impl(x, w, inv_rms, dy, C, dx); }
+                                          const float* __restrict__ inv_rms, const float* __restrict__ dy, int R,
+                                          int C, float* __restrict__ dx)
+{ rmsnorm_bwd_dx_impl(x, w, inv_rms, dy, R, C, dx); }
 extern "C" __global__ void rmsnorm_bwd_dx_bs(const bs_t* __restrict__ x, const float* __restrict__ w,
-                                             const float* __restrict__ inv_rms, const float* __restrict__ dy, int C,
-                                             bs_t* __restrict__ dx)
-{ rmsnorm_bwd_dx_impl(x, w, inv_rms, dy, C, dx); }
+                                             const float* __restrict__ inv_rms, const float* __restrict__ dy, int R,
+                                             int C, bs_t* __restrict__ dx)
+{ rmsnorm_bwd_dx_impl(x, w, inv_rms, dy, R, C, dx); }
 
 // dw[c] += Σ_r dy[r, c]·x[r, c]·inv_rms[r] in two deterministic passes: blocks of
 // 32 columns × 8 row lanes sum one chunk of rows each (fixed order) into
@@ -150,30 +197,40 @@ extern "C" __global__ void rmsnorm_bwd_dw_sum(const float* __restrict__ part, in
 #define GELU_K 0.7978845608028654f
 #define GELU_A 0.044715f
 
+__device__ __forceinline__ float gelu_f(float v) { return 0.5f * v * (1.f + tanhf(GELU_K * (v + GELU_A * v * v * v))); }
+// gelu'(v)
+__device__ __forceinline__ float gelu_d(float v) {
+    const float t = tanhf(GELU_K * (v + GELU_A * v * v * v));
+    return 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * GELU_K * (1.f + 3.f * GELU_A * v * v);
+}
+
+// Grid-stride over groups of four elements (16-byte loads), then the tail of len % 4.
 template <typename T>
 __device__ __forceinline__ void gelu_fwd_impl(const float* __restrict__ u, long len, T* __restrict__ a)
 {
-    for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < len; e += (long)gridDim.x * blockDim.x) {
-        float v = u[e];
-        put(a, e, 0.5f * v * (1.f + tanhf(GELU_K * (v + GELU_A * v * v * v))));
+    const long i0 = (long)blockIdx.x * blockDim.x + threadIdx.x, step = (long)gridDim.x * blockDim.x;
+    for (long q = i0; q < len / 4; q += step) {
+        const float4 v = *(const float4*)(u + 4 * q);
+        put4(a, 4 * q, make_float4(gelu_f(v.x), gelu_f(v.y), gelu_f(v.z), gelu_f(v.w)));
     }
+    for (long e = len / 4 * 4 + i0; e < len; e += step) put(a, e, gelu_f(u[e]));
 }
 extern "C" __global__ void gelu_fwd(const float* __restrict__ u, long len, float* __restrict__ a)
 { gelu_fwd_impl(u, len, a); }
 extern "C" __global__ void gelu_fwd_bf16(const float* __restrict__ u, long len, unsigned short* __restrict__ a)
 { gelu_fwd_impl(u, len, a); }
 
-// du = da · gelu'(u)
+// du = da · gelu'(u), as the forward: groups of four, then the tail.
 template <typename T>
 __device__ __forceinline__ void gelu_bwd_impl(const float* __restrict__ u, const float* __restrict__ da, long len,
                                               T* __restrict__ du)
 {
-    for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < len; e += (long)gridDim.x * blockDim.x) {
-        float v = u[e];
-        float t = tanhf(GELU_K * (v + GELU_A * v * v * v));
-        float d = 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * GELU_K * (1.f + 3.f * GELU_A * v * v);
-        put(du, e, da[e] * d);
+    const long i0 = (long)blockIdx.x * blockDim.x + threadIdx.x, step = (long)gridDim.x * blockDim.x;
+    for (long q = i0; q < len / 4; q += step) {
+        const float4 v = *(const float4*)(u + 4 * q), g = *(const float4*)(da + 4 * q);
+        put4(du, 4 * q, make_float4(g.x * gelu_d(v.x), g.y * gelu_d(v.y), g.z * gelu_d(v.z), g.w * gelu_d(v.w)));
     }
+    for (long e = len / 4 * 4 + i0; e < len; e += step) put(du, e, da[e] * gelu_d(u[e]));
 }
 extern "C" __global__ void gelu_bwd(const float* __restrict__ u, const float* __restrict__ da, long len, float* __restrict__ du)
 { gelu_bwd_impl(u, da, len, du); }
@@ -530,12 +587,16 @@ __device__ __forceinline__ void streams_mean_bwd_impl(const float* __restrict__ 
     }
 }
 
-// out = a + b (the residual connection's merge, and gradient sums).
+// out = a + b (the residual connection's merge, and gradient sums): groups of four, then the tail.
 template <typename X>
 __device__ __forceinline__ void add_impl(const X* __restrict__ a, const X* __restrict__ b, long len, X* __restrict__ out)
 {
-    for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < len; e += (long)gridDim.x * blockDim.x)
-        put(out, e, get(a, e) + get(b, e));
+    const long i0 = (long)blockIdx.x * blockDim.x + threadIdx.x, step = (long)gridDim.x * blockDim.x;
+    for (long q = i0; q < len / 4; q += step) {
+        const float4 u = get4(a, 4 * q), v = get4(b, 4 * q);
+        put4(out, 4 * q, make_float4(u.x + v.x, u.y + v.y, u.z + v.z, u.w + v.w));
+    }
+    for (long e = len / 4 * 4 + i0; e < len; e += step) put(out, e, get(a, e) + get(b, e));
 }
 
 // The f32-stream kernels and their bf16-stream (`_bs`) twins.
