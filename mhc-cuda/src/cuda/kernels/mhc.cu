@@ -84,9 +84,9 @@ __device__ __forceinline__ void sk_cols(float* m, float eps) {
         float s = 0.f;
 #pragma unroll
         for (int o = 0; o < N; ++o) s += m[o * N + i];
-        float d = fmaxf(s, eps);
+        const float r = 1.f / fmaxf(s, eps); // one reciprocal, N products (within an ulp of N divisions)
 #pragma unroll
-        for (int o = 0; o < N; ++o) m[o * N + i] = m[o * N + i] / d;
+        for (int o = 0; o < N; ++o) m[o * N + i] *= r;
     }
 }
 __device__ __forceinline__ void sk_rows(float* m, float eps) {
@@ -95,9 +95,9 @@ __device__ __forceinline__ void sk_rows(float* m, float eps) {
         float s = 0.f;
 #pragma unroll
         for (int i = 0; i < N; ++i) s += m[o * N + i];
-        float d = fmaxf(s, eps);
+        const float r = 1.f / fmaxf(s, eps);
 #pragma unroll
-        for (int i = 0; i < N; ++i) m[o * N + i] = m[o * N + i] / d;
+        for (int i = 0; i < N; ++i) m[o * N + i] *= r;
     }
 }
 // State after `steps` half-steps (0: exp, 1: after first column pass, ...).
@@ -577,9 +577,9 @@ extern "C" __global__ void coeff_bwd(const float* __restrict__ coef, const float
 #pragma unroll
                 for (int o = 0; o < N; ++o) { s += in[o * N + i]; gy += g[o * N + i] * outm[o * N + i]; }
                 float active = s > sk_eps ? 1.f : 0.f;
-                float d = fmaxf(s, sk_eps);
+                const float r = 1.f / fmaxf(s, sk_eps);
 #pragma unroll
-                for (int o = 0; o < N; ++o) g[o * N + i] = (g[o * N + i] - active * gy) / d;
+                for (int o = 0; o < N; ++o) g[o * N + i] = (g[o * N + i] - active * gy) * r;
             }
         } else {
 #pragma unroll
@@ -588,9 +588,9 @@ extern "C" __global__ void coeff_bwd(const float* __restrict__ coef, const float
 #pragma unroll
                 for (int i = 0; i < N; ++i) { s += in[o * N + i]; gy += g[o * N + i] * outm[o * N + i]; }
                 float active = s > sk_eps ? 1.f : 0.f;
-                float d = fmaxf(s, sk_eps);
+                const float r = 1.f / fmaxf(s, sk_eps);
 #pragma unroll
-                for (int i = 0; i < N; ++i) g[o * N + i] = (g[o * N + i] - active * gy) / d;
+                for (int i = 0; i < N; ++i) g[o * N + i] = (g[o * N + i] - active * gy) * r;
             }
         }
 #pragma unroll
