@@ -9,8 +9,8 @@
 # and mHC) and the d = 2048 one (heads of 128). Needs .device-bin/
 # (scripts/build-device-bin.sh). Logs and JSON in $OUT/ab/.
 #
-#   bash scripts/gpu-ab.sh "" "-DFA_LDSM=1" "-DFA_LDSM=1 -DFA_REG_ROWS_MAX_D=32"
-#   SCHEMES=residual WIDE=0 bash scripts/gpu-ab.sh "" "-DFA_LDSM=1"
+#   bash scripts/gpu-ab.sh "" "-DFA_LDSM=0" "-DFA_REG_ROWS_MAX_D=32" "-DTC_EPI_SMEM=0"
+#   SCHEMES=residual WIDE=0 bash scripts/gpu-ab.sh "" "-DFA_LDSM=0"
 set -uo pipefail
 out=${OUT:-gpu-out}/ab
 mkdir -p "$out"
