@@ -56,7 +56,7 @@ fn flash_launch_error(name: &str, smem: usize, e: cudarc::driver::DriverError) -
 /// Query and key rows per tile of the flash-attention kernels.
 const FLASH_TILE: usize = 64;
 
-/// Rows per block of the warp-per-row kernels (the kernels' `RN_ROWS`).
+/// Rows (warps) per block of the warp-per-row kernels: the kernels' `RN_ROWS` (model.cu), which must be equal.
 const RN_ROWS: usize = 8;
 
 /// Launch of a warp-per-row kernel over `rows` rows.
@@ -159,7 +159,7 @@ impl ModelKernels {
             .arg(&eps)
             .arg(y)
             .arg(inv_rms);
-        // SAFETY: one warp per row, rows ≥ rows skipped in the kernel; every buffer was checked to hold rows·c (or c, rows) elements.
+        // SAFETY: one warp per row; warps past the last row return at once; every buffer was checked to hold rows·c (or c, rows) elements.
         unsafe { b.launch(rows_per_warp(rows)) }?;
         Ok(())
     }
@@ -251,7 +251,7 @@ impl ModelKernels {
             .arg(&r_i)
             .arg(&c_i)
             .arg(dx);
-        // SAFETY: one warp per row, rows ≥ rows skipped in the kernel; sizes checked above.
+        // SAFETY: one warp per row; warps past the last row return at once; sizes checked above.
         unsafe { b.launch(rows_per_warp(rows)) }?;
         Ok(())
     }

@@ -84,7 +84,7 @@ __device__ __forceinline__ void sk_cols(float* m, float eps) {
         float s = 0.f;
 #pragma unroll
         for (int o = 0; o < N; ++o) s += m[o * N + i];
-        const float r = 1.f / fmaxf(s, eps); // one reciprocal, N products (within an ulp of N divisions)
+        const float r = 1.f / fmaxf(s, eps); // one reciprocal and N products (each within two ulps of a division)
 #pragma unroll
         for (int o = 0; o < N; ++o) m[o * N + i] *= r;
     }
