@@ -1718,8 +1718,23 @@ impl MatMul {
 
 #[cfg(test)]
 mod smem_tests {
-    use super::flash_backward_smem;
+    use super::{RN_ROWS, flash_backward_smem};
     use crate::cuda::{MODEL_KERNEL_SOURCE, compile_offline, offline_nvrtc};
+
+    /// The RMSNorm launches' rows per block are the kernels' `RN_ROWS`
+    /// (model.cu `static_assert`s the value passed in; NVRTC, no GPU).
+    #[test]
+    fn rmsnorm_rows_per_block_match_the_kernels() {
+        if !offline_nvrtc() {
+            return;
+        }
+        let agree = [format!("-DEXPECT_RN_ROWS={RN_ROWS}")];
+        if let Err(e) = compile_offline(MODEL_KERNEL_SOURCE, &agree, 90, false) {
+            panic!("host RN_ROWS = {RN_ROWS}: {e}");
+        }
+        let disagree = [format!("-DEXPECT_RN_ROWS={}", RN_ROWS + 1)];
+        assert!(compile_offline(MODEL_KERNEL_SOURCE, &disagree, 90, false).is_err());
+    }
 
     /// The host's shared-memory sizes for the flash backward are the kernels'
     /// (which trap on less at run time): model.cu `static_assert`s them

@@ -59,6 +59,9 @@ typedef unsigned short bs_t; // a bf16 stream element
 // synchronisation); rows whose width is a multiple of 4 are read and written
 // four elements at a time (16-byte f32 / 8-byte bf16 accesses).
 #define RN_ROWS 8
+#ifdef EXPECT_RN_ROWS // the host's rows per block (model_ops.rs, RN_ROWS), checked by its unit test
+static_assert(RN_ROWS == EXPECT_RN_ROWS, "host and RMSNorm kernels disagree on rows per block");
+#endif
 __device__ __forceinline__ float4 get4(const float* p, long i) { return *(const float4*)(p + i); }
 __device__ __forceinline__ float4 get4(const unsigned short* p, long i) {
     const uint2 u = *(const uint2*)(p + i);
