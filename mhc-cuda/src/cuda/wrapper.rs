@@ -198,6 +198,17 @@ fn debug_sync(dev: &CudaDevice, kernel: &str) -> CudaResult<()> {
     Ok(())
 }
 
+/// Threads per token of `coeff_finish` and `coeff_bwd`: 1, or with the kernel
+/// define `SK_LANES=1` (through `MHC_CUDA_DEFINES`; off by default) the kernels'
+/// `SK_G`, the next power of two ≥ `n`.
+fn sk_lanes(n: usize) -> usize {
+    if super::tuning_define("SK_LANES").unwrap_or(0) != 0 {
+        n.next_power_of_two()
+    } else {
+        1
+    }
+}
+
 fn cfg(grid: (u32, u32), block: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (grid.0.max(1), grid.1.max(1), 1),
@@ -651,8 +662,10 @@ impl<S: StreamElement> MhcCuda<S> {
         b.arg(&mut self.coef)
             .arg(&mut self.proj)
             .arg(&mut self.rnorm);
-        // SAFETY: one thread per token (guarded); reads splits·tokens·(KP+1) partials; writes tokens rows.
-        unsafe { b.launch(cfg((tokens.div_ceil(128) as u32, 1), 128)) }
+        // SAFETY: sk_lanes threads per token (groups past the last token write nothing); reads
+        // splits·tokens·(KP+1) partials; writes tokens rows.
+        let threads = tokens * sk_lanes(self.n);
+        unsafe { b.launch(cfg((threads.div_ceil(128) as u32, 1), 128)) }
             .map_err(|e| launch_error("coeff_finish", e))?;
         debug_sync(&self.dev, "coeff_finish")?;
         Ok(())
@@ -791,8 +804,10 @@ impl<S: StreamElement> MhcCuda<S> {
                 .arg(&mut self.xscale)
                 .arg(&mut self.dtok)
                 .arg(&mut self.sk_hist);
-            // SAFETY: one thread per token (guarded by t < T); every buffer holds capacity ≥ tokens rows, sk_hist 2·iterations·n² per token.
-            unsafe { b.launch(cfg((tokens.div_ceil(64) as u32, 1), 64)) }
+            // SAFETY: sk_lanes threads per token (groups past the last token write nothing); every buffer
+            // holds capacity ≥ tokens rows, sk_hist 2·iterations·n² per token.
+            let threads = tokens * sk_lanes(n);
+            unsafe { b.launch(cfg((threads.div_ceil(64) as u32, 1), 64)) }
                 .map_err(|e| launch_error("coeff_bwd", e))?;
             debug_sync(&self.dev, "coeff_bwd")?;
         }

@@ -321,12 +321,123 @@ extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
     }
 }
 
-// coeff_finish: one thread per token. Adds the split-K partials in order, then
-// r = sqrt(ssq/NC + eps), H̃ = alpha·p/r + b, H_pre = σ, H_post = 2σ, H_res = SK.
+// SK_LANES 1 (off until measured on the device): coeff_finish and coeff_bwd run
+// SK_G = next power of two ≥ N lanes per token, lane q holding row q of the
+// N×N matrices, with column sums and maxima by shuffles within the group (the
+// host launches SK_G threads per token). One thread per token leaves 16384
+// tokens at four warps per SM; this gives SK_G times the warps and an N-long
+// dependency chain per half-step instead of N². The column sums add in a
+// butterfly order instead of top to bottom (the row sums, the exponentials
+// and the projections are the same arithmetic as the thread-per-token kernels).
+#ifndef SK_LANES
+#define SK_LANES 0
+#endif
+#if SK_LANES
+#define SK_G (N <= 1 ? 1 : N <= 2 ? 2 : N <= 4 ? 4 : 8)
+// Sum / maximum over the SK_G lanes of a token's group; every lane gets the same value.
+__device__ __forceinline__ float sk_grp_sum(float v) {
+#pragma unroll
+    for (int o = 1; o < SK_G; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float sk_grp_max(float v) {
+#pragma unroll
+    for (int o = 1; o < SK_G; o <<= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+// Lane `row`'s row of exp(L − colmax) (zeros on lanes past N).
+__device__ __forceinline__ void sk_exp_row(const float* l, bool row, float* m) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        const float mx = sk_grp_max(row ? l[i] : -__int_as_float(0x7f800000));
+        m[i] = row ? expf(l[i] - mx) : 0.f;
+    }
+}
+// Half-step k of the sweep on the group's matrix (even: columns, odd: rows).
+// Lanes past N keep exact zeros (whatever eps is), so they add nothing to the sums.
+__device__ __forceinline__ void sk_half_row(float* m, int k, float eps, bool row) {
+    if ((k & 1) == 0) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            const float r = 1.f / fmaxf(sk_grp_sum(m[i]), eps);
+            m[i] = row ? m[i] * r : 0.f;
+        }
+    } else {
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < N; ++i) s += m[i];
+        const float r = 1.f / fmaxf(s, eps);
+#pragma unroll
+        for (int i = 0; i < N; ++i) m[i] = row ? m[i] * r : 0.f;
+    }
+}
+// The group of the calling thread: token t (clamped to T − 1 past the end: such
+// groups compute and write nothing), lane q; `row` when q < N.
+struct SkLane {
+    long t;
+    int q, qr;
+    bool live, row;
+};
+__device__ __forceinline__ SkLane sk_lane(int T) {
+    const long gt = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    SkLane l;
+    const long t = gt / SK_G;
+    l.q = (int)(gt % SK_G);
+    l.live = t < T;
+    l.t = l.live ? t : T - 1;
+    l.row = l.q < N;
+    l.qr = l.row ? l.q : 0;
+    return l;
+}
+#endif
+
+// coeff_finish: one thread per token (SK_LANES: a group of lanes). Adds the split-K
+// partials in order, then r = sqrt(ssq/NC + eps), H̃ = alpha·p/r + b, H_pre = σ,
+// H_post = 2σ, H_res = SK.
 extern "C" __global__ void coeff_finish(const float* __restrict__ part, int splits, const float* __restrict__ params,
                                         int T, int C, float rms_eps, int iters, float sk_eps,
                                         float* __restrict__ coef, float* __restrict__ proj, float* __restrict__ rnorm)
 {
+#if SK_LANES
+    const SkLane ln = sk_lane(T);
+    const long t = ln.t;
+    const int q = ln.qr;
+    const float* alpha = params;
+    const float* b = params + 3;
+    float pp = 0.f, po = 0.f, pr[N], ssq = 0.f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) pr[i] = 0.f;
+    for (int y = 0; y < splits; ++y) {
+        const float* in = part + ((long)y * T + t) * (MF_KP + 1);
+        pp += in[q];
+        po += in[N + q];
+#pragma unroll
+        for (int i = 0; i < N; ++i) pr[i] += in[2 * N + q * N + i];
+        ssq += in[MF_KP];
+    }
+    const float r = sqrtf(ssq / (float)(N * C) + rms_eps);
+    const float inv = 1.f / r;
+    const bool out = ln.live && ln.row;
+    float* ct = coef + t * K;
+    if (out) {
+        proj[t * K + q] = pp;
+        proj[t * K + N + q] = po;
+#pragma unroll
+        for (int i = 0; i < N; ++i) proj[t * K + 2 * N + q * N + i] = pr[i];
+        ct[q] = sigmoidf_(alpha[0] * inv * pp + b[q]);
+        ct[N + q] = 2.f * sigmoidf_(alpha[1] * inv * po + b[N + q]);
+    }
+    if (ln.live && ln.q == 0) rnorm[t] = r;
+    float l[N], m[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) l[i] = alpha[2] * inv * pr[i] + b[2 * N + q * N + i];
+    sk_exp_row(l, ln.row, m);
+    for (int k = 0; k < 2 * iters; ++k) sk_half_row(m, k, sk_eps, ln.row);
+    if (out) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) ct[2 * N + q * N + i] = m[i];
+    }
+#else
     long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= T) return;
     const float* alpha = params;      // alpha_pre, alpha_post, alpha_res
@@ -358,6 +469,7 @@ extern "C" __global__ void coeff_finish(const float* __restrict__ part, int spli
     sk_state(l, 2 * iters, sk_eps, m);
 #pragma unroll
     for (int j = 0; j < N * N; ++j) ct[2 * N + j] = m[j];
+#endif
 }
 
 // split_phi: phi'[m, j] = gamma[m]·phi[m, j] as two bf16 halves, transposed:
@@ -538,6 +650,89 @@ extern "C" __global__ void coeff_bwd(const float* __restrict__ coef, const float
                                      float* __restrict__ dp, float* __restrict__ xs, float* __restrict__ dtok,
                                      float* __restrict__ hist)
 {
+#if SK_LANES
+    const SkLane ln = sk_lane(T);
+    const long t = ln.t;
+    const int q = ln.qr;
+    const bool out = ln.live && ln.row;
+    const float* alpha = params;
+    const float* b = params + 3;
+    const float* ct = coef + t * K;
+    const float* pt = proj + t * K;
+    const float* gt = dcoef + t * K;
+    const float r = rnorm[t];
+    const float inv = 1.f / r;
+    const float sp = ct[q], sq = 0.5f * ct[N + q];
+    const float dpre = gt[q] * sp * (1.f - sp), dpost = gt[N + q] * 2.f * sq * (1.f - sq);
+    float l[N], g[N], in[N], outm[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        l[i] = alpha[2] * inv * pt[2 * N + q * N + i] + b[2 * N + q * N + i];
+        g[i] = ln.row ? gt[2 * N + q * N + i] : 0.f;
+    }
+    sk_exp_row(l, ln.row, outm);
+    for (int k = 0; k < 2 * iters; ++k) {
+        if (out) {
+#pragma unroll
+            for (int i = 0; i < N; ++i) hist[((long)k * (N * N) + q * N + i) * T + t] = outm[i];
+        }
+        sk_half_row(outm, k, sk_eps, ln.row);
+    }
+#pragma unroll
+    for (int i = 0; i < N; ++i) in[i] = outm[i];
+    for (int k = 2 * iters - 1; k >= 0; --k) {
+        // Each lane reads back only what it wrote (lanes past N and groups past T hold zeros).
+#pragma unroll
+        for (int i = 0; i < N; ++i) in[i] = out ? hist[((long)k * (N * N) + q * N + i) * T + t] : 0.f;
+        if ((k & 1) == 0) {
+#pragma unroll
+            for (int i = 0; i < N; ++i) {
+                const float s = sk_grp_sum(in[i]), gy = sk_grp_sum(g[i] * outm[i]);
+                const float active = s > sk_eps ? 1.f : 0.f;
+                g[i] = ln.row ? (g[i] - active * gy) * (1.f / fmaxf(s, sk_eps)) : 0.f;
+            }
+        } else {
+            float s = 0.f, gy = 0.f;
+#pragma unroll
+            for (int i = 0; i < N; ++i) { s += in[i]; gy += g[i] * outm[i]; }
+            const float active = s > sk_eps ? 1.f : 0.f;
+            const float rr = 1.f / fmaxf(s, sk_eps);
+#pragma unroll
+            for (int i = 0; i < N; ++i) g[i] = ln.row ? (g[i] - active * gy) * rr : 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < N; ++i) outm[i] = in[i];
+    }
+    float dres[N], ga2 = 0.f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        dres[i] = g[i] * in[i];
+        ga2 += dres[i] * pt[2 * N + q * N + i];
+    }
+    const float ga0 = sk_grp_sum(ln.row ? dpre * pt[q] : 0.f), ga1 = sk_grp_sum(ln.row ? dpost * pt[N + q] : 0.f);
+    ga2 = sk_grp_sum(ln.row ? ga2 : 0.f);
+    if (out) {
+        dp[t * K + q] = alpha[0] * inv * dpre;
+        dp[t * K + N + q] = alpha[1] * inv * dpost;
+        dtok[t * (K + 3) + 3 + q] = dpre;
+        dtok[t * (K + 3) + 3 + N + q] = dpost;
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            dp[t * K + 2 * N + q * N + i] = alpha[2] * inv * dres[i];
+            dtok[t * (K + 3) + 3 + 2 * N + q * N + i] = dres[i];
+        }
+    }
+    if (ln.live && ln.q == 0) {
+        const float ga[3] = {ga0, ga1, ga2};
+        float gr = 0.f;
+#pragma unroll
+        for (int blk = 0; blk < 3; ++blk) {
+            dtok[t * (K + 3) + blk] = ga[blk] * inv;
+            gr -= alpha[blk] * ga[blk] * inv * inv;
+        }
+        xs[t] = gr / ((float)(N * C) * r);
+    }
+#else
     long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= T) return;
     const float* alpha = params;
@@ -613,15 +808,31 @@ extern "C" __global__ void coeff_bwd(const float* __restrict__ coef, const float
         gr -= alpha[blk] * ga[blk] * inv * inv;
     }
     xs[t] = gr / ((float)(N * C) * r);
+#endif
 }
 
 // ---------------------------------------------------------------------------
 // Asynchronous global → shared copies (cp.async, sm_80+): BYTES ∈ {4, 8, 16};
 // zero-filled and nothing read when !valid.
+// TC_LEAN 1 (off until measured on the device): shared addresses by the
+// compiler's __cvta_generic_to_shared, which it folds into the address
+// arithmetic (the inline cvta below hides them: 64-bit adds around every
+// cp.async and ldmatrix). Only addressing changes: the same copies, products
+// and sums. Static SASS of dx_dphi_tc (sm_90, n = 4, bf16 streams): 1392 →
+// 1232 instructions, 72 registers either way (kernel_resources --cubin, nvdisasm).
+// (A compile-time stride for tc_stage's loops was tried offline: the compiler
+// unrolls them fully, 3000 instructions, 128 registers and spills; not kept.)
+#ifndef TC_LEAN
+#define TC_LEAN 0
+#endif
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
+#if TC_LEAN
+    return (unsigned)__cvta_generic_to_shared(p);
+#else
     unsigned a;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
     return a;
+#endif
 }
 template <int BYTES>
 __device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
@@ -784,6 +995,7 @@ extern "C" __global__ void __launch_bounds__(N * DX_CT, DX_MINB) dx_dphi(
 #endif
 #define TC_MT (N * TC_CT)
 #define TC_TB 32
+#define TC_THREADS 256 // threads of a dx_dphi_tc block (the host launches 256)
 #define TC_KP ((K + 15) / 16 * 16)
 #define TC_XS (TC_MT + 8)      // bf16 row strides: 16-byte rows, conflict-free fragment loads
 #define TC_HS (TC_CT + 8)
@@ -887,7 +1099,7 @@ __device__ __forceinline__ void ldsm_b_pair(const bf16_t* M, int stride, int k0,
 
 // φ' (phit_hi + phit_lo, from split_phi: [MF_KP][N·C], rows ≥ K zero) as its
 // argument instead of dx_dphi's f32 phi.
-extern "C" __global__ void __launch_bounds__(256, 2) dx_dphi_tc(
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) dx_dphi_tc(
     const stream_t* __restrict__ x, const stream_t* __restrict__ g, const stream_t* __restrict__ dh,
     const float* __restrict__ coef, const float* __restrict__ dp, const float* __restrict__ xsc,
     const bf16_t* __restrict__ phit_hi, const bf16_t* __restrict__ phit_lo, int T, int C, int chunk,
