@@ -635,8 +635,22 @@ extern "C" __global__ void __launch_bounds__(32 * WR_TOK) pre_bwd(
     }
 }
 
+// coeff_bwd's per-token tail: the α gradients' per-token parts (dtok[t, 0..3])
+// and the gradient through r (xs[t]), from ga = Σ ∂H̃·p per block.
+__device__ __forceinline__ void coeff_bwd_token(const float* ga, const float* alpha, float inv, float r, int C, long t,
+                                                float* __restrict__ dtok, float* __restrict__ xs)
+{
+    float gr = 0.f;
+#pragma unroll
+    for (int blk = 0; blk < 3; ++blk) {
+        dtok[t * (K + 3) + blk] = ga[blk] * inv;
+        gr -= alpha[blk] * ga[blk] * inv * inv;
+    }
+    xs[t] = gr / ((float)(N * C) * r);
+}
+
 // ---------------------------------------------------------------------------
-// coeff_bwd: one thread per token. From dcoef (∂L/∂H) to
+// coeff_bwd: one thread per token (SK_LANES: a group of lanes). From dcoef (∂L/∂H) to
 //   dp[t, j]   = alpha_blk / r · ∂H̃_j           (the gradient of p, scaled)
 //   xs[t]      = −(Σ_j alpha_blk ∂H̃_j p_j) / (r² · N·C · r)   (coefficient of x in ∂x)
 //   dtok[t, :] = [Σ_blk ∂H̃·p/r (3) | ∂H̃ (K)]    (per-token dalpha and db, reduced later:
@@ -724,13 +738,7 @@ extern "C" __global__ void coeff_bwd(const float* __restrict__ coef, const float
     }
     if (ln.live && ln.q == 0) {
         const float ga[3] = {ga0, ga1, ga2};
-        float gr = 0.f;
-#pragma unroll
-        for (int blk = 0; blk < 3; ++blk) {
-            dtok[t * (K + 3) + blk] = ga[blk] * inv;
-            gr -= alpha[blk] * ga[blk] * inv * inv;
-        }
-        xs[t] = gr / ((float)(N * C) * r);
+        coeff_bwd_token(ga, alpha, inv, r, C, t, dtok, xs);
     }
 #else
     long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -801,13 +809,7 @@ extern "C" __global__ void coeff_bwd(const float* __restrict__ coef, const float
         dp[t * K + j] = alpha[blk] * inv * dht[j];
         dtok[t * (K + 3) + 3 + j] = dht[j];
     }
-    float gr = 0.f;
-#pragma unroll
-    for (int blk = 0; blk < 3; ++blk) {
-        dtok[t * (K + 3) + blk] = ga[blk] * inv;
-        gr -= alpha[blk] * ga[blk] * inv * inv;
-    }
-    xs[t] = gr / ((float)(N * C) * r);
+    coeff_bwd_token(ga, alpha, inv, r, C, t, dtok, xs);
 #endif
 }
 
