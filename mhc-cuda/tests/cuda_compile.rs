@@ -82,15 +82,15 @@ fn tuning_variants_compile() {
     ] {
         build("model.cu", MODEL_KERNEL_SOURCE, &strings(defines), 90);
     }
-    // dx_dphi_tc's register epilogue (bf16 streams only), and the prepared
-    // variants of mhc.cu (lane groups for Sinkhorn–Knopp, the builtin shared
-    // addresses) for both stream types.
+    // dx_dphi_tc's register epilogue (bf16 streams only), and the former
+    // defaults of mhc.cu (a thread per token for Sinkhorn–Knopp, the inline
+    // cvta shared addresses) for both stream types.
     for n in 1..=8 {
         let n = format!("-DN={n}");
         let defines = strings(&[&n, "-DSTREAM_BF16=1", "-DTC_EPI_SMEM=0"]);
         build("mhc.cu", KERNEL_SOURCE, &defines, 90);
         for bf16 in ["-DSTREAM_BF16=0", "-DSTREAM_BF16=1"] {
-            let defines = strings(&[&n, bf16, "-DSK_LANES=1", "-DTC_LEAN=1"]);
+            let defines = strings(&[&n, bf16, "-DSK_LANES=0", "-DTC_LEAN=0"]);
             build("mhc.cu", KERNEL_SOURCE, &defines, 90);
         }
     }

@@ -198,11 +198,11 @@ fn debug_sync(dev: &CudaDevice, kernel: &str) -> CudaResult<()> {
     Ok(())
 }
 
-/// Threads per token of `coeff_finish` and `coeff_bwd`: 1, or with the kernel
-/// define `SK_LANES=1` (through `MHC_CUDA_DEFINES`; off by default) the kernels'
-/// `SK_G`, the next power of two ≥ `n`.
+/// Threads per token of `coeff_finish` and `coeff_bwd`: the kernels' `SK_G`, the
+/// next power of two ≥ `n` (kernel define `SK_LANES`, on by default), or 1 with
+/// `SK_LANES=0` (through `MHC_CUDA_DEFINES`).
 fn sk_lanes(n: usize) -> usize {
-    if super::tuning_define("SK_LANES").unwrap_or(0) != 0 {
+    if super::tuning_define("SK_LANES").unwrap_or(1) != 0 {
         n.next_power_of_two()
     } else {
         1
