@@ -9,14 +9,38 @@
 # and mHC) and the d = 2048 one (heads of 128). Needs .device-bin/
 # (scripts/build-device-bin.sh). Logs and JSON in $OUT/ab/.
 #
+# REF=<binary> (an mhc-train built from an earlier commit, carried in
+# .device-bin/) trains the same 40 steps first, and every variant's weights are
+# compared with its weights too: a restructured kernel that keeps the arithmetic
+# must give 0 differing tensors.
+#
 #   bash scripts/gpu-ab.sh "" "-DFA_LDSM=0" "-DFA_REG_ROWS_MAX_D=32" "-DTC_EPI_SMEM=0"
 #   SCHEMES=residual WIDE=0 bash scripts/gpu-ab.sh "" "-DFA_LDSM=0"
+#   REF=.device-bin/mhc-train-ref WIDE=0 bash scripts/gpu-ab.sh "" "-DCF_ASYNC=1"
 set -uo pipefail
 out=${OUT:-gpu-out}/ab
 mkdir -p "$out"
 B=.device-bin
 schemes=${SCHEMES:-residual,mhc}
 (($#)) || set -- ""
+train40() { # binary, defines, output folder
+  MHC_CUDA_DEFINES="$2" "$1" --scheme mhc --device cuda --width 256 --heads 4 \
+    --steps 40 --log-every 20 --eval-every 40 --checkpoint-every 40 --seed 7 --force \
+    --out "$3" > /dev/null 2>&1
+}
+compare() { # label, checkpoint a, checkpoint b
+  python3 - "$@" <<'PY' 2>&1 | tee -a "$out/summary.txt"
+import sys
+from safetensors.numpy import load_file
+a, b = load_file(sys.argv[2]), load_file(sys.argv[3])
+diff = [k for k in a if k not in b or not (a[k] == b[k]).all()]
+print(f"  40 steps vs {sys.argv[1]}: {len(a)} tensors, {len(diff)} differing {diff[:3]}")
+PY
+}
+if [[ -n "${REF:-}" ]]; then
+  echo "== ref: $REF" | tee -a "$out/summary.txt"
+  train40 "$REF" "" /tmp/ab_ref || echo "  reference mhc-train failed" | tee -a "$out/summary.txt"
+fi
 i=0
 for defs in "$@"; do
   tag="v$i"
@@ -26,16 +50,11 @@ for defs in "$@"; do
     MHC_CUDA_DEFINES="$defs" $B/$t --test-threads 1 2>&1 | grep -E "test result|FAILED|panicked" \
       | sed "s/^/  $t: /" | tee -a "$out/summary.txt"
   done
-  MHC_CUDA_DEFINES="$defs" $B/mhc-train --scheme mhc --device cuda --width 256 --heads 4 \
-    --steps 40 --log-every 20 --eval-every 40 --checkpoint-every 40 --seed 7 --force \
-    --out "/tmp/ab_$tag" > /dev/null 2>&1 || echo "  mhc-train failed" | tee -a "$out/summary.txt"
-  python3 - "/tmp/ab_v0/mhc/checkpoint.safetensors" "/tmp/ab_$tag/mhc/checkpoint.safetensors" <<'PY' 2>&1 | tee -a "$out/summary.txt"
-import sys
-from safetensors.numpy import load_file
-a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
-diff = [k for k in a if k not in b or not (a[k] == b[k]).all()]
-print(f"  40 steps vs v0: {len(a)} tensors, {len(diff)} differing {diff[:3]}")
-PY
+  train40 $B/mhc-train "$defs" "/tmp/ab_$tag" || echo "  mhc-train failed" | tee -a "$out/summary.txt"
+  compare v0 /tmp/ab_v0/mhc/checkpoint.safetensors "/tmp/ab_$tag/mhc/checkpoint.safetensors"
+  if [[ -n "${REF:-}" ]]; then
+    compare ref /tmp/ab_ref/mhc/checkpoint.safetensors "/tmp/ab_$tag/mhc/checkpoint.safetensors"
+  fi
   MHC_CUDA_DEFINES="$defs" $B/mhc-bench --train-width 768 --heads 12 --batch 16 \
     --schemes "$schemes" --json "$out/${tag}_768.json" 2>&1 | grep -E "^\||error" \
     | sed "s/^/  /" | tee -a "$out/summary.txt"

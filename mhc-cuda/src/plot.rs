@@ -609,6 +609,20 @@ fn legend_corner(chart: &Chart, x: &Range<f64>, y: &Range<f64>) -> SeriesLabelPo
         .unwrap_or(SeriesLabelPosition::UpperRight)
 }
 
+/// The caption's font size: 22 px, smaller (down to 12) while the title is
+/// wider than the plot, so that a long `--title` is not cut off at the edges.
+fn caption_size<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str) -> f64 {
+    let room = f64::from(root.dim_in_pixel().0).max(1.0) - 40.0;
+    let mut size = 22.0;
+    while size > 12.0 {
+        match root.estimate_text_size(title, &(FONT, size).into_text_style(root)) {
+            Ok((w, _)) if f64::from(w) > room => size -= 1.0,
+            _ => break,
+        }
+    }
+    size
+}
+
 fn draw_with<DB, Y>(root: DrawingArea<DB, Shift>, chart: &Chart, y_spec: Y) -> Result<(), String>
 where
     DB: DrawingBackend,
@@ -620,7 +634,7 @@ where
     let x_range = chart.x_range();
     let y_range = chart.y_range();
     let mut ctx = ChartBuilder::on(&root)
-        .caption(&chart.title, (FONT, 22))
+        .caption(&chart.title, (FONT, caption_size(&root, &chart.title)))
         .margin(14)
         .margin_right(24)
         .x_label_area_size(48)
@@ -839,6 +853,24 @@ mod tests {
             .filter(|px| px.iter().all(|&c| c < 128))
             .count();
         assert!(dark > 50, "title rows have {dark} dark pixels");
+    }
+
+    /// A title too wide for the chart at 22 px is set smaller until it fits
+    /// (the edges of the science run's captions were cut off); short titles keep 22 px.
+    #[test]
+    fn long_titles_shrink_to_fit() {
+        register_font().unwrap();
+        let (w, h) = PLOT_SIZE;
+        let mut buf = vec![0u8; (w * h * 3) as usize];
+        let root = BitMapBackend::with_buffer(&mut buf, PLOT_SIZE).into_drawing_area();
+        assert_eq!(caption_size(&root, "Loss"), 22.0);
+        let long = "Composite backward gain at full depth — fortunes, d = 512, 12 blocks (24 wrapped sublayers), H200";
+        let size = caption_size(&root, long);
+        assert!(size < 22.0, "size {size}");
+        let (tw, _) = root
+            .estimate_text_size(long, &(FONT, size).into_text_style(&root))
+            .unwrap();
+        assert!(tw + 40 <= w, "{tw} px wide at {size} px in a {w} px chart");
     }
 
     #[test]

@@ -84,13 +84,13 @@ fn tuning_variants_compile() {
     }
     // dx_dphi_tc's register epilogue (bf16 streams only), and the former
     // defaults of mhc.cu (a thread per token for Sinkhorn–Knopp, the inline
-    // cvta shared addresses) for both stream types.
+    // cvta shared addresses, coeff_fwd's register version) for both stream types.
     for n in 1..=8 {
         let n = format!("-DN={n}");
         let defines = strings(&[&n, "-DSTREAM_BF16=1", "-DTC_EPI_SMEM=0"]);
         build("mhc.cu", KERNEL_SOURCE, &defines, 90);
         for bf16 in ["-DSTREAM_BF16=0", "-DSTREAM_BF16=1"] {
-            let defines = strings(&[&n, bf16, "-DSK_LANES=0", "-DTC_LEAN=0"]);
+            let defines = strings(&[&n, bf16, "-DSK_LANES=0", "-DTC_LEAN=0", "-DCF_ASYNC=0"]);
             build("mhc.cu", KERNEL_SOURCE, &defines, 90);
         }
     }

@@ -159,26 +159,63 @@ const CF_TOK: usize = 64;
 /// memory); bf16 streams: `dx_dphi_tc` (tensor cores; the byte count mirrors
 /// its `TC_SMEM`, which the kernel checks).
 fn dx_geometry(bf16: bool, n: usize, k: usize) -> (usize, usize, usize, usize) {
-    // TC_EPI_SMEM: a kernel define, on unless MHC_CUDA_DEFINES sets it to 0.
+    // TC_EPI_SMEM and TC_STAGES: kernel defines (defaults 1 and 2; MHC_CUDA_DEFINES may set them).
     let epi = super::tuning_define("TC_EPI_SMEM").unwrap_or(1) != 0;
-    dx_geometry_with(bf16, n, k, epi)
+    let stages = super::tuning_define("TC_STAGES").unwrap_or(2).clamp(2, 4) as usize;
+    dx_geometry_with(bf16, n, k, epi, stages)
 }
 
-/// [`dx_geometry`] for a given `TC_EPI_SMEM` setting.
-fn dx_geometry_with(bf16: bool, n: usize, k: usize, epi: bool) -> (usize, usize, usize, usize) {
+/// [`dx_geometry`] for given `TC_EPI_SMEM` and `TC_STAGES` settings.
+fn dx_geometry_with(
+    bf16: bool,
+    n: usize,
+    k: usize,
+    epi: bool,
+    stages: usize,
+) -> (usize, usize, usize, usize) {
     if bf16 {
         let (ct, tb) = (if n <= 4 { 32 } else { 16 }, 32);
         let (mt, kp) = (n * ct, k.next_multiple_of(16));
         let tile = 2 * tb * (mt + 8) * 2 + tb * (ct + 8) * 2 + 2 * tb * k * 4 + tb * 4;
         // TC_EPI_SMEM adds the f32 results of product (a).
         let epi = if epi { tb * (mt + 8) * 4 } else { 0 };
-        let smem = 2 * tile + (2 * tb * (kp + 8) + 2 * kp * (mt + 8)) * 2 + epi;
-        (ct, 256, smem, if smem <= 100 * 1024 { 2 } else { 1 })
+        let smem = stages * tile + (2 * tb * (kp + 8) + 2 * kp * (mt + 8)) * 2 + epi;
+        // Blocks per SM: Hopper's 228 KiB of shared memory per SM, 1 KiB reserved per
+        // block; at most 2 (the kernel's launch bounds).
+        (ct, 256, smem, (228 * 1024 / (smem + 1024)).clamp(1, 2))
     } else {
         let ct = if n <= 4 { 64 } else { 32 };
         (ct, n * ct, 0, if n <= 4 { 3 } else { 1 })
     }
 }
+
+/// The coefficient kernel's column chunk and dynamic shared memory in bytes:
+/// `coeff_fwd`'s cp.async ring of `CA_STAGES` stages (kernel define `CF_ASYNC`,
+/// on by default; the byte count mirrors the kernel's `CA_SMEM`, which it
+/// checks) or, with `CF_ASYNC=0`, its register version (static shared memory only).
+fn cf_geometry(bf16: bool, k: usize) -> (usize, usize) {
+    let stages = super::tuning_define("CA_STAGES").map(|v| v.clamp(2, 8) as usize);
+    cf_geometry_with(
+        bf16,
+        k,
+        super::tuning_define("CF_ASYNC").unwrap_or(1) != 0,
+        stages,
+    )
+}
+
+/// [`cf_geometry`] for given `CF_ASYNC` and `CA_STAGES` (None: the kernel's default) settings.
+fn cf_geometry_with(bf16: bool, k: usize, cf_async: bool, stages: Option<usize>) -> (usize, usize) {
+    let kp = k.next_multiple_of(8);
+    if !cf_async {
+        return (if k <= 24 { 128 } else { 64 }, 0);
+    }
+    let (tok, kc) = (CF_TOK, 64);
+    let stages = stages.unwrap_or(3);
+    let x_bytes = tok * (kc + 8) * if bf16 { 2 } else { 4 };
+    let phi_bytes = 2 * kp * (kc + 8) * 2;
+    (kc, stages * (x_bytes + phi_bytes))
+}
+
 /// Most split-K slices of the coefficient kernel.
 const MAX_SPLITS: usize = 8;
 
@@ -441,8 +478,22 @@ impl<S: StreamElement> MhcCuda<S> {
             + f32s(sk_hist_len(config, capacity));
         dev.ensure_free(bytes)?;
         let name = |s: &str| -> CudaResult<CudaFunction> { dev.function(n, S::BF16, s) };
+        let (_, cf_smem) = cf_geometry(S::BF16, k);
         let kernels = Kernels {
-            coeff_fwd: name("coeff_fwd")?,
+            coeff_fwd: {
+                let f = name("coeff_fwd")?;
+                if cf_smem > 0 {
+                    dev.context().bind_to_thread()?;
+                    f.set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        cf_smem as i32,
+                    )
+                    .map_err(|e| {
+                        CudaError::Driver(format!("coeff_fwd: allowing {cf_smem} B of shared memory: {e:?}"))
+                    })?;
+                }
+                f
+            },
             coeff_finish: name("coeff_finish")?,
             pre_fwd: name("pre_fwd")?,
             post_fwd: name("post_fwd")?,
@@ -627,10 +678,18 @@ impl<S: StreamElement> MhcCuda<S> {
         // Split the nC reduction so the grid holds about four blocks per multiprocessor
         // (more bytes of x in flight than one block per 64 tokens can keep), rounding
         // down: four are resident per SM, and a grid just over one wave took two.
-        let chunk = if self.k <= 24 { 128 } else { 64 }; // MF_KC of the kernel
+        let (chunk, smem) = cf_geometry(S::BF16, self.k); // MF_KC or CA_KC of the kernel
         let blocks = tokens.div_ceil(CF_TOK);
         let sm = self.dev.multiprocessors()? as usize;
-        let splits = (4 * sm / blocks)
+        // The register version: four blocks resident per SM. The cp.async ring: as
+        // many as Hopper's 228 KiB of shared memory per SM hold (1 KiB reserved per
+        // block), and splits only while the grid is under one wave.
+        let resident = if smem == 0 {
+            4
+        } else {
+            (228 * 1024 / (smem + 1024)).clamp(1, 16)
+        };
+        let splits = (resident * sm / blocks)
             .clamp(1, MAX_SPLITS)
             .min(nc.div_ceil(chunk));
         let span = nc.div_ceil(splits).next_multiple_of(chunk);
@@ -648,8 +707,11 @@ impl<S: StreamElement> MhcCuda<S> {
                 .arg(&mut self.coef_part);
             // SAFETY: grid (tokens/64, splits) with splits·span ≥ nC and splits ≤ MAX_SPLITS; x holds tokens·nC
             // elements (checked by the caller); coef_part holds MAX_SPLITS·capacity·(KP+1) floats.
-            unsafe { b.launch(cfg((blocks as u32, splits as u32), 128)) }
-                .map_err(|e| launch_error("coeff_fwd", e))?;
+            let launch = LaunchConfig {
+                shared_mem_bytes: smem as u32,
+                ..cfg((blocks as u32, splits as u32), 128)
+            };
+            unsafe { b.launch(launch) }.map_err(|e| launch_error("coeff_fwd", e))?;
             debug_sync(&self.dev, "coeff_fwd")?;
         }
         let mut b = st.launch_builder(&self.kernels.coeff_finish);
@@ -898,11 +960,11 @@ impl<S: StreamElement> MhcCuda<S> {
 
 #[cfg(test)]
 mod geometry_tests {
-    use super::dx_geometry_with;
+    use super::{cf_geometry_with, dx_geometry_with};
     use crate::cuda::{KERNEL_SOURCE, compile_offline, offline_nvrtc};
 
     /// The host's shared-memory size for `dx_dphi_tc` is the kernel's
-    /// `TC_SMEM`, for every n and both epilogues: the kernel source
+    /// `TC_SMEM`, for every n, both epilogues and 2 or 3 stages: the kernel source
     /// `static_assert`s it against the value passed in (NVRTC, no GPU).
     #[test]
     fn dx_tc_shared_memory_matches_the_kernel_layout() {
@@ -911,16 +973,56 @@ mod geometry_tests {
         }
         for n in 1..=8 {
             let k = n * n + 2 * n;
-            for epi in [false, true] {
-                let (_, _, smem, _) = dx_geometry_with(true, n, k, epi);
+            for (epi, stages) in [(false, 2), (true, 2), (false, 3), (true, 3)] {
+                let (_, _, smem, _) = dx_geometry_with(true, n, k, epi, stages);
                 let defines = [
                     format!("-DN={n}"),
                     "-DSTREAM_BF16=1".into(),
                     format!("-DTC_EPI_SMEM={}", u8::from(epi)),
+                    format!("-DTC_STAGES={stages}"),
                     format!("-DEXPECT_TC_SMEM={smem}"),
                 ];
                 if let Err(e) = compile_offline(KERNEL_SOURCE, &defines, 90, false) {
-                    panic!("n = {n}, epilogue in smem {epi}: host says {smem} bytes: {e}");
+                    panic!(
+                        "n = {n}, epilogue in smem {epi}, {stages} stages: host says {smem} bytes: {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The host's shared-memory size for the cp.async `coeff_fwd` is the
+    /// kernel's `CA_SMEM`, for every n and both stream types (2…4 stages at n = 4).
+    #[test]
+    fn cf_async_shared_memory_matches_the_kernel_layout() {
+        if !offline_nvrtc() {
+            return;
+        }
+        for n in 1..=8 {
+            let k = n * n + 2 * n;
+            for bf16 in [false, true] {
+                // The kernel's default stages everywhere; the others at n = 4.
+                let all: &[Option<usize>] = if n == 4 {
+                    &[None, Some(2), Some(3), Some(4)]
+                } else {
+                    &[None]
+                };
+                for &stages in all {
+                    let (_, smem) = cf_geometry_with(bf16, k, true, stages);
+                    let mut defines = vec![
+                        format!("-DN={n}"),
+                        format!("-DSTREAM_BF16={}", u8::from(bf16)),
+                        "-DCF_ASYNC=1".into(),
+                        format!("-DEXPECT_CF_SMEM={smem}"),
+                    ];
+                    if let Some(st) = stages {
+                        defines.push(format!("-DCA_STAGES={st}"));
+                    }
+                    if let Err(e) = compile_offline(KERNEL_SOURCE, &defines, 90, false) {
+                        panic!(
+                            "n = {n}, bf16 {bf16}, stages {stages:?}: host says {smem} bytes: {e}"
+                        );
+                    }
                 }
             }
         }

@@ -176,6 +176,18 @@ __device__ __forceinline__ void load_phi_units(const bf16_t* __restrict__ hi, co
     }
 }
 
+// CF_ASYNC 1 (the default): coeff_fwd below (after the cp.async helpers) streams x
+// and φ' through a ring of shared-memory stages instead of registers. The register
+// version (CF_ASYNC=0) holds two chunks of x per thread: 207 registers at n = 4, two
+// blocks per SM, 12% occupancy, 76 µs and 1.4 TB/s per call in Nsight Compute on the
+// H200 (results/ncu_coeff_fwd.txt). The ring of three stages: 80 registers, 21%
+// occupancy, 57 µs (results/ncu_coeff_fwd_cf_async_3stages.txt); the d = 768 mHC step
+// 42.3 → 41.9 ms in the same call (results/ab/summary_cf_async_stages.txt). The host
+// reads the define (chunk and shared memory).
+#ifndef CF_ASYNC
+#define CF_ASYNC 1
+#endif
+#if !CF_ASYNC
 // Split-K: blockIdx.y takes columns [y·span, (y+1)·span) of x (span a multiple of MF_KC)
 // and writes its partial p and sum of squares to part[y][t][MF_KP + 1]; coeff_finish
 // adds the splits in order and applies the epilogue.
@@ -320,6 +332,7 @@ extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
         }
     }
 }
+#endif // !CF_ASYNC
 
 // SK_LANES 1 (the default since measured on the H200, results/ab/summary_sk_lean.txt:
 // mHC step at d = 768 42.0 → 41.6 ms; with TC_LEAN 41.4 ms; SK_LANES=0 keeps the
@@ -853,6 +866,175 @@ __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_grou
 template <int PENDING>
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory"); }
 
+#if CF_ASYNC
+// ---------------------------------------------------------------------------
+// coeff_fwd (CF_ASYNC): the same products and outputs as the register version
+// (the same mma order over the same 16-column steps: p bit for bit), with x and
+// the φ' halves copied by cp.async into a ring of CA_STAGES shared-memory stages
+// of CA_KC columns, CA_STAGES − 1 of them in flight while one is computed. The
+// A fragments come from shared memory (f32 streams are split into bf16 hi + lo
+// there) and the sums of squares from the same fragments (added in another
+// order than the register version: r may differ in the last bits). Dynamic
+// shared memory: CA_SMEM bytes (checked).
+#define CA_KC 64
+// Stages: 3 measured best at n = 4 (57 µs per call; 4: 66 µs, two blocks per SM
+// instead of four; 6: 63 µs). Four blocks of 4 warps per SM at bf16 streams.
+#ifndef CA_STAGES
+#define CA_STAGES 3
+#endif
+#define CA_XS (CA_KC + 8) // row stride in elements: conflict-free fragment loads (bf16 32-bit, f32 64-bit)
+#define CA_XBYTES (MF_TOK * CA_XS * (int)sizeof(stream_t))
+#define CA_PBYTES (2 * MF_KP * CA_XS * 2)
+#define CA_STAGE_BYTES (CA_XBYTES + CA_PBYTES)
+#define CA_SMEM (CA_STAGES * CA_STAGE_BYTES)
+static_assert(CA_SMEM >= MF_TOK * (MF_KP + 1) * 4 + MF_TOK * 4, "the epilogue reuses the stages");
+static_assert(CA_XBYTES % 16 == 0 && CA_PBYTES % 16 == 0, "16-byte aligned stages");
+#ifdef EXPECT_CF_SMEM // the host's size (wrapper.rs, cf_geometry), checked by its unit test
+static_assert(CA_SMEM == EXPECT_CF_SMEM, "cf_geometry's shared-memory size differs from CA_SMEM");
+#endif
+
+// Chunk `m0` (columns [m0, m0 + CA_KC), zeros at and past mend and past T) into stage `st`.
+__device__ __forceinline__ void ca_stage(unsigned char* st, const stream_t* __restrict__ x,
+                                         const bf16_t* __restrict__ hi, const bf16_t* __restrict__ lo, long t0, int T,
+                                         int NC, int m0, int mend)
+{
+    const int tid = threadIdx.x;
+    stream_t* xs = reinterpret_cast<stream_t*>(st);
+    bf16_t* ph = reinterpret_cast<bf16_t*>(st + CA_XBYTES);
+#pragma unroll
+    for (int u = 0; u < MF_TOK * (CA_KC / 4) / 128; ++u) {
+        const int e = tid + 128 * u, row = e / (CA_KC / 4), c4 = (e % (CA_KC / 4)) * 4;
+        const bool ok = t0 + row < T && m0 + c4 < mend;
+        cp_async<4 * (int)sizeof(stream_t)>(xs + row * CA_XS + c4, x + (ok ? (t0 + row) * NC + m0 + c4 : 0), ok);
+    }
+    for (int e = tid; e < 2 * MF_KP * (CA_KC / 4); e += 128) {
+        const int r = e / (CA_KC / 4), c4 = (e % (CA_KC / 4)) * 4; // r: half · MF_KP + j
+        const int j = r % MF_KP;
+        const bool ok = m0 + c4 < mend;
+        const long src = ok ? (long)j * NC + m0 + c4 : 0;
+        cp_async<8>(ph + r * CA_XS + c4, (r < MF_KP ? hi : lo) + src, ok);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
+    const stream_t* __restrict__ x, const bf16_t* __restrict__ phit_hi, const bf16_t* __restrict__ phit_lo,
+    int T, int C, int span, float* __restrict__ part)
+{
+    extern __shared__ __align__(16) unsigned char ca_smem[];
+    {
+        unsigned avail;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(avail));
+        if (avail < CA_SMEM) asm volatile("trap;"); // launched with less shared memory than the layout needs
+    }
+    __shared__ float ssq_sh[MF_TOK];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    const long t0 = (long)blockIdx.x * MF_TOK;
+    const int NC = N * C;
+    const int mbeg = blockIdx.y * span;
+    const int mend = min(NC, mbeg + span);
+    const int chunks = mbeg < mend ? (mend - mbeg + CA_KC - 1) / CA_KC : 0;
+    float acc[MF_NT][4];
+#pragma unroll
+    for (int j = 0; j < MF_NT; ++j) { acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f; }
+    float sq0 = 0.f, sq1 = 0.f; // rows warp·16 + g and + 8
+#pragma unroll
+    for (int sl = 0; sl < CA_STAGES - 1; ++sl) {
+        if (sl < chunks) ca_stage(ca_smem + sl * CA_STAGE_BYTES, x, phit_hi, phit_lo, t0, T, NC, mbeg + sl * CA_KC, mend);
+        cp_commit();
+    }
+    int slot = 0;
+    for (int ci = 0; ci < chunks; ++ci, slot = slot + 1 == CA_STAGES ? 0 : slot + 1) {
+        cp_wait<CA_STAGES - 2>();
+        __syncthreads(); // chunk ci has landed; every warp is done with the stage refilled next
+        {
+            const int cn = ci + CA_STAGES - 1, sn = slot == 0 ? CA_STAGES - 1 : slot - 1;
+            if (cn < chunks)
+                ca_stage(ca_smem + sn * CA_STAGE_BYTES, x, phit_hi, phit_lo, t0, T, NC, mbeg + cn * CA_KC, mend);
+            cp_commit();
+        }
+        const stream_t* xs = reinterpret_cast<const stream_t*>(ca_smem + slot * CA_STAGE_BYTES);
+        const bf16_t* ph_hi = reinterpret_cast<const bf16_t*>(ca_smem + slot * CA_STAGE_BYTES + CA_XBYTES);
+        const bf16_t* ph_lo = ph_hi + MF_KP * CA_XS;
+#pragma unroll
+        for (int s = 0; s < CA_KC / 16; ++s) {
+            const int r0 = (warp * 16 + g) * CA_XS + 16 * s + 2 * q;
+            const int r1 = r0 + 8 * CA_XS;
+#if STREAM_BF16
+            const unsigned a0 = *reinterpret_cast<const unsigned*>(xs + r0);
+            const unsigned a1 = *reinterpret_cast<const unsigned*>(xs + r1);
+            const unsigned a2 = *reinterpret_cast<const unsigned*>(xs + r0 + 8);
+            const unsigned a3 = *reinterpret_cast<const unsigned*>(xs + r1 + 8);
+            {
+                const float u0 = __uint_as_float(a0 << 16), u1 = __uint_as_float(a0 & 0xffff0000u);
+                const float u2 = __uint_as_float(a2 << 16), u3 = __uint_as_float(a2 & 0xffff0000u);
+                const float w0 = __uint_as_float(a1 << 16), w1 = __uint_as_float(a1 & 0xffff0000u);
+                const float w2 = __uint_as_float(a3 << 16), w3 = __uint_as_float(a3 & 0xffff0000u);
+                sq0 += u0 * u0 + u1 * u1 + u2 * u2 + u3 * u3;
+                sq1 += w0 * w0 + w1 * w1 + w2 * w2 + w3 * w3;
+            }
+#else
+            const float2 v0 = *reinterpret_cast<const float2*>(xs + r0);
+            const float2 v1 = *reinterpret_cast<const float2*>(xs + r1);
+            const float2 v2 = *reinterpret_cast<const float2*>(xs + r0 + 8);
+            const float2 v3 = *reinterpret_cast<const float2*>(xs + r1 + 8);
+            sq0 += v0.x * v0.x + v0.y * v0.y + v2.x * v2.x + v2.y * v2.y;
+            sq1 += v1.x * v1.x + v1.y * v1.y + v3.x * v3.x + v3.y * v3.y;
+            // hi = bf16(x), lo = bf16(x − hi), both round to nearest even (as the register version).
+            const unsigned a0 = bf16x2_rn(v0.x, v0.y), a1 = bf16x2_rn(v1.x, v1.y);
+            const unsigned a2 = bf16x2_rn(v2.x, v2.y), a3 = bf16x2_rn(v3.x, v3.y);
+            const unsigned c0 = bf16x2_rn(v0.x - __uint_as_float(a0 << 16), v0.y - __uint_as_float(a0 & 0xffff0000u));
+            const unsigned c1 = bf16x2_rn(v1.x - __uint_as_float(a1 << 16), v1.y - __uint_as_float(a1 & 0xffff0000u));
+            const unsigned c2 = bf16x2_rn(v2.x - __uint_as_float(a2 << 16), v2.y - __uint_as_float(a2 & 0xffff0000u));
+            const unsigned c3 = bf16x2_rn(v3.x - __uint_as_float(a3 << 16), v3.y - __uint_as_float(a3 & 0xffff0000u));
+#endif
+#pragma unroll
+            for (int nt = 0; nt < MF_NT; ++nt) {
+                const int b = (nt * 8 + g) * CA_XS + 16 * s + 2 * q;
+                const unsigned bh0 = *reinterpret_cast<const unsigned*>(ph_hi + b);
+                const unsigned bh1 = *reinterpret_cast<const unsigned*>(ph_hi + b + 8);
+                const unsigned bl0 = *reinterpret_cast<const unsigned*>(ph_lo + b);
+                const unsigned bl1 = *reinterpret_cast<const unsigned*>(ph_lo + b + 8);
+                mma_bf16(acc[nt], a0, a1, a2, a3, bh0, bh1);
+                mma_bf16(acc[nt], a0, a1, a2, a3, bl0, bl1);
+#if !STREAM_BF16
+                mma_bf16(acc[nt], c0, c1, c2, c3, bh0, bh1);
+#endif
+            }
+        }
+    }
+    cp_wait<0>();
+    __syncthreads(); // the stages are free: the epilogue reuses them
+    sq0 += __shfl_xor_sync(0xffffffffu, sq0, 1);
+    sq0 += __shfl_xor_sync(0xffffffffu, sq0, 2);
+    sq1 += __shfl_xor_sync(0xffffffffu, sq1, 1);
+    sq1 += __shfl_xor_sync(0xffffffffu, sq1, 2);
+    if (q == 0) {
+        ssq_sh[warp * 16 + g] = sq0;
+        ssq_sh[warp * 16 + g + 8] = sq1;
+    }
+    float* pout = reinterpret_cast<float*>(ca_smem);
+#pragma unroll
+    for (int nt = 0; nt < MF_NT; ++nt) {
+        const int row = warp * 16 + g, col = nt * 8 + 2 * q;
+        pout[row * (MF_KP + 1) + col] = acc[nt][0];
+        pout[row * (MF_KP + 1) + col + 1] = acc[nt][1];
+        pout[(row + 8) * (MF_KP + 1) + col] = acc[nt][2];
+        pout[(row + 8) * (MF_KP + 1) + col + 1] = acc[nt][3];
+    }
+    __syncthreads();
+    if (tid < MF_TOK) {
+        const long t = t0 + tid;
+        if (t < T) {
+            float* out = part + ((long)blockIdx.y * T + t) * (MF_KP + 1);
+#pragma unroll
+            for (int jj = 0; jj < MF_KP; ++jj) out[jj] = pout[tid * (MF_KP + 1) + jj];
+            out[MF_KP] = ssq_sh[tid];
+        }
+    }
+}
+#endif // CF_ASYNC
+
 // ---------------------------------------------------------------------------
 // dx_dphi: grid (C / DX_CT channel tiles, token chunks); thread = one (stream i, channel c).
 //   dx[t, i, c] = Σ_o H_res[o, i] g[t, o, c] + H_pre[i] dh[t, c] + Σ_j phi'[m, j] dp[t, j] + xs[t] x[t, i, c]
@@ -992,7 +1174,7 @@ extern "C" __global__ void __launch_bounds__(N * DX_CT, DX_MINB) dx_dphi(
 //       adds Σ_o H_res[o, i] g[t, o, c] + H_pre[i] dh[t, c] + xs[t] x[t, i, c];
 //   (b) gpart[chunk, m, j] += Σ_t x[t, m] dp[t, j] — x is exact in bf16, dp hi + lo.
 // Block: 8 warps, TC_CT channels of every stream (m' = i·TC_CT + cc, TC_MT
-// columns), tiles of TC_TB tokens through cp.async, two buffers. Dynamic
+// columns), tiles of TC_TB tokens through cp.async, a ring of TC_STAGES buffers. Dynamic
 // shared memory: TC_SMEM bytes (checked).
 #if N <= 4
 #define TC_CT 32
@@ -1030,12 +1212,18 @@ struct TcTile {
 #define TC_EPI_SMEM 1
 #endif
 #define TC_AS (TC_MT + 8)      // f32 row stride of the (a) results: conflict-free float2 stores
+// TC_STAGES: tiles in the cp.async ring (2: the next tile is in flight while one is
+// computed; 3: two are). The host reads the define to size shared memory.
+#ifndef TC_STAGES
+#define TC_STAGES 2
+#endif
+static_assert(TC_STAGES >= 2 && TC_STAGES <= 4, "TC_STAGES: 2, 3 or 4 tiles");
 #if N % 4 == 0
 static_assert(((2 * TC_TB * TC_XS + TC_TB * TC_HS) * 2 + TC_TB * K * 4) % 16 == 0 // where TcTile::coef starts
                   && sizeof(TcTile) % 16 == 0 && (K * 4) % 16 == 0,
               "float4 reads of the coefficient rows need 16-byte alignment");
 #endif
-#define TC_SMEM (2 * sizeof(TcTile) + (2 * TC_TB * TC_PS + 2 * TC_KP * TC_XS) * sizeof(bf16_t) \
+#define TC_SMEM (TC_STAGES * sizeof(TcTile) + (2 * TC_TB * TC_PS + 2 * TC_KP * TC_XS) * sizeof(bf16_t) \
                  + (TC_EPI_SMEM ? TC_TB * TC_AS * sizeof(float) : 0))
 #ifdef EXPECT_TC_SMEM // the host's size (wrapper.rs, dx_geometry), checked by its unit test
 static_assert(TC_SMEM == EXPECT_TC_SMEM, "dx_geometry's shared-memory size differs from TC_SMEM");
@@ -1118,7 +1306,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) dx_dphi_tc(
         if (avail < TC_SMEM) asm volatile("trap;"); // launched with less shared memory than the layout needs
     }
     TcTile* tiles = reinterpret_cast<TcTile*>(tc_smem);
-    bf16_t* dp_hi = reinterpret_cast<bf16_t*>(tiles + 2);
+    bf16_t* dp_hi = reinterpret_cast<bf16_t*>(tiles + TC_STAGES);
     bf16_t* dp_lo = dp_hi + TC_TB * TC_PS;
     bf16_t* ph_hi = dp_lo + TC_TB * TC_PS; // φ'ᵀ halves of this block's columns: [TC_KP][TC_XS]
     bf16_t* ph_lo = ph_hi + TC_KP * TC_XS;
@@ -1140,25 +1328,33 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) dx_dphi_tc(
         cp_async<8>(ph_hi + j * TC_XS + ii * TC_CT + c4, phit_hi + src, ok);
         cp_async<8>(ph_lo + j * TC_XS + ii * TC_CT + c4, phit_lo + src, ok);
     }
-    if (tbeg < tend) tc_stage(tiles[0], x, g, dh, coef, dp, xsc, tbeg, (int)min((long)TC_TB, tend - tbeg), C, c0);
-    else cp_commit();
+    // Tiles 0 … TC_STAGES − 2 in flight (one commit group each, empty past the chunk's end;
+    // φ'ᵀ joins the first group).
+#pragma unroll
+    for (int sl = 0; sl < TC_STAGES - 1; ++sl) {
+        const long ts = tbeg + (long)sl * TC_TB;
+        if (ts < tend) tc_stage(tiles[sl], x, g, dh, coef, dp, xsc, ts, (int)min((long)TC_TB, tend - ts), C, c0);
+        else cp_commit();
+    }
     float G[TC_MTW][TC_JT][4];
 #pragma unroll
     for (int u = 0; u < TC_MTW; ++u)
 #pragma unroll
         for (int jt = 0; jt < TC_JT; ++jt) G[u][jt][0] = G[u][jt][1] = G[u][jt][2] = G[u][jt][3] = 0.f;
-    int buf = 0;
-    for (long tb = tbeg; tb < tend; tb += TC_TB, buf ^= 1) {
+    int slot = 0;
+    for (long tb = tbeg; tb < tend; tb += TC_TB, slot = slot + 1 == TC_STAGES ? 0 : slot + 1) {
         const int nt = (int)min((long)TC_TB, tend - tb);
-        if (tb + TC_TB < tend) {
-            tc_stage(tiles[buf ^ 1], x, g, dh, coef, dp, xsc, tb + TC_TB, (int)min((long)TC_TB, tend - tb - TC_TB), C,
-                     c0);
-            cp_wait<1>();
-        } else {
-            cp_wait<0>();
-        }
+        cp_wait<TC_STAGES - 2>();
+        // This tile has landed for every thread, and every warp is done with the
+        // previous iteration (the slot refilled below, the dp halves, the (a) results).
         __syncthreads();
-        const TcTile& s = tiles[buf];
+        {
+            const long tn = tb + (long)(TC_STAGES - 1) * TC_TB;
+            const int sn = slot == 0 ? TC_STAGES - 1 : slot - 1; // (slot + TC_STAGES − 1) mod TC_STAGES
+            if (tn < tend) tc_stage(tiles[sn], x, g, dh, coef, dp, xsc, tn, (int)min((long)TC_TB, tend - tn), C, c0);
+            else cp_commit();
+        }
+        const TcTile& s = tiles[slot];
         // dp as bf16 hi + lo, two columns at a time (rows past the chunk's end were zero-filled by the copy).
         for (int e = tid; e < TC_TB * TC_KP / 2; e += blockDim.x) {
             const int tt = e / (TC_KP / 2), j = (e % (TC_KP / 2)) * 2;
@@ -1301,7 +1497,6 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) dx_dphi_tc(
                 }
             }
         }
-        __syncthreads(); // this buffer and the dp halves are rewritten next iteration
     }
 #pragma unroll
     for (int u = 0; u < TC_MTW; ++u) {
