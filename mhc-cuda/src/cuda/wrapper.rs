@@ -219,6 +219,30 @@ fn cf_geometry_with(bf16: bool, k: usize, cf_async: bool, stages: Option<usize>)
 /// Most split-K slices of the coefficient kernel.
 const MAX_SPLITS: usize = 8;
 
+/// Lets `f` launch with `bytes` of dynamic shared memory (beyond the default
+/// 48 KiB). A device that cannot give that much gets an error naming the
+/// kernel define that sizes it (a tuning define set too high in `MHC_CUDA_DEFINES`).
+fn allow_shared_memory(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    kernel: &str,
+    bytes: usize,
+    define: &str,
+) -> CudaResult<()> {
+    dev.context().bind_to_thread()?;
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .map_err(|e| {
+        CudaError::Unsupported(format!(
+            "{kernel} needs {bytes} B of shared memory per block, more than this GPU \
+             allows ({e:?}); a smaller {define} in MHC_CUDA_DEFINES needs less"
+        ))
+    })?;
+    Ok(())
+}
+
 fn launch_error(kernel: &str, e: cudarc::driver::DriverError) -> CudaError {
     CudaError::Driver(format!("launching {kernel}: {e:?}"))
 }
@@ -483,14 +507,7 @@ impl<S: StreamElement> MhcCuda<S> {
             coeff_fwd: {
                 let f = name("coeff_fwd")?;
                 if cf_smem > 0 {
-                    dev.context().bind_to_thread()?;
-                    f.set_attribute(
-                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        cf_smem as i32,
-                    )
-                    .map_err(|e| {
-                        CudaError::Driver(format!("coeff_fwd: allowing {cf_smem} B of shared memory: {e:?}"))
-                    })?;
+                    allow_shared_memory(&dev, &f, "coeff_fwd", cf_smem, "CA_STAGES")?;
                 }
                 f
             },
@@ -502,14 +519,7 @@ impl<S: StreamElement> MhcCuda<S> {
             coeff_bwd: name("coeff_bwd")?,
             dx_dphi: if S::BF16 {
                 let f = name("dx_dphi_tc")?;
-                dev.context().bind_to_thread()?;
-                f.set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    dx_smem as i32,
-                )
-                .map_err(|e| {
-                    CudaError::Driver(format!("dx_dphi_tc: allowing {dx_smem} B of shared memory: {e:?}"))
-                })?;
+                allow_shared_memory(&dev, &f, "dx_dphi_tc", dx_smem, "TC_STAGES")?;
                 f
             } else {
                 name("dx_dphi")?

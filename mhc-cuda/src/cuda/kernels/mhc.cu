@@ -176,6 +176,34 @@ __device__ __forceinline__ void load_phi_units(const bf16_t* __restrict__ hi, co
     }
 }
 
+// coeff_fwd's output: the block's accumulators (the mma layout: warp w holds tokens
+// 16w … 16w + 15) through shared memory `pout` [MF_TOK][MF_KP + 1], then one thread per
+// token writes its MF_KP partial products and its sum of squares (ssq_sh, written
+// before the barrier inside) to part[blockIdx.y][t].
+__device__ __forceinline__ void cf_write_partials(const float (&acc)[MF_NT][4], float* pout, const float* ssq_sh,
+                                                  float* __restrict__ part, long t0, int T)
+{
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
+#pragma unroll
+    for (int nt = 0; nt < MF_NT; ++nt) {
+        const int row = warp * 16 + g, col = nt * 8 + 2 * q;
+        pout[row * (MF_KP + 1) + col] = acc[nt][0];
+        pout[row * (MF_KP + 1) + col + 1] = acc[nt][1];
+        pout[(row + 8) * (MF_KP + 1) + col] = acc[nt][2];
+        pout[(row + 8) * (MF_KP + 1) + col + 1] = acc[nt][3];
+    }
+    __syncthreads();
+    if (tid < MF_TOK) {
+        const long t = t0 + tid;
+        if (t < T) {
+            float* out = part + ((long)blockIdx.y * T + t) * (MF_KP + 1);
+#pragma unroll
+            for (int jj = 0; jj < MF_KP; ++jj) out[jj] = pout[tid * (MF_KP + 1) + jj];
+            out[MF_KP] = ssq_sh[tid];
+        }
+    }
+}
+
 // CF_ASYNC 1 (the default): coeff_fwd below (after the cp.async helpers) streams x
 // and φ' through a ring of shared-memory stages instead of registers. The register
 // version (CF_ASYNC=0) holds two chunks of x per thread: 207 registers at n = 4, two
@@ -313,24 +341,7 @@ extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
 #pragma unroll
         for (int u = 0; u < MF_UNITS; ++u) ssq_sh[tid / UPR + RSTEP * u] = sq[u];
     }
-#pragma unroll
-    for (int nt = 0; nt < MF_NT; ++nt) {
-        const int row = warp * 16 + g, col = nt * 8 + 2 * q;
-        pout[row * (MF_KP + 1) + col] = acc[nt][0];
-        pout[row * (MF_KP + 1) + col + 1] = acc[nt][1];
-        pout[(row + 8) * (MF_KP + 1) + col] = acc[nt][2];
-        pout[(row + 8) * (MF_KP + 1) + col + 1] = acc[nt][3];
-    }
-    __syncthreads();
-    if (tid < MF_TOK) {
-        long t = t0 + tid;
-        if (t < T) {
-            float* out = part + ((long)blockIdx.y * T + t) * (MF_KP + 1);
-#pragma unroll
-            for (int jj = 0; jj < MF_KP; ++jj) out[jj] = pout[tid * (MF_KP + 1) + jj];
-            out[MF_KP] = ssq_sh[tid];
-        }
-    }
+    cf_write_partials(acc, pout, ssq_sh, part, t0, T);
 }
 #endif // !CF_ASYNC
 
@@ -1013,25 +1024,7 @@ extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
         ssq_sh[warp * 16 + g] = sq0;
         ssq_sh[warp * 16 + g + 8] = sq1;
     }
-    float* pout = reinterpret_cast<float*>(ca_smem);
-#pragma unroll
-    for (int nt = 0; nt < MF_NT; ++nt) {
-        const int row = warp * 16 + g, col = nt * 8 + 2 * q;
-        pout[row * (MF_KP + 1) + col] = acc[nt][0];
-        pout[row * (MF_KP + 1) + col + 1] = acc[nt][1];
-        pout[(row + 8) * (MF_KP + 1) + col] = acc[nt][2];
-        pout[(row + 8) * (MF_KP + 1) + col + 1] = acc[nt][3];
-    }
-    __syncthreads();
-    if (tid < MF_TOK) {
-        const long t = t0 + tid;
-        if (t < T) {
-            float* out = part + ((long)blockIdx.y * T + t) * (MF_KP + 1);
-#pragma unroll
-            for (int jj = 0; jj < MF_KP; ++jj) out[jj] = pout[tid * (MF_KP + 1) + jj];
-            out[MF_KP] = ssq_sh[tid];
-        }
-    }
+    cf_write_partials(acc, reinterpret_cast<float*>(ca_smem), ssq_sh, part, t0, T);
 }
 #endif // CF_ASYNC
 
