@@ -159,30 +159,38 @@ const CF_TOK: usize = 64;
 /// memory); bf16 streams: `dx_dphi_tc` (tensor cores; the byte count mirrors
 /// its `TC_SMEM`, which the kernel checks).
 fn dx_geometry(bf16: bool, n: usize, k: usize) -> (usize, usize, usize, usize) {
-    // TC_EPI_SMEM and TC_STAGES: kernel defines (defaults 1 and 2; MHC_CUDA_DEFINES may set them).
+    // TC_EPI_SMEM, TC_STAGES and TC_TB: kernel defines (defaults 1, 2 and 32;
+    // MHC_CUDA_DEFINES may set them).
     let epi = super::tuning_define("TC_EPI_SMEM").unwrap_or(1) != 0;
     let stages = super::tuning_define("TC_STAGES").unwrap_or(2).clamp(2, 4) as usize;
-    dx_geometry_with(bf16, n, k, epi, stages)
+    let tb = if super::tuning_define("TC_TB") == Some(16) {
+        16
+    } else {
+        32
+    };
+    dx_geometry_with(bf16, n, k, epi, stages, tb)
 }
 
-/// [`dx_geometry`] for given `TC_EPI_SMEM` and `TC_STAGES` settings.
+/// [`dx_geometry`] for given `TC_EPI_SMEM`, `TC_STAGES` and `TC_TB` settings.
 fn dx_geometry_with(
     bf16: bool,
     n: usize,
     k: usize,
     epi: bool,
     stages: usize,
+    tb: usize,
 ) -> (usize, usize, usize, usize) {
     if bf16 {
-        let (ct, tb) = (if n <= 4 { 32 } else { 16 }, 32);
+        let ct = if n <= 4 { 32 } else { 16 };
         let (mt, kp) = (n * ct, k.next_multiple_of(16));
         let tile = 2 * tb * (mt + 8) * 2 + tb * (ct + 8) * 2 + 2 * tb * k * 4 + tb * 4;
         // TC_EPI_SMEM adds the f32 results of product (a).
         let epi = if epi { tb * (mt + 8) * 4 } else { 0 };
         let smem = stages * tile + (2 * tb * (kp + 8) + 2 * kp * (mt + 8)) * 2 + epi;
         // Blocks per SM: Hopper's 228 KiB of shared memory per SM, 1 KiB reserved per
-        // block; at most 2 (the kernel's launch bounds).
-        (ct, 256, smem, (228 * 1024 / (smem + 1024)).clamp(1, 2))
+        // block; at most the kernel's launch bounds (TC_MINB: 3 at 16-token tiles, else 2).
+        let minb = if tb == 16 { 3 } else { 2 };
+        (ct, 256, smem, (228 * 1024 / (smem + 1024)).clamp(1, minb))
     } else {
         let ct = if n <= 4 { 64 } else { 32 };
         (ct, n * ct, 0, if n <= 4 { 3 } else { 1 })
@@ -974,7 +982,7 @@ mod geometry_tests {
     use crate::cuda::{KERNEL_SOURCE, compile_offline, offline_nvrtc};
 
     /// The host's shared-memory size for `dx_dphi_tc` is the kernel's
-    /// `TC_SMEM`, for every n, both epilogues and 2 or 3 stages: the kernel source
+    /// `TC_SMEM`, for every n and both epilogues (2 or 3 stages and 16- or 32-token tiles at n = 4, 8): the kernel source
     /// `static_assert`s it against the value passed in (NVRTC, no GPU).
     #[test]
     fn dx_tc_shared_memory_matches_the_kernel_layout() {
@@ -983,18 +991,32 @@ mod geometry_tests {
         }
         for n in 1..=8 {
             let k = n * n + 2 * n;
-            for (epi, stages) in [(false, 2), (true, 2), (false, 3), (true, 3)] {
-                let (_, _, smem, _) = dx_geometry_with(true, n, k, epi, stages);
+            // Both epilogues at every n; the other rings and tile heights at n = 4 and 8.
+            let variants: &[(bool, usize, usize)] = if n == 4 || n == 8 {
+                &[
+                    (false, 2, 32),
+                    (true, 2, 32),
+                    (false, 3, 32),
+                    (true, 3, 32),
+                    (true, 2, 16),
+                    (true, 3, 16),
+                ]
+            } else {
+                &[(false, 2, 32), (true, 2, 32)]
+            };
+            for &(epi, stages, tb) in variants {
+                let (_, _, smem, _) = dx_geometry_with(true, n, k, epi, stages, tb);
                 let defines = [
                     format!("-DN={n}"),
                     "-DSTREAM_BF16=1".into(),
                     format!("-DTC_EPI_SMEM={}", u8::from(epi)),
                     format!("-DTC_STAGES={stages}"),
+                    format!("-DTC_TB={tb}"),
                     format!("-DEXPECT_TC_SMEM={smem}"),
                 ];
                 if let Err(e) = compile_offline(KERNEL_SOURCE, &defines, 90, false) {
                     panic!(
-                        "n = {n}, epilogue in smem {epi}, {stages} stages: host says {smem} bytes: {e}"
+                        "n = {n}, epilogue in smem {epi}, {stages} stages, {tb}-token tiles: host says {smem} bytes: {e}"
                     );
                 }
             }

@@ -1175,14 +1175,26 @@ extern "C" __global__ void __launch_bounds__(N * DX_CT, DX_MINB) dx_dphi(
 #define TC_CT 16
 #endif
 #define TC_MT (N * TC_CT)
+// TC_TB: tokens per tile, 32 or 16. 16 halves the tiles' shared memory (55 KB a
+// block at n = 4 instead of 92) for three blocks per SM instead of two (TC_MINB,
+// the launch bounds); the same products in the same order (product (b) adds its
+// 16-token steps in token order either way).
+#ifndef TC_TB
 #define TC_TB 32
+#endif
+static_assert(TC_TB == 16 || TC_TB == 32, "TC_TB: 16 or 32 tokens per tile");
+#ifndef TC_MINB
+#define TC_MINB (TC_TB == 16 ? 3 : 2)
+#endif
 #define TC_THREADS 256 // threads of a dx_dphi_tc block (the host launches 256)
 #define TC_KP ((K + 15) / 16 * 16)
 #define TC_XS (TC_MT + 8)      // bf16 row strides: 16-byte rows, conflict-free fragment loads
 #define TC_HS (TC_CT + 8)
 #define TC_PS (TC_KP + 8)
-#define TC_NP (TC_MT / 16)     // pairs of n-tiles of (a), over 4 warp columns
-#define TC_NPW ((TC_NP + 3) / 4)
+#define TC_RW (TC_TB / 16)     // warp rows of (a): 16 tokens each
+#define TC_CW (8 / TC_RW)      // warp columns of (a)
+#define TC_NP (TC_MT / 16)     // pairs of n-tiles of (a), over TC_CW warp columns
+#define TC_NPW ((TC_NP + TC_CW - 1) / TC_CW)
 #define TC_MTL (TC_MT / 16)    // m-tiles of (b), over 8 warps
 #define TC_MTW ((TC_MTL + 7) / 8)
 #define TC_JT (TC_KP / 8)      // j n-tiles of (b)
@@ -1286,7 +1298,7 @@ __device__ __forceinline__ void ldsm_b_pair(const bf16_t* M, int stride, int k0,
 
 // φ' (phit_hi + phit_lo, from split_phi: [MF_KP][N·C], rows ≥ K zero) as its
 // argument instead of dx_dphi's f32 phi.
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) dx_dphi_tc(
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MINB) dx_dphi_tc(
     const stream_t* __restrict__ x, const stream_t* __restrict__ g, const stream_t* __restrict__ dh,
     const float* __restrict__ coef, const float* __restrict__ dp, const float* __restrict__ xsc,
     const bf16_t* __restrict__ phit_hi, const bf16_t* __restrict__ phit_lo, int T, int C, int chunk,
@@ -1357,9 +1369,13 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) dx_dphi_tc(
             *reinterpret_cast<unsigned*>(dp_lo + tt * TC_PS + j) = bf16x2_rn(v0 - bf_lo(hi), v1 - bf_hi(hi));
         }
         __syncthreads();
-        // (a) Warp: tokens [t0, t0 + 16) × the n-tile pairs wc, wc + 4, … (a pair: 16 columns of one stream).
+        // (a) Warp: tokens [t0, t0 + 16) × the n-tile pairs wc, wc + TC_CW, … (a pair: 16 columns of one stream).
         {
+#if TC_RW == 2
             const int t0 = (warp & 1) * 16, wc = warp >> 1;
+#else
+            const int t0 = 0, wc = warp;
+#endif
             unsigned ahi[TC_KP / 16][4], alo[TC_KP / 16][4];
 #pragma unroll
             for (int ks = 0; ks < TC_KP / 16; ++ks) {
@@ -1371,7 +1387,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) dx_dphi_tc(
             }
 #pragma unroll
             for (int u = 0; u < TC_NPW; ++u) {
-                const int pair = wc + 4 * u;
+                const int pair = wc + TC_CW * u;
                 if (pair < TC_NP) {
                     float accs[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
