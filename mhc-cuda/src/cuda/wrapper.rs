@@ -693,15 +693,15 @@ impl<S: StreamElement> MhcCuda<S> {
     fn launch_coefficients(&mut self, x: &CudaSlice<S>, tokens: usize) -> CudaResult<()> {
         let (t, c) = (tokens as i32, self.c as i32);
         let nc = self.n * self.c;
-        // Split the nC reduction so the grid holds about four blocks per multiprocessor
+        // Split the nC reduction so the grid fills the resident blocks of one wave
         // (more bytes of x in flight than one block per 64 tokens can keep), rounding
-        // down: four are resident per SM, and a grid just over one wave took two.
+        // down: a grid just over one wave took two.
         let (chunk, smem) = cf_geometry(S::BF16, self.k); // MF_KC or CA_KC of the kernel
         let blocks = tokens.div_ceil(CF_TOK);
         let sm = self.dev.multiprocessors()? as usize;
-        // The register version: four blocks resident per SM. The cp.async ring: as
-        // many as Hopper's 228 KiB of shared memory per SM hold (1 KiB reserved per
-        // block), and splits only while the grid is under one wave.
+        // Resident blocks per SM: four for the register version; for the cp.async
+        // ring as many as Hopper's 228 KiB of shared memory per SM hold (1 KiB
+        // reserved per block).
         let resident = if smem == 0 {
             4
         } else {

@@ -893,6 +893,7 @@ __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0
 #ifndef CA_STAGES
 #define CA_STAGES 3
 #endif
+static_assert(CA_STAGES >= 2 && CA_STAGES <= 8, "CA_STAGES: 2 to 8 stages (the host sizes shared memory for these)");
 #define CA_XS (CA_KC + 8) // row stride in elements: conflict-free fragment loads (bf16 32-bit, f32 64-bit)
 #define CA_XBYTES (MF_TOK * CA_XS * (int)sizeof(stream_t))
 #define CA_PBYTES (2 * MF_KP * CA_XS * 2)
