@@ -928,6 +928,58 @@ __device__ __forceinline__ void ca_stage(unsigned char* st, const stream_t* __re
     }
 }
 
+// CF_LEAN 1 (bf16 streams; written offline, not yet measured; off by default): the same copies,
+// products and outputs with fewer instructions per byte, which Nsight Compute says
+// bounds this kernel (0.59 instructions issued per scheduler per cycle, 1.6 TB/s;
+// the chunk loop was 577 instructions per warp for 24 mma):
+//  - each thread's copy addresses are computed once (its rows are fixed: row0 + 8u);
+//    a chunk adds its column offset;
+//  - the A and B fragments come from ldmatrix.x4/.x2 instead of 32-bit shared loads;
+//  - the sums of squares are the diagonal of X·Xᵀ, two more mma
+//    per 16 columns from the A fragments already loaded, instead of unpacking and
+//    squaring 16 values per thread (products exact, f32 accumulation).
+// The projections are bit for bit those of CF_LEAN 0 (the same mma in the same
+// order per accumulator); r differs in the last bits (another summation order).
+#ifndef CF_LEAN
+#define CF_LEAN 0
+#endif
+// bf16 streams and n ≥ 3 only (ptxas spilled 8–20 bytes with f32 streams at n = 4
+// and with bf16 streams at n ≤ 2).
+#define CA_LEAN (CF_LEAN && STREAM_BF16 && N >= 3)
+#if CA_LEAN
+// Copies of one chunk (column offset m from the start of each row) by this thread:
+// x rows row0 + 8u (u < 8, from xp[u]) and the φ' rows row0 + 8u of hi then lo
+// (u < MF_KP / 4, from pp[u]), columns c4 … c4 + 3 of the chunk; `dst0` = row0 · CA_XS + c4.
+__device__ __forceinline__ void ca_stage_lean(unsigned char* st, const stream_t* const (&xp)[MF_TOK / 8],
+                                              const bf16_t* const (&pp)[MF_KP / 4], unsigned rows_ok, bool cols_ok,
+                                              int m, int dst0)
+{
+    stream_t* xs = reinterpret_cast<stream_t*>(st) + dst0;
+    bf16_t* ph = reinterpret_cast<bf16_t*>(st + CA_XBYTES) + dst0;
+#pragma unroll
+    for (int u = 0; u < MF_TOK / 8; ++u) {
+        const bool ok = cols_ok && ((rows_ok >> u) & 1u);
+        cp_async<4 * (int)sizeof(stream_t)>(xs + u * 8 * CA_XS, ok ? xp[u] + m : xp[0], ok);
+    }
+#pragma unroll
+    for (int u = 0; u < MF_KP / 4; ++u) cp_async<8>(ph + u * 8 * CA_XS, cols_ok ? pp[u] + m : pp[0], cols_ok);
+}
+// Four / two 8×8 bf16 matrices (ldmatrix, not transposed; lane l addresses row l % 8
+// of matrix l / 8).
+__device__ __forceinline__ void ca_ldsm_x4(const void* p, unsigned* r) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
+__device__ __forceinline__ void ca_ldsm_x2(const void* p, unsigned* r) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
     const stream_t* __restrict__ x, const bf16_t* __restrict__ phit_hi, const bf16_t* __restrict__ phit_lo,
     int T, int C, int span, float* __restrict__ part)
@@ -949,10 +1001,42 @@ extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
     float acc[MF_NT][4];
 #pragma unroll
     for (int j = 0; j < MF_NT; ++j) { acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f; }
+#if CA_LEAN
+    static_assert(MF_TOK * (CA_KC / 4) == 128 * (MF_TOK / 8) && CA_KC / 4 == 16 && MF_KP % 8 == 0,
+                  "ca_stage_lean: 16 threads per row, rows row0 + 8u");
+    const int row0 = tid >> 4, c4 = (tid & 15) * 4;
+    // This thread's rows: x row t0 + row0 + 8u, φ' hi rows row0 + 8u then lo rows (row0
+    // is below 8 ≤ MF_KP, so every pointer is inside its tensor when its row exists;
+    // xp[0] stands in for the source of the zero-fill copies).
+    const stream_t* xp[MF_TOK / 8];
+    const bf16_t* pp[MF_KP / 4];
+    unsigned rows_ok = 0;
+#pragma unroll
+    for (int u = 0; u < MF_TOK / 8; ++u) {
+        const long t = t0 + row0 + 8 * u;
+        rows_ok |= (t < T ? 1u : 0u) << u;
+        xp[u] = x + (t < T ? t : 0) * NC + c4;
+    }
+#pragma unroll
+    for (int u = 0; u < MF_KP / 4; ++u)
+        pp[u] = (u < MF_KP / 8 ? phit_hi : phit_lo) + (long)(row0 + 8 * (u % (MF_KP / 8))) * NC + c4;
+    const int dst0 = row0 * CA_XS + c4;
+    // ldmatrix lane addresses: A — matrices (rows 0–7, k 0–7), (rows 8–15, k 0–7), (rows 0–7,
+    // k 8–15), (rows 8–15, k 8–15) of the warp's 16 tokens; B — (n-tile p, k 0–7), (p, k 8–15),
+    // (p + 1, k 0–7), (p + 1, k 8–15) of φ'ᵀ [j][k].
+    const int lr = lane & 7, lm = lane >> 3;
+    const int a_off = (warp * 16 + lr + (lm & 1) * 8) * CA_XS + (lm >> 1) * 8;
+    const int b_off = ((lm >> 1) * 8 + lr) * CA_XS + (lm & 1) * 8;
+    float gram[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}}; // X·Xᵀ, tokens 0–7 and 8–15 as columns
+#define CA_STAGE(slot_, m_) \
+    ca_stage_lean(ca_smem + (slot_) * CA_STAGE_BYTES, xp, pp, rows_ok, (m_) + c4 < mend, (m_), dst0)
+#else
     float sq0 = 0.f, sq1 = 0.f; // rows warp·16 + g and + 8
+#define CA_STAGE(slot_, m_) ca_stage(ca_smem + (slot_) * CA_STAGE_BYTES, x, phit_hi, phit_lo, t0, T, NC, (m_), mend)
+#endif
 #pragma unroll
     for (int sl = 0; sl < CA_STAGES - 1; ++sl) {
-        if (sl < chunks) ca_stage(ca_smem + sl * CA_STAGE_BYTES, x, phit_hi, phit_lo, t0, T, NC, mbeg + sl * CA_KC, mend);
+        if (sl < chunks) CA_STAGE(sl, mbeg + sl * CA_KC);
         cp_commit();
     }
     int slot = 0;
@@ -961,13 +1045,39 @@ extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
         __syncthreads(); // chunk ci has landed; every warp is done with the stage refilled next
         {
             const int cn = ci + CA_STAGES - 1, sn = slot == 0 ? CA_STAGES - 1 : slot - 1;
-            if (cn < chunks)
-                ca_stage(ca_smem + sn * CA_STAGE_BYTES, x, phit_hi, phit_lo, t0, T, NC, mbeg + cn * CA_KC, mend);
+            if (cn < chunks) CA_STAGE(sn, mbeg + cn * CA_KC);
             cp_commit();
         }
         const stream_t* xs = reinterpret_cast<const stream_t*>(ca_smem + slot * CA_STAGE_BYTES);
         const bf16_t* ph_hi = reinterpret_cast<const bf16_t*>(ca_smem + slot * CA_STAGE_BYTES + CA_XBYTES);
         const bf16_t* ph_lo = ph_hi + MF_KP * CA_XS;
+#if CA_LEAN
+#pragma unroll
+        for (int s = 0; s < CA_KC / 16; ++s) {
+            unsigned a[4];
+            ca_ldsm_x4(xs + a_off + 16 * s, a);
+            // The B fragments of X·Xᵀ (tokens as columns) are the A fragments reordered.
+            mma_bf16(gram[0], a[0], a[1], a[2], a[3], a[0], a[2]);
+            mma_bf16(gram[1], a[0], a[1], a[2], a[3], a[1], a[3]);
+#pragma unroll
+            for (int nt = 0; nt < MF_NT; nt += 2) {
+                unsigned bh[4], bl[4];
+                if (nt + 1 < MF_NT) {
+                    ca_ldsm_x4(ph_hi + nt * 8 * CA_XS + b_off + 16 * s, bh);
+                    ca_ldsm_x4(ph_lo + nt * 8 * CA_XS + b_off + 16 * s, bl);
+                } else {
+                    ca_ldsm_x2(ph_hi + nt * 8 * CA_XS + b_off + 16 * s, bh);
+                    ca_ldsm_x2(ph_lo + nt * 8 * CA_XS + b_off + 16 * s, bl);
+                }
+                mma_bf16(acc[nt], a[0], a[1], a[2], a[3], bh[0], bh[1]);
+                mma_bf16(acc[nt], a[0], a[1], a[2], a[3], bl[0], bl[1]);
+                if (nt + 1 < MF_NT) {
+                    mma_bf16(acc[nt + 1], a[0], a[1], a[2], a[3], bh[2], bh[3]);
+                    mma_bf16(acc[nt + 1], a[0], a[1], a[2], a[3], bl[2], bl[3]);
+                }
+            }
+        }
+#else
 #pragma unroll
         for (int s = 0; s < CA_KC / 16; ++s) {
             const int r0 = (warp * 16 + g) * CA_XS + 16 * s + 2 * q;
@@ -1014,9 +1124,19 @@ extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
 #endif
             }
         }
+#endif // CA_LEAN
     }
+#undef CA_STAGE
     cp_wait<0>();
     __syncthreads(); // the stages are free: the epilogue reuses them
+#if CA_LEAN
+    // Diagonal of X·Xᵀ: token g sits in gram[0] (row g, column 2q + e with e = g & 1),
+    // token 8 + g in gram[1] (row 8 + g, column 2q + e), both at the lane with q = g / 2.
+    if (q == (g >> 1)) {
+        ssq_sh[warp * 16 + g] = (g & 1) ? gram[0][1] : gram[0][0];
+        ssq_sh[warp * 16 + 8 + g] = (g & 1) ? gram[1][3] : gram[1][2];
+    }
+#else
     sq0 += __shfl_xor_sync(0xffffffffu, sq0, 1);
     sq0 += __shfl_xor_sync(0xffffffffu, sq0, 2);
     sq1 += __shfl_xor_sync(0xffffffffu, sq1, 1);
@@ -1025,6 +1145,7 @@ extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
         ssq_sh[warp * 16 + g] = sq0;
         ssq_sh[warp * 16 + g + 8] = sq1;
     }
+#endif
     cf_write_partials(acc, reinterpret_cast<float*>(ca_smem), ssq_sh, part, t0, T);
 }
 #endif // CF_ASYNC
