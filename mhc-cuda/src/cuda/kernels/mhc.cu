@@ -1411,6 +1411,94 @@ __device__ __forceinline__ void tc_stage(TcTile& s, const stream_t* __restrict__
     cp_commit();
 }
 
+// TC_PTRS 1 (written offline, not yet measured; off by default): each thread's copies
+// of a tile are the same every tile but for the tile's first token, so their offsets
+// are worked out once (TcPlan) and a tile adds tb·N·C (tb·C, tb·K). The generic
+// tc_stage spends about 25 SASS instructions of index arithmetic per copy (its loops
+// stride by blockDim.x, and a compile-time stride unrolls them into spills). Used when
+// C % 8 == 0 (16-byte copies); otherwise tc_stage. The same copies: the same results.
+#ifndef TC_PTRS
+#define TC_PTRS 0
+#endif
+#if TC_PTRS
+#define TC_XG_ITEMS (TC_TB * N * (TC_CT / 8))
+#define TC_XG_IT ((TC_XG_ITEMS + TC_THREADS - 1) / TC_THREADS)
+#define TC_DH_ITEMS (TC_TB * (TC_CT / 8))
+#define TC_UK (K % 4 == 0 ? 4 : 1)
+#define TC_DP_ITEMS (TC_TB * (K / TC_UK))
+#define TC_DP_IT ((TC_DP_ITEMS + TC_THREADS - 1) / TC_THREADS)
+static_assert(TC_DH_ITEMS <= TC_THREADS && TC_TB <= TC_THREADS, "one dh copy and one xs copy per thread at most");
+struct TcPlan {
+    long xg_off[TC_XG_IT]; // x/g element offset from the tile's first token's row
+    int xg_dst[TC_XG_IT];  // offset in TcTile::x / TcTile::g
+    int xg_tt[TC_XG_IT];   // token within the tile; TC_TB when the copy does not exist
+    int dh_off, dh_dst, dh_tt;
+    int dp_off[TC_DP_IT];  // offset in the tile's dp / coef rows (source and destination)
+    int dp_tt[TC_DP_IT];
+};
+__device__ __forceinline__ void tc_plan(TcPlan& p, int C, int c0)
+{
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int it = 0; it < TC_XG_IT; ++it) {
+        const int e = tid + TC_THREADS * it;
+        const int tt = e / (N * (TC_CT / 8)), rem = e % (N * (TC_CT / 8)), ii = rem / (TC_CT / 8);
+        const int c2 = (rem % (TC_CT / 8)) * 8;
+        const bool live = e < TC_XG_ITEMS && c0 + c2 < C;
+        p.xg_tt[it] = live ? tt : TC_TB;
+        p.xg_off[it] = live ? ((long)tt * N + ii) * C + c0 + c2 : 0;
+        p.xg_dst[it] = live ? tt * TC_XS + ii * TC_CT + c2 : 0;
+    }
+    {
+        const int tt = tid / (TC_CT / 8), c2 = (tid % (TC_CT / 8)) * 8;
+        const bool live = tid < TC_DH_ITEMS && c0 + c2 < C;
+        p.dh_tt = live ? tt : TC_TB;
+        p.dh_off = live ? tt * C + c0 + c2 : 0;
+        p.dh_dst = live ? tt * TC_HS + c2 : 0;
+    }
+#pragma unroll
+    for (int it = 0; it < TC_DP_IT; ++it) {
+        const int e = tid + TC_THREADS * it;
+        const bool live = e < TC_DP_ITEMS;
+        p.dp_tt[it] = live ? e / (K / TC_UK) : TC_TB;
+        p.dp_off[it] = live ? e * TC_UK : 0; // = tt·K + j: the dp / coef rows are K floats in both places
+    }
+}
+__device__ __forceinline__ void tc_stage_plan(TcTile& s, const TcPlan& p, const stream_t* __restrict__ x,
+                                              const stream_t* __restrict__ g, const stream_t* __restrict__ dh,
+                                              const float* __restrict__ coef, const float* __restrict__ dp,
+                                              const float* __restrict__ xsc, long tb, int nt, int C)
+{
+    const int tid = threadIdx.x;
+    const long xbase = tb * N * (long)C;
+#pragma unroll
+    for (int it = 0; it < TC_XG_IT; ++it) {
+        const bool ok = p.xg_tt[it] < nt;
+        const long src = ok ? xbase + p.xg_off[it] : 0;
+        cp_async<16>(&s.x[0][0] + p.xg_dst[it], x + src, ok);
+        cp_async<16>(&s.g[0][0] + p.xg_dst[it], g + src, ok);
+    }
+    {
+        const bool ok = p.dh_tt < nt;
+        cp_async<16>(&s.dh[0][0] + p.dh_dst, dh + (ok ? tb * C + p.dh_off : 0), ok);
+    }
+#pragma unroll
+    for (int it = 0; it < TC_DP_IT; ++it) {
+        const bool ok = p.dp_tt[it] < nt;
+        const long src = ok ? tb * K + p.dp_off[it] : 0;
+        cp_async<4 * TC_UK>(&s.dp[0][0] + p.dp_off[it], dp + src, ok);
+        cp_async<4 * TC_UK>(&s.coef[0][0] + p.dp_off[it], coef + src, ok);
+    }
+    if (tid < TC_TB) cp_async<4>(&s.xs[tid], xsc + (tid < nt ? tb + tid : 0), tid < nt);
+    cp_commit();
+}
+#define TC_STAGE(tile_, tb_, nt_) \
+    (planned ? tc_stage_plan(tile_, plan, x, g, dh, coef, dp, xsc, tb_, nt_, C) \
+             : tc_stage(tile_, x, g, dh, coef, dp, xsc, tb_, nt_, C, c0))
+#else
+#define TC_STAGE(tile_, tb_, nt_) tc_stage(tile_, x, g, dh, coef, dp, xsc, tb_, nt_, C, c0)
+#endif
+
 // B fragments of the n-tiles [n0, n0 + 8) and [n0 + 8, n0 + 16) for k rows [k0, k0 + 16)
 // of a row-major smem matrix M [k][stride].
 __device__ __forceinline__ void ldsm_b_pair(const bf16_t* M, int stride, int k0, int n0, unsigned* b) {
@@ -1455,12 +1543,17 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MINB) dx_dphi_tc(
         cp_async<8>(ph_hi + j * TC_XS + ii * TC_CT + c4, phit_hi + src, ok);
         cp_async<8>(ph_lo + j * TC_XS + ii * TC_CT + c4, phit_lo + src, ok);
     }
+#if TC_PTRS
+    const bool planned = (C & 7) == 0;
+    TcPlan plan;
+    tc_plan(plan, C, c0);
+#endif
     // Tiles 0 … TC_STAGES − 2 in flight (one commit group each, empty past the chunk's end;
     // φ'ᵀ joins the first group).
 #pragma unroll
     for (int sl = 0; sl < TC_STAGES - 1; ++sl) {
         const long ts = tbeg + (long)sl * TC_TB;
-        if (ts < tend) tc_stage(tiles[sl], x, g, dh, coef, dp, xsc, ts, (int)min((long)TC_TB, tend - ts), C, c0);
+        if (ts < tend) TC_STAGE(tiles[sl], ts, (int)min((long)TC_TB, tend - ts));
         else cp_commit();
     }
     float G[TC_MTW][TC_JT][4];
@@ -1478,7 +1571,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MINB) dx_dphi_tc(
         {
             const long tn = tb + (long)(TC_STAGES - 1) * TC_TB;
             const int sn = slot == 0 ? TC_STAGES - 1 : slot - 1; // (slot + TC_STAGES − 1) mod TC_STAGES
-            if (tn < tend) tc_stage(tiles[sn], x, g, dh, coef, dp, xsc, tn, (int)min((long)TC_TB, tend - tn), C, c0);
+            if (tn < tend) TC_STAGE(tiles[sn], tn, (int)min((long)TC_TB, tend - tn));
             else cp_commit();
         }
         const TcTile& s = tiles[slot];
@@ -1644,6 +1737,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MINB) dx_dphi_tc(
         }
     }
 }
+#undef TC_STAGE
 #endif
 
 // dphi_reduce: dphi_raw[m, j] = gamma[m] · Σ_chunk gpart; dgamma[m] = Σ_j phi_raw[m, j] · Σ_chunk gpart.
