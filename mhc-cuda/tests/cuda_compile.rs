@@ -90,16 +90,17 @@ fn tuning_variants_compile() {
         let defines = strings(&[&n, "-DSTREAM_BF16=1", "-DTC_EPI_SMEM=0"]);
         build("mhc.cu", KERNEL_SOURCE, &defines, 90);
         // Not yet measured on a GPU: coeff_fwd's lean ring, dx_dphi_tc's 16-token
-        // tiles and its planned copies (with either tile height).
+        // tiles, planned copies and four-channel epilogue (with either tile height).
         let defines = strings(&[
             &n,
             "-DSTREAM_BF16=1",
             "-DCF_LEAN=1",
             "-DTC_TB=16",
             "-DTC_PTRS=1",
+            "-DTC_EPI4=1",
         ]);
         build("mhc.cu", KERNEL_SOURCE, &defines, 90);
-        let defines = strings(&[&n, "-DSTREAM_BF16=1", "-DTC_PTRS=1"]);
+        let defines = strings(&[&n, "-DSTREAM_BF16=1", "-DTC_PTRS=1", "-DTC_EPI4=1"]);
         build("mhc.cu", KERNEL_SOURCE, &defines, 90);
         for bf16 in ["-DSTREAM_BF16=0", "-DSTREAM_BF16=1"] {
             let defines = strings(&[&n, bf16, "-DSK_LANES=0", "-DTC_LEAN=0", "-DCF_ASYNC=0"]);

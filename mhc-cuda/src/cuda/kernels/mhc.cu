@@ -1338,6 +1338,11 @@ struct TcTile {
 #ifndef TC_EPI_SMEM
 #define TC_EPI_SMEM 1
 #endif
+// TC_EPI4 1 (with TC_EPI_SMEM; written offline, not yet measured; off by default):
+// the ∂x epilogue one thread per four channels instead of two.
+#ifndef TC_EPI4
+#define TC_EPI4 0
+#endif
 #define TC_AS (TC_MT + 8)      // f32 row stride of the (a) results: conflict-free float2 stores
 // TC_STAGES: tiles in the cp.async ring (2: the next tile is in flight while one is
 // computed; 3: two are). The host reads the define to size shared memory.
@@ -1656,6 +1661,55 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MINB) dx_dphi_tc(
         }
 #if TC_EPI_SMEM
         __syncthreads(); // every (a) result is in ax
+#if TC_EPI4
+        // ∂x epilogue: a thread per (token, four channels), all N streams: the
+        // coefficient loads and the index arithmetic shared by four channels instead
+        // of two; per channel the same sums in the same order as below.
+        for (int e = tid; e < TC_TB * (TC_CT / 4); e += blockDim.x) {
+            const int tt = e / (TC_CT / 4), cc = (e % (TC_CT / 4)) * 4, c = c0 + cc;
+            if (tt >= nt || c >= C) continue; // C % 4 == 0: a quad is whole or absent
+            const float* cf = s.coef[tt];
+            const float xv = s.xs[tt];
+            const uint2 dw = *reinterpret_cast<const uint2*>(&s.dh[tt][cc]);
+            float v[N][4];
+#pragma unroll
+            for (int i = 0; i < N; ++i) {
+                const float4 a = *reinterpret_cast<const float4*>(ax + tt * TC_AS + i * TC_CT + cc);
+                const uint2 xw = *reinterpret_cast<const uint2*>(&s.x[tt][i * TC_CT + cc]);
+                const float hp = cf[i];
+                v[i][0] = a.x + (hp * bf_lo(dw.x) + xv * bf_lo(xw.x));
+                v[i][1] = a.y + (hp * bf_hi(dw.x) + xv * bf_hi(xw.x));
+                v[i][2] = a.z + (hp * bf_lo(dw.y) + xv * bf_lo(xw.y));
+                v[i][3] = a.w + (hp * bf_hi(dw.y) + xv * bf_hi(xw.y));
+            }
+#pragma unroll
+            for (int o = 0; o < N; ++o) {
+                const uint2 gw = *reinterpret_cast<const uint2*>(&s.g[tt][o * TC_CT + cc]);
+                float hr[N]; // H_res[o, ·]
+#if N % 4 == 0
+#pragma unroll
+                for (int i = 0; i < N; i += 4) {
+                    const float4 w = *reinterpret_cast<const float4*>(cf + 2 * N + o * N + i);
+                    hr[i] = w.x; hr[i + 1] = w.y; hr[i + 2] = w.z; hr[i + 3] = w.w;
+                }
+#else
+#pragma unroll
+                for (int i = 0; i < N; ++i) hr[i] = cf[2 * N + o * N + i];
+#endif
+#pragma unroll
+                for (int i = 0; i < N; ++i) {
+                    v[i][0] += hr[i] * bf_lo(gw.x);
+                    v[i][1] += hr[i] * bf_hi(gw.x);
+                    v[i][2] += hr[i] * bf_lo(gw.y);
+                    v[i][3] += hr[i] * bf_hi(gw.y);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < N; ++i)
+                *reinterpret_cast<uint2*>(dx + ((tb + tt) * N + i) * C + c) =
+                    make_uint2(bf16x2_rn(v[i][0], v[i][1]), bf16x2_rn(v[i][2], v[i][3]));
+        }
+#else
         // ∂x epilogue: a thread per (token, channel pair), all N streams.
         for (int e = tid; e < TC_TB * (TC_CT / 2); e += blockDim.x) {
             const int tt = e / (TC_CT / 2), cc = (e % (TC_CT / 2)) * 2, c = c0 + cc;
@@ -1696,7 +1750,8 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MINB) dx_dphi_tc(
             for (int i = 0; i < N; ++i)
                 *reinterpret_cast<unsigned*>(dx + ((tb + tt) * N + i) * C + c) = bf16x2_rn(v[i][0], v[i][1]);
         }
-#endif
+#endif // TC_EPI4
+#endif // TC_EPI_SMEM
         // (b) Warp: m-tiles warp, warp + 8, … × every j n-tile, over the tile's tokens.
 #pragma unroll
         for (int u = 0; u < TC_MTW; ++u) {
