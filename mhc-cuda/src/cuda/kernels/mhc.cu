@@ -1362,6 +1362,19 @@ static_assert(TC_SMEM == EXPECT_TC_SMEM, "dx_geometry's shared-memory size diffe
 #endif
 
 __device__ __forceinline__ unsigned lds32(const bf16_t* p) { return *reinterpret_cast<const unsigned*>(p); }
+// Row o of H_res (H_res[o, ·]) from a token's coefficients [H_pre | H_post | H_res].
+__device__ __forceinline__ void tc_hres_row(const float* cf, int o, float (&hr)[N]) {
+#if N % 4 == 0
+#pragma unroll
+    for (int i = 0; i < N; i += 4) {
+        const float4 w = *reinterpret_cast<const float4*>(cf + 2 * N + o * N + i);
+        hr[i] = w.x; hr[i + 1] = w.y; hr[i + 2] = w.z; hr[i + 3] = w.w;
+    }
+#else
+#pragma unroll
+    for (int i = 0; i < N; ++i) hr[i] = cf[2 * N + o * N + i];
+#endif
+}
 __device__ __forceinline__ float bf_lo(unsigned w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float bf_hi(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
 // Four 8×8 bf16 matrices, transposed (ldmatrix .trans; lane l addresses one row).
@@ -1685,17 +1698,8 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MINB) dx_dphi_tc(
 #pragma unroll
             for (int o = 0; o < N; ++o) {
                 const uint2 gw = *reinterpret_cast<const uint2*>(&s.g[tt][o * TC_CT + cc]);
-                float hr[N]; // H_res[o, ·]
-#if N % 4 == 0
-#pragma unroll
-                for (int i = 0; i < N; i += 4) {
-                    const float4 w = *reinterpret_cast<const float4*>(cf + 2 * N + o * N + i);
-                    hr[i] = w.x; hr[i + 1] = w.y; hr[i + 2] = w.z; hr[i + 3] = w.w;
-                }
-#else
-#pragma unroll
-                for (int i = 0; i < N; ++i) hr[i] = cf[2 * N + o * N + i];
-#endif
+                float hr[N];
+                tc_hres_row(cf, o, hr);
 #pragma unroll
                 for (int i = 0; i < N; ++i) {
                     v[i][0] += hr[i] * bf_lo(gw.x);
@@ -1729,17 +1733,8 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MINB) dx_dphi_tc(
 #pragma unroll
             for (int o = 0; o < N; ++o) {
                 const unsigned gw = lds32(&s.g[tt][o * TC_CT + cc]);
-                float hr[N]; // H_res[o, ·]
-#if N % 4 == 0
-#pragma unroll
-                for (int i = 0; i < N; i += 4) {
-                    const float4 w = *reinterpret_cast<const float4*>(cf + 2 * N + o * N + i);
-                    hr[i] = w.x; hr[i + 1] = w.y; hr[i + 2] = w.z; hr[i + 3] = w.w;
-                }
-#else
-#pragma unroll
-                for (int i = 0; i < N; ++i) hr[i] = cf[2 * N + o * N + i];
-#endif
+                float hr[N];
+                tc_hres_row(cf, o, hr);
 #pragma unroll
                 for (int i = 0; i < N; ++i) {
                     v[i][0] += hr[i] * bf_lo(gw);
