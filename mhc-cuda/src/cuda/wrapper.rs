@@ -123,6 +123,14 @@ pub struct MhcCuda<S: StreamElement> {
     recompute: bool,
     capacity: usize,
     chunks: usize,
+    /// Launch geometry read once from the kernel defines the kernels were built
+    /// with (`MHC_CUDA_DEFINES`): `coeff_fwd`'s column chunk and shared memory,
+    /// threads per token of the Sinkhorn–Knopp kernels, `dx_dphi`'s channels per
+    /// block, threads and shared memory.
+    cf_chunk: usize,
+    cf_smem: usize,
+    sk_lanes: usize,
+    dx: (usize, usize, usize),
     kernels: Kernels,
     phi_raw: CudaSlice<f32>,
     gamma: CudaSlice<f32>,
@@ -490,7 +498,7 @@ impl<S: StreamElement> MhcCuda<S> {
         params.validate(config)?;
         let k = config.coefficient_len();
         let sm = dev.multiprocessors()? as usize;
-        let (ct, _, dx_smem, resident) = dx_geometry(S::BF16, n, k);
+        let (ct, dx_threads, dx_smem, resident) = dx_geometry(S::BF16, n, k);
         let ctiles = c.div_ceil(ct);
         // The dx/dφ kernel's token chunks: about two full waves of its blocks
         // (`resident` per SM), chunks of at least 256 tokens. (Two blocks per
@@ -510,7 +518,7 @@ impl<S: StreamElement> MhcCuda<S> {
             + f32s(sk_hist_len(config, capacity));
         dev.ensure_free(bytes)?;
         let name = |s: &str| -> CudaResult<CudaFunction> { dev.function(n, S::BF16, s) };
-        let (_, cf_smem) = cf_geometry(S::BF16, k);
+        let (cf_chunk, cf_smem) = cf_geometry(S::BF16, k);
         let kernels = Kernels {
             coeff_fwd: {
                 let f = name("coeff_fwd")?;
@@ -547,6 +555,10 @@ impl<S: StreamElement> MhcCuda<S> {
             recompute,
             capacity,
             chunks,
+            cf_chunk,
+            cf_smem,
+            sk_lanes: sk_lanes(n),
+            dx: (ct, dx_threads, dx_smem),
             kernels,
             phi_raw: st.alloc_zeros(n * c * k)?,
             gamma: st.alloc_zeros(n * c)?,
@@ -696,7 +708,7 @@ impl<S: StreamElement> MhcCuda<S> {
         // Split the nC reduction so the grid fills the resident blocks of one wave
         // (more bytes of x in flight than one block per 64 tokens can keep), rounding
         // down: a grid just over one wave took two.
-        let (chunk, smem) = cf_geometry(S::BF16, self.k); // MF_KC or CA_KC of the kernel
+        let (chunk, smem) = (self.cf_chunk, self.cf_smem); // MF_KC or CA_KC of the kernel
         let blocks = tokens.div_ceil(CF_TOK);
         let sm = self.dev.multiprocessors()? as usize;
         // Resident blocks per SM: four for the register version; for the cp.async
@@ -744,7 +756,7 @@ impl<S: StreamElement> MhcCuda<S> {
             .arg(&mut self.rnorm);
         // SAFETY: sk_lanes threads per token (groups past the last token write nothing); reads
         // splits·tokens·(KP+1) partials; writes tokens rows.
-        let threads = tokens * sk_lanes(self.n);
+        let threads = tokens * self.sk_lanes;
         unsafe { b.launch(cfg((threads.div_ceil(128) as u32, 1), 128)) }
             .map_err(|e| launch_error("coeff_finish", e))?;
         debug_sync(&self.dev, "coeff_finish")?;
@@ -886,12 +898,12 @@ impl<S: StreamElement> MhcCuda<S> {
                 .arg(&mut self.sk_hist);
             // SAFETY: sk_lanes threads per token (groups past the last token write nothing); every buffer
             // holds capacity ≥ tokens rows, sk_hist 2·iterations·n² per token.
-            let threads = tokens * sk_lanes(n);
+            let threads = tokens * self.sk_lanes;
             unsafe { b.launch(cfg((threads.div_ceil(64) as u32, 1), 64)) }
                 .map_err(|e| launch_error("coeff_bwd", e))?;
             debug_sync(&self.dev, "coeff_bwd")?;
         }
-        let (ct, threads, smem, _) = dx_geometry(S::BF16, n, self.k);
+        let (ct, threads, smem) = self.dx;
         let chunks = self.chunks.min(tokens.div_ceil(256)).max(1);
         let chunk = tokens.div_ceil(chunks) as i32;
         let chunks = tokens.div_ceil(chunk as usize);
