@@ -847,9 +847,9 @@ extern "C" __global__ void coeff_bwd(const float* __restrict__ coef, const float
 // compiler's __cvta_generic_to_shared, which it folds into the address
 // arithmetic (the inline cvta below hides them: 64-bit adds around every
 // cp.async and ldmatrix). Only addressing changes: the same copies, products
-// and sums. Static SASS of dx_dphi_tc (sm_90, n = 4, bf16 streams): 1392 →
+// and sums. Static SASS of dx_dphi_tc (sm_90, n = 4, bf16 streams): 1400 →
 // 1232 instructions, 72 registers either way (scripts/sass-count.sh dx_dphi_tc -- --n 4
-// --streams bf16 [-D TC_LEAN=1]).
+// --streams bf16 [-D TC_LEAN=0]; 1392 before dx_dphi_tc's ring was generalised).
 // (A compile-time stride for tc_stage's loops was tried offline: the compiler
 // unrolls them fully, 3000 instructions, 128 registers and spills; not kept.)
 #ifndef TC_LEAN
