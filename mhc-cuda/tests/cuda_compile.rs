@@ -89,12 +89,12 @@ fn tuning_variants_compile() {
         let n = format!("-DN={n}");
         let defines = strings(&[&n, "-DSTREAM_BF16=1", "-DTC_EPI_SMEM=0"]);
         build("mhc.cu", KERNEL_SOURCE, &defines, 90);
-        // Not yet measured on a GPU: coeff_fwd's lean ring, dx_dphi_tc's 16-token
-        // tiles, planned copies and four-channel epilogue (with either tile height).
+        // dx_dphi_tc's 16-token tiles, planned copies and four-channel epilogue
+        // (with either tile height), off by default, and coeff_fwd's former ring.
         let defines = strings(&[
             &n,
             "-DSTREAM_BF16=1",
-            "-DCF_LEAN=1",
+            "-DCF_LEAN=0",
             "-DTC_TB=16",
             "-DTC_PTRS=1",
             "-DTC_EPI4=1",

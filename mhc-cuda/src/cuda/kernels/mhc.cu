@@ -928,10 +928,10 @@ __device__ __forceinline__ void ca_stage(unsigned char* st, const stream_t* __re
     }
 }
 
-// CF_LEAN 1 (bf16 streams; written offline, not yet measured; off by default): the same copies,
-// products and outputs with fewer instructions per byte, which Nsight Compute says
-// bounds this kernel (0.59 instructions issued per scheduler per cycle, 1.6 TB/s;
-// the chunk loop was 577 instructions per warp for 24 mma):
+// CF_LEAN 1 (bf16 streams, n ≥ 3; the default): the same copies, products and
+// outputs with fewer instructions per byte, which Nsight Compute said bounds this
+// kernel (0.59 instructions issued per scheduler per cycle, 1.6 TB/s; the chunk loop
+// was 577 instructions per warp for 24 mma, 228 now):
 //  - each thread's copy addresses are computed once (its rows are fixed: row0 + 8u);
 //    a chunk adds its column offset;
 //  - the A and B fragments come from ldmatrix.x4/.x2 instead of 32-bit shared loads;
@@ -940,8 +940,10 @@ __device__ __forceinline__ void ca_stage(unsigned char* st, const stream_t* __re
 //    squaring 16 values per thread (products exact, f32 accumulation).
 // The projections are bit for bit those of CF_LEAN 0 (the same mma in the same
 // order per accumulator); r differs in the last bits (another summation order).
+// Measured on the H200 (d = 768, n = 4): 57 → 40 µs per call (profile), the mHC
+// step 41.9 → 41.5 and 40.8 → 40.5 ms in two A/B calls; parity passed.
 #ifndef CF_LEAN
-#define CF_LEAN 0
+#define CF_LEAN 1
 #endif
 // bf16 streams and n ≥ 3 only (ptxas spilled 8–20 bytes with f32 streams at n = 4
 // and with bf16 streams at n ≤ 2).
@@ -1300,7 +1302,10 @@ extern "C" __global__ void __launch_bounds__(N * DX_CT, DX_MINB) dx_dphi(
 // TC_TB: tokens per tile, 32 or 16. 16 halves the tiles' shared memory (55 KB a
 // block at n = 4 instead of 92) for three blocks per SM instead of two (TC_MINB,
 // the launch bounds); the same products in the same order (product (b) adds its
-// 16-token steps in token order either way).
+// 16-token steps in token order either way). Measured on the H200: the same weights
+// after 40 steps; the mHC step 41.9 ms either way, and with three tile stages (68 KB,
+// three blocks per SM) 40.8 → 40.5 ms, with four 41.1: within the noise. More warps
+// and more bytes in flight did not make dx_dphi_tc faster.
 #ifndef TC_TB
 #define TC_TB 32
 #endif
@@ -1338,8 +1343,9 @@ struct TcTile {
 #ifndef TC_EPI_SMEM
 #define TC_EPI_SMEM 1
 #endif
-// TC_EPI4 1 (with TC_EPI_SMEM; written offline, not yet measured; off by default):
-// the ∂x epilogue one thread per four channels instead of two.
+// TC_EPI4 1 (with TC_EPI_SMEM; off by default): the ∂x epilogue one thread per four
+// channels instead of two. Measured on the H200: the same weights after 40 steps, the
+// mHC step 40.8 → 40.7 ms (within the noise between calls).
 #ifndef TC_EPI4
 #define TC_EPI4 0
 #endif
@@ -1429,12 +1435,13 @@ __device__ __forceinline__ void tc_stage(TcTile& s, const stream_t* __restrict__
     cp_commit();
 }
 
-// TC_PTRS 1 (written offline, not yet measured; off by default): each thread's copies
-// of a tile are the same every tile but for the tile's first token, so their offsets
-// are worked out once (TcPlan) and a tile adds tb·N·C (tb·C, tb·K). The generic
-// tc_stage spends about 25 SASS instructions of index arithmetic per copy (its loops
-// stride by blockDim.x, and a compile-time stride unrolls them into spills). Used when
-// C % 8 == 0 (16-byte copies); otherwise tc_stage. The same copies: the same results.
+// TC_PTRS 1 (off by default): each thread's copies of a tile are the same every tile
+// but for the tile's first token, so their offsets are worked out once (TcPlan) and a
+// tile adds tb·N·C (tb·C, tb·K). The generic tc_stage spends about 25 SASS
+// instructions of index arithmetic per copy. Used when C % 8 == 0 (16-byte copies);
+// otherwise tc_stage. The same copies: the same results. Measured on the H200: the same
+// weights after 40 steps, the mHC step 40.8 → 41.0 ms (with TC_EPI4 40.7): fewer
+// instructions did not make dx_dphi_tc faster, so it is not bound by their issue alone.
 #ifndef TC_PTRS
 #define TC_PTRS 0
 #endif
@@ -1448,12 +1455,16 @@ __device__ __forceinline__ void tc_stage(TcTile& s, const stream_t* __restrict__
 static_assert(TC_DH_ITEMS <= TC_THREADS && TC_TB <= TC_THREADS, "one dh copy and one xs copy per thread at most");
 struct TcPlan {
     long xg_off[TC_XG_IT]; // x/g element offset from the tile's first token's row
-    int xg_dst[TC_XG_IT];  // offset in TcTile::x / TcTile::g
-    int xg_tt[TC_XG_IT];   // token within the tile; TC_TB when the copy does not exist
+    int xg_dst[TC_XG_IT];  // offset in TcTile::x / TcTile::g; −1 when the copy does not exist
+    int xg_tt[TC_XG_IT];   // token within the tile; TC_PAST (zero-filled) for channels ≥ C
     int dh_off, dh_dst, dh_tt;
     int dp_off[TC_DP_IT];  // offset in the tile's dp / coef rows (source and destination)
-    int dp_tt[TC_DP_IT];
+    int dp_tt[TC_DP_IT];   // token within the tile; TC_PAST when the copy does not exist
 };
+// A token index no tile reaches: the copy is zero-filled (its destination is its own),
+// as tc_stage does for channels past C. Copies past the item counts are skipped: a
+// zero-fill must never land on another copy's destination.
+#define TC_PAST (1 << 20)
 __device__ __forceinline__ void tc_plan(TcPlan& p, int C, int c0)
 {
     const int tid = threadIdx.x;
@@ -1462,24 +1473,24 @@ __device__ __forceinline__ void tc_plan(TcPlan& p, int C, int c0)
         const int e = tid + TC_THREADS * it;
         const int tt = e / (N * (TC_CT / 8)), rem = e % (N * (TC_CT / 8)), ii = rem / (TC_CT / 8);
         const int c2 = (rem % (TC_CT / 8)) * 8;
-        const bool live = e < TC_XG_ITEMS && c0 + c2 < C;
-        p.xg_tt[it] = live ? tt : TC_TB;
-        p.xg_off[it] = live ? ((long)tt * N + ii) * C + c0 + c2 : 0;
-        p.xg_dst[it] = live ? tt * TC_XS + ii * TC_CT + c2 : 0;
+        const bool exists = e < TC_XG_ITEMS, inside = c0 + c2 < C;
+        p.xg_tt[it] = inside ? tt : TC_PAST;
+        p.xg_off[it] = inside ? ((long)tt * N + ii) * C + c0 + c2 : 0;
+        p.xg_dst[it] = exists ? tt * TC_XS + ii * TC_CT + c2 : -1;
     }
     {
         const int tt = tid / (TC_CT / 8), c2 = (tid % (TC_CT / 8)) * 8;
-        const bool live = tid < TC_DH_ITEMS && c0 + c2 < C;
-        p.dh_tt = live ? tt : TC_TB;
-        p.dh_off = live ? tt * C + c0 + c2 : 0;
-        p.dh_dst = live ? tt * TC_HS + c2 : 0;
+        const bool exists = tid < TC_DH_ITEMS, inside = c0 + c2 < C;
+        p.dh_tt = inside ? tt : TC_PAST;
+        p.dh_off = inside ? tt * C + c0 + c2 : 0;
+        p.dh_dst = exists ? tt * TC_HS + c2 : -1;
     }
 #pragma unroll
     for (int it = 0; it < TC_DP_IT; ++it) {
         const int e = tid + TC_THREADS * it;
-        const bool live = e < TC_DP_ITEMS;
-        p.dp_tt[it] = live ? e / (K / TC_UK) : TC_TB;
-        p.dp_off[it] = live ? e * TC_UK : 0; // = tt·K + j: the dp / coef rows are K floats in both places
+        const bool exists = e < TC_DP_ITEMS;
+        p.dp_tt[it] = exists ? e / (K / TC_UK) : TC_PAST;
+        p.dp_off[it] = exists ? e * TC_UK : -1; // = tt·K + j: the dp / coef rows are K floats in both places
     }
 }
 __device__ __forceinline__ void tc_stage_plan(TcTile& s, const TcPlan& p, const stream_t* __restrict__ x,
@@ -1491,17 +1502,19 @@ __device__ __forceinline__ void tc_stage_plan(TcTile& s, const TcPlan& p, const 
     const long xbase = tb * N * (long)C;
 #pragma unroll
     for (int it = 0; it < TC_XG_IT; ++it) {
+        if (p.xg_dst[it] < 0) continue;
         const bool ok = p.xg_tt[it] < nt;
         const long src = ok ? xbase + p.xg_off[it] : 0;
         cp_async<16>(&s.x[0][0] + p.xg_dst[it], x + src, ok);
         cp_async<16>(&s.g[0][0] + p.xg_dst[it], g + src, ok);
     }
-    {
+    if (p.dh_dst >= 0) {
         const bool ok = p.dh_tt < nt;
         cp_async<16>(&s.dh[0][0] + p.dh_dst, dh + (ok ? tb * C + p.dh_off : 0), ok);
     }
 #pragma unroll
     for (int it = 0; it < TC_DP_IT; ++it) {
+        if (p.dp_off[it] < 0) continue;
         const bool ok = p.dp_tt[it] < nt;
         const long src = ok ? tb * K + p.dp_off[it] : 0;
         cp_async<4 * TC_UK>(&s.dp[0][0] + p.dp_off[it], dp + src, ok);
