@@ -5,11 +5,10 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::CudaSlice;
 use mhc_core::Rng;
 use mhc_core::model::ops;
 use mhc_core::model::optim::{AdamW, AdamWConfig};
-use mhc_cuda::cuda::{AdamwTensor, CudaDevice, CudaError, GemmPrecision, MatMul, ModelKernels};
+use mhc_cuda::cuda::{CudaDevice, CudaError, GemmPrecision, MatMul, ModelKernels};
 
 fn device() -> Option<Arc<CudaDevice>> {
     match CudaDevice::new(0) {
@@ -22,7 +21,10 @@ fn device() -> Option<Arc<CudaDevice>> {
     }
 }
 
-fn h16_out(st: &Arc<cudarc::driver::CudaStream>, len: usize) -> CudaSlice<half::bf16> {
+fn h16_out(
+    st: &Arc<cudarc::driver::CudaStream>,
+    len: usize,
+) -> cudarc::driver::CudaSlice<half::bf16> {
     st.alloc_zeros(len).unwrap()
 }
 
@@ -247,96 +249,6 @@ fn model_kernels_match_mhc_core() {
             ),
             Err(CudaError::Shape { .. })
         ));
-
-        // Many tensors in one launch: each bit for bit its own adamw_with launch
-        // (with and without a bf16 copy, decay, their own gradient scales).
-        {
-            let lens = [1usize, 37, 4096, 300_001, 5];
-            let mut single = Vec::new();
-            let mut multi = Vec::new();
-            let mut inits = Vec::new();
-            for (i, &len) in lens.iter().enumerate() {
-                let w = randn(&mut rng, len, 1.0);
-                inits.push(w.clone());
-                let m0 = randn(&mut rng, len, 0.1);
-                let v0: Vec<f32> = randn(&mut rng, len, 0.1).iter().map(|x| x * x).collect();
-                let g = st.clone_htod(&randn(&mut rng, len, 1.0)).unwrap();
-                let bufs = || {
-                    (
-                        st.clone_htod(&w).unwrap(),
-                        (i % 2 == 0).then(|| st.alloc_zeros::<half::bf16>(len).unwrap()),
-                        st.clone_htod(&m0).unwrap(),
-                        st.clone_htod(&v0).unwrap(),
-                    )
-                };
-                single.push(bufs());
-                multi.push((bufs(), g, i % 3 == 0, 0.5 + 0.25 * i as f32));
-            }
-            let step = 5u64;
-            for ((w, w16, m, v), (_, g, decay, scale)) in single.iter_mut().zip(&multi) {
-                k.adamw_with(w, w16.as_mut(), g, m, v, &cfg, 3e-3, step, *decay, *scale)
-                    .unwrap();
-            }
-            let mut tensors: Vec<AdamwTensor<'_>> = multi
-                .iter_mut()
-                .map(|((w, w16, m, v), g, decay, scale)| AdamwTensor {
-                    w,
-                    w16: w16.as_mut(),
-                    g,
-                    m,
-                    v,
-                    decay: *decay,
-                    grad_scale: *scale,
-                })
-                .collect();
-            k.adamw_multi(&mut tensors, &cfg, 3e-3, step).unwrap();
-            drop(tensors);
-            let bits16 = |b: &Option<CudaSlice<half::bf16>>| {
-                b.as_ref().map(|b| {
-                    st.clone_dtoh(b)
-                        .unwrap()
-                        .iter()
-                        .map(|x| x.to_bits())
-                        .collect::<Vec<_>>()
-                })
-            };
-            for (i, ((w, w16, m, v), ((wm, w16m, mm, vm), ..))) in
-                single.iter().zip(&multi).enumerate()
-            {
-                let before: Vec<f32> = st.clone_dtoh(wm).unwrap();
-                assert!(before.iter().all(|x| x.is_finite()));
-                assert_eq!(
-                    st.clone_dtoh(w).unwrap(),
-                    before,
-                    "adamw_multi weights of tensor {i} vs adamw_with"
-                );
-                assert_eq!(st.clone_dtoh(m).unwrap(), st.clone_dtoh(mm).unwrap());
-                assert_eq!(st.clone_dtoh(v).unwrap(), st.clone_dtoh(vm).unwrap());
-                assert_eq!(bits16(w16), bits16(w16m), "bf16 copy of tensor {i}");
-            }
-            // The updates did something (not a no-op compared with a no-op).
-            for ((w, ..), w0) in single.iter().zip(&inits) {
-                assert_ne!(&st.clone_dtoh(w).unwrap(), w0, "adamw_with changed nothing");
-            }
-            // A moment of the wrong length: a typed error, nothing launched.
-            let (w, _, _, v) = &mut single[2];
-            let mut short = st.alloc_zeros::<f32>(3).unwrap();
-            let g = st.alloc_zeros::<f32>(w.len()).unwrap();
-            let mut bad = [AdamwTensor {
-                w,
-                w16: None,
-                g: &g,
-                m: &mut short,
-                v,
-                decay: false,
-                grad_scale: 1.0,
-            }];
-            assert!(matches!(
-                k.adamw_multi(&mut bad, &cfg, 1e-3, 1),
-                Err(CudaError::Shape { .. })
-            ));
-            assert!(k.adamw_multi(&mut [], &cfg, 1e-3, 1).is_ok());
-        }
 
         // Sum of squares.
         let ss = k.sum_squares(&xd).unwrap();
@@ -821,24 +733,25 @@ fn flash_attention_matches_the_gemm_path() {
             round(&st.clone_dtoh(&o).unwrap()),
             "the bf16 output is not the f32 output rounded"
         );
-        let mut backward = |dqkv: &mut CudaSlice<f32>,
-                            dqkv16: Option<&mut CudaSlice<half::bf16>>| {
-            k.flash_attention_backward(
-                &qkv16,
-                &o,
-                &lse,
-                &dout,
-                batch,
-                seq,
-                heads,
-                head_dim,
-                &mut dvec,
-                &mut dout16,
-                Some(dqkv),
-                dqkv16,
-            )
-            .unwrap()
-        };
+        let mut backward =
+            |dqkv: &mut cudarc::driver::CudaSlice<f32>,
+             dqkv16: Option<&mut cudarc::driver::CudaSlice<half::bf16>>| {
+                k.flash_attention_backward(
+                    &qkv16,
+                    &o,
+                    &lse,
+                    &dout,
+                    batch,
+                    seq,
+                    heads,
+                    head_dim,
+                    &mut dvec,
+                    &mut dout16,
+                    Some(dqkv),
+                    dqkv16,
+                )
+                .unwrap()
+            };
         let mut dqkv16 = st.alloc_zeros::<half::bf16>(rows * 3 * c).unwrap();
         backward(&mut dqkv, Some(&mut dqkv16));
         let label = format!("flash attention {batch}×{seq}, {heads} heads of {head_dim}");
@@ -1084,12 +997,13 @@ fn bf16_stream_kernels_are_the_f32_ones_rounded() {
         "mean over streams, backward"
     );
 
-    let grads = |x: &dyn Fn(&mut CudaSlice<f32>, &mut CudaSlice<f32>)| {
-        let mut de = st.alloc_zeros::<f32>(vocab * c).unwrap();
-        let mut dp = st.alloc_zeros::<f32>(seq * c).unwrap();
-        x(&mut de, &mut dp);
-        (st.clone_dtoh(&de).unwrap(), st.clone_dtoh(&dp).unwrap())
-    };
+    let grads =
+        |x: &dyn Fn(&mut cudarc::driver::CudaSlice<f32>, &mut cudarc::driver::CudaSlice<f32>)| {
+            let mut de = st.alloc_zeros::<f32>(vocab * c).unwrap();
+            let mut dp = st.alloc_zeros::<f32>(seq * c).unwrap();
+            x(&mut de, &mut dp);
+            (st.clone_dtoh(&de).unwrap(), st.clone_dtoh(&dp).unwrap())
+        };
     let g32 = grads(&|de, dp| {
         k.embed_backward(&a32d, &tokens, batch, seq, streams, c, de, dp)
             .unwrap()

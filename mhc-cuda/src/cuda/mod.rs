@@ -32,7 +32,7 @@ use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
 pub use hc::HcCuda;
 pub use model::{DeviceParam, GpuStepStats, GpuTrainer, StreamDtype};
-pub use model_ops::{AdamwTensor, GemmPrecision, MatMul, ModelKernels, Operand};
+pub use model_ops::{GemmPrecision, MatMul, ModelKernels, Operand};
 pub use wrapper::{CudaSublayer, MhcCuda, ScaleSublayer};
 
 /// The mHC wrapper kernels' source, compiled per (n, stream dtype) on first use.

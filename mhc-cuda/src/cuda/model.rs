@@ -33,8 +33,8 @@ use mhc_core::model::{ModelConfig, TrainConfig, Trainer};
 use mhc_core::{ConnectionConfig, ConnectionParams, Scheme};
 
 use super::{
-    AdamwTensor, CudaDevice, CudaError, CudaResult, CudaSublayer, GemmPrecision, HcCuda, MatMul,
-    MhcCuda, ModelKernels, Operand, StreamElement, StreamMut, StreamRef,
+    CudaDevice, CudaError, CudaResult, CudaSublayer, GemmPrecision, HcCuda, MatMul, MhcCuda,
+    ModelKernels, Operand, StreamElement, StreamMut, StreamRef,
 };
 
 type Bf16Buf = CudaSlice<half::bf16>;
@@ -55,19 +55,6 @@ pub struct DeviceParam {
 }
 
 impl DeviceParam {
-    /// This parameter as one tensor of an AdamW launch (its bf16 copy rewritten too).
-    fn adamw_tensor(&mut self, grad_scale: f32) -> AdamwTensor<'_> {
-        AdamwTensor {
-            w: &mut self.value,
-            w16: self.value16.as_mut(),
-            g: &self.grad,
-            m: &mut self.m,
-            v: &mut self.v,
-            decay: self.decay,
-            grad_scale,
-        }
-    }
-
     fn upload(dev: &CudaDevice, host: &[f32], decay: bool) -> CudaResult<Self> {
         let st = dev.stream();
         Ok(Self {
@@ -1202,65 +1189,26 @@ impl<S: StreamElement> GpuTrainer<S> {
         };
         self.step += 1;
         let (step, adamw) = (self.step, self.train.adamw);
-        {
-            // Every parameter tensor in one AdamW launch (the connections' many
-            // small tensors cost a launch each before, more than their update).
-            let dense_scale = scale * dense_weight;
-            let Self {
-                token_embedding,
-                position_embedding,
-                blocks,
-                final_norm,
-                head,
-                ..
-            } = self;
-            let mut tensors: Vec<AdamwTensor<'_>> = Vec::new();
-            for p in [token_embedding, position_embedding] {
-                tensors.push(p.adamw_tensor(dense_scale));
-            }
-            for b in blocks.iter_mut() {
-                let GpuBlock {
-                    attn,
-                    attn_conn,
-                    mlp,
-                    mlp_conn,
-                } = b;
-                for p in [
-                    &mut attn.norm,
-                    &mut attn.wqkv,
-                    &mut attn.wo,
-                    &mut mlp.norm,
-                    &mut mlp.w1,
-                    &mut mlp.w2,
-                ] {
-                    tensors.push(p.adamw_tensor(dense_scale));
-                }
-                for conn in [attn_conn, mlp_conn] {
-                    if let Connection::Wrapped { wrapper, moments } = conn {
-                        for ((value, grad), (m, v)) in
-                            wrapper.buffers_mut().into_iter().zip(moments.iter_mut())
-                        {
-                            // Connection parameters take no weight decay (as the core's trainer).
-                            tensors.push(AdamwTensor {
-                                w: value,
-                                w16: None,
-                                g: grad,
-                                m,
-                                v,
-                                decay: false,
-                                grad_scale: scale,
-                            });
-                        }
-                    }
-                }
-            }
-            for p in [final_norm, head] {
-                tensors.push(p.adamw_tensor(dense_scale));
-            }
-            k.adamw_multi(&mut tensors, &adamw, lr, step)?;
-        }
+        self.for_each_dense(|p| {
+            k.adamw_with(
+                &mut p.value,
+                p.value16.as_mut(),
+                &p.grad,
+                &mut p.m,
+                &mut p.v,
+                &adamw,
+                lr,
+                step,
+                p.decay,
+                scale * dense_weight,
+            )
+        })?;
         for conn in self.connections_mut() {
-            if let Connection::Wrapped { wrapper, .. } = conn {
+            if let Connection::Wrapped { wrapper, moments } = conn {
+                for ((value, grad), (m, v)) in wrapper.buffers_mut().into_iter().zip(moments) {
+                    // Connection parameters take no weight decay (as the core's trainer).
+                    k.adamw(value, grad, m, v, &adamw, lr, step, false, scale)?;
+                }
                 wrapper.params_updated()?;
             }
         }

@@ -10,46 +10,6 @@ use mhc_core::model::optim::AdamWConfig;
 
 use super::{CudaDevice, CudaError, CudaResult, MODEL_KERNEL_SOURCE, StreamElement};
 
-/// One tensor of [`ModelKernels::adamw_multi`]: its weights, optional bf16
-/// copy, gradient and moments, whether it takes weight decay, and its
-/// gradient scale.
-pub struct AdamwTensor<'a> {
-    /// Weights (updated in place).
-    pub w: &'a mut CudaSlice<f32>,
-    /// The updated weights rounded to bf16 (as [`ModelKernels::adamw_with`]), if wanted.
-    pub w16: Option<&'a mut CudaSlice<half::bf16>>,
-    /// Gradient.
-    pub g: &'a CudaSlice<f32>,
-    /// First moment.
-    pub m: &'a mut CudaSlice<f32>,
-    /// Second moment.
-    pub v: &'a mut CudaSlice<f32>,
-    /// Decoupled weight decay for this tensor.
-    pub decay: bool,
-    /// Gradient scale (clipping; a replica's weight).
-    pub grad_scale: f32,
-}
-
-/// The kernels' `MultiTensor` record (model.cu): eight 64-bit words.
-fn multi_tensor(
-    ptrs: [u64; 5],
-    len: usize,
-    first_block: usize,
-    shrink: f32,
-    gscale: f32,
-) -> [u64; 8] {
-    [
-        ptrs[0],
-        ptrs[1],
-        ptrs[2],
-        ptrs[3],
-        ptrs[4],
-        len as u64,
-        first_block as u64,
-        u64::from(shrink.to_bits()) | (u64::from(gscale.to_bits()) << 32),
-    ]
-}
-
 /// The model kernels, compiled for one device.
 pub struct ModelKernels {
     dev: Arc<CudaDevice>,
@@ -1266,169 +1226,40 @@ impl ModelKernels {
         Ok(())
     }
 
-    /// [`Self::adamw_with`] of every tensor of `tensors` (each with its own
-    /// decay, gradient scale and optional bf16 copy; the other settings shared)
-    /// in **one launch**: the same arithmetic per element, so the same bits as
-    /// one launch per tensor. A model's many small tensors (mHC's connection
-    /// parameters: three per sublayer) otherwise cost a launch each.
-    pub fn adamw_multi(
-        &self,
-        tensors: &mut [AdamwTensor<'_>],
-        config: &AdamWConfig,
-        lr: f64,
-        step: u64,
-    ) -> CudaResult<()> {
-        use cudarc::driver::{DevicePtr, DevicePtrMut};
-        if tensors.is_empty() {
-            return Ok(());
-        }
-        for t in tensors.iter() {
-            let len = t.w.len();
-            for (what, l) in [
-                ("grad", t.g.len()),
-                ("first moment", t.m.len()),
-                ("second moment", t.v.len()),
-            ] {
-                check(what, l, len)?;
-            }
-            if let Some(w16) = &t.w16 {
-                check("bf16 weights", w16.len(), len)?;
-            }
-        }
-        let count = dim_i32("tensors of one AdamW launch", tensors.len())?;
-        let t = step.max(1) as f64;
-        let inv_bc1 = (1.0 / (1.0 - config.beta1.powf(t))) as f32;
-        let inv_bc2 = (1.0 / (1.0 - config.beta2.powf(t))) as f32;
-        let (lr32, b1, b2, eps) = (
-            lr as f32,
-            config.beta1 as f32,
-            config.beta2 as f32,
-            config.eps as f32,
-        );
-        let st = self.dev.stream().clone();
-        let mut table: Vec<u64> = Vec::with_capacity(8 * tensors.len());
-        let mut blocks = 0usize;
-        let mut guards = Vec::with_capacity(5 * tensors.len());
-        for t in tensors.iter_mut() {
-            let len = t.w.len();
-            let shrink = if t.decay {
-                (1.0 - lr * config.weight_decay) as f32
-            } else {
-                1.0
-            };
-            let (w, gw) = t.w.device_ptr_mut(&st);
-            let (g, gg) = t.g.device_ptr(&st);
-            let (m, gm) = t.m.device_ptr_mut(&st);
-            let (v, gv) = t.v.device_ptr_mut(&st);
-            guards.extend([gw, gg, gm, gv]);
-            let w16 = match t.w16.as_mut() {
-                Some(w16) => {
-                    let (p, g16) = w16.device_ptr_mut(&st);
-                    guards.push(g16);
-                    p
-                }
-                None => 0,
-            };
-            table.extend(multi_tensor(
-                [w, g, m, v, w16],
-                len,
-                blocks,
-                shrink,
-                t.grad_scale,
-            ));
-            blocks += self.grid(len)? as usize;
-        }
-        let grid = u32::try_from(blocks)
-            .map_err(|_| CudaError::Unsupported(format!("{blocks} blocks in one AdamW launch")))?;
-        let table = st.clone_htod(&table)?;
-        let f = self.f("adamw_multi")?;
-        let mut b = st.launch_builder(&f);
-        b.arg(&table)
-            .arg(&count)
-            .arg(&lr32)
-            .arg(&b1)
-            .arg(&b2)
-            .arg(&eps)
-            .arg(&inv_bc1)
-            .arg(&inv_bc2);
-        // SAFETY: the table holds `count` MultiTensor records whose pointers are
-        // live for this call (the guards) and whose buffers hold `len` elements
-        // (checked above); the blocks are the records' runs, `grid` in all.
-        unsafe {
-            b.launch(LaunchConfig {
-                grid_dim: (grid, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            })
-        }?;
-        drop(guards);
-        Ok(())
-    }
-
     /// `Σ x²` in a fixed order (block partials summed on the host in order).
     pub fn sum_squares(&self, x: &CudaSlice<f32>) -> CudaResult<f64> {
-        let grid = self.grid(x.len())?;
-        let st = self.dev.stream();
-        let mut partial: CudaSlice<f32> = st.alloc_zeros(grid as usize)?;
-        let f = self.f("sum_squares")?;
-        let len_i = x.len() as i64;
-        let mut b = st.launch_builder(&f);
-        b.arg(x).arg(&len_i).arg(&mut partial);
-        // SAFETY: grid-stride over x.len(); one partial per block, `grid` of them.
-        unsafe {
-            b.launch(LaunchConfig {
-                grid_dim: (grid, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            })
-        }?;
-        Ok(st.clone_dtoh(&partial)?.iter().map(|&p| p as f64).sum())
+        Ok(self.sum_squares_many(&[x])?[0])
     }
 
     /// `Σ x²` of each tensor of `xs`, as [`Self::sum_squares`] (the same block
-    /// partials, each tensor's summed on the host in order), in one launch
-    /// (`sum_squares_multi`) and with one device-to-host copy for all of them:
-    /// one synchronisation per step instead of one per tensor.
+    /// partials, each tensor's summed on the host in order), with one
+    /// device-to-host copy for all of them: one synchronisation per step
+    /// instead of one per tensor.
     pub fn sum_squares_many(&self, xs: &[&CudaSlice<f32>]) -> CudaResult<Vec<f64>> {
-        use cudarc::driver::DevicePtr;
-        if xs.is_empty() {
-            return Ok(Vec::new());
-        }
         let grids = xs
             .iter()
             .map(|x| self.grid(x.len()))
             .collect::<CudaResult<Vec<u32>>>()?;
         let total: usize = grids.iter().map(|&g| g as usize).sum();
-        let grid = u32::try_from(total)
-            .map_err(|_| CudaError::Unsupported(format!("{total} blocks in one launch")))?;
-        let count = dim_i32("tensors of one sum of squares", xs.len())?;
-        let st = self.dev.stream().clone();
-        let mut partial: CudaSlice<f32> = st.alloc_zeros(total)?;
-        // One launch for all tensors (sum_squares_multi): each tensor's blocks
-        // are those of its own sum_squares launch, partials at the same places.
-        let mut table: Vec<u64> = Vec::with_capacity(8 * xs.len());
-        let mut guards = Vec::with_capacity(xs.len());
+        let st = self.dev.stream();
+        let mut partial: CudaSlice<f32> = st.alloc_zeros(total.max(1))?;
+        let f = self.f("sum_squares")?;
         let mut at = 0usize;
-        for (x, &g) in xs.iter().zip(&grids) {
-            let (p, guard) = x.device_ptr(&st);
-            guards.push(guard);
-            table.extend(multi_tensor([p, 0, 0, 0, 0], x.len(), at, 1.0, 1.0));
-            at += g as usize;
+        for (x, &grid) in xs.iter().zip(&grids) {
+            let len_i = x.len() as i64;
+            let mut part = partial.slice_mut(at..at + grid as usize);
+            let mut b = st.launch_builder(&f);
+            b.arg(*x).arg(&len_i).arg(&mut part);
+            // SAFETY: grid-stride over x.len(); one partial per block, `grid` entries in this view.
+            unsafe {
+                b.launch(LaunchConfig {
+                    grid_dim: (grid, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+            }?;
+            at += grid as usize;
         }
-        let table = st.clone_htod(&table)?;
-        let f = self.f("sum_squares_multi")?;
-        let mut b = st.launch_builder(&f);
-        b.arg(&table).arg(&count).arg(&mut partial);
-        // SAFETY: `count` records of live tensors (the guards) of `len` elements;
-        // `grid` = Σ of their block runs, one partial per block.
-        unsafe {
-            b.launch(LaunchConfig {
-                grid_dim: (grid, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            })
-        }?;
-        drop(guards);
         let host = st.clone_dtoh(&partial)?;
         let mut at = 0usize;
         Ok(grids

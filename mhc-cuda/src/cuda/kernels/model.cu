@@ -271,9 +271,9 @@ template <bool W16>
 __device__ __forceinline__ void adamw_impl(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
                                            float* __restrict__ v, long len, float lr, float b1, float b2, float eps,
                                            float shrink, float inv_bc1, float inv_bc2, float gscale,
-                                           unsigned short* __restrict__ w16, long block, long blocks)
+                                           unsigned short* __restrict__ w16)
 {
-    for (long e = block * blockDim.x + threadIdx.x; e < len; e += blocks * blockDim.x) {
+    for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < len; e += (long)gridDim.x * blockDim.x) {
         float gv = g[e] * gscale;
         float mv = b1 * m[e] + (1.f - b1) * gv;
         float vv = b2 * v[e] + (1.f - b2) * gv * gv;
@@ -288,8 +288,7 @@ extern "C" __global__ void adamw(float* __restrict__ w, const float* __restrict_
                                  float* __restrict__ v, long len, float lr, float b1, float b2, float eps,
                                  float shrink, float inv_bc1, float inv_bc2, float gscale)
 {
-    adamw_impl<false>(w, g, m, v, len, lr, b1, b2, eps, shrink, inv_bc1, inv_bc2, gscale, nullptr, blockIdx.x,
-                      gridDim.x);
+    adamw_impl<false>(w, g, m, v, len, lr, b1, b2, eps, shrink, inv_bc1, inv_bc2, gscale, nullptr);
 }
 // adamw_bf16: adamw, and the updated weights rounded to bf16 into w16 (the
 // product operand, made once per step instead of once per product).
@@ -298,48 +297,7 @@ extern "C" __global__ void adamw_bf16(float* __restrict__ w, const float* __rest
                                       float shrink, float inv_bc1, float inv_bc2, float gscale,
                                       unsigned short* __restrict__ w16)
 {
-    adamw_impl<true>(w, g, m, v, len, lr, b1, b2, eps, shrink, inv_bc1, inv_bc2, gscale, w16, blockIdx.x, gridDim.x);
-}
-
-// Many tensors in one launch (the optimiser step of a model with many small tensors,
-// as mHC's connections: one launch instead of one per tensor, which cost the GPU more
-// time idle between tiny kernels than the kernels took). Each tensor owns a run of
-// consecutive blocks (`first_block`, the next tensor's start or gridDim.x ending it);
-// a block finds its tensor by binary search and strides by its tensor's block count,
-// so every element gets the same arithmetic as from its own launch with that grid.
-struct MultiTensor {
-    float* w;              // adamw: weights (updated); sum_squares_multi: the tensor
-    const float* g;        // gradient
-    float* m;              // first moment
-    float* v;              // second moment
-    unsigned short* w16;   // bf16 copy of the updated weights, or null
-    long long len;
-    long long first_block;
-    float shrink;          // 1 − lr·weight_decay, or 1 (no decay)
-    float gscale;          // gradient scale (clipping, replica weight)
-};
-static_assert(sizeof(MultiTensor) == 64, "the host writes MultiTensor as eight u64 words");
-__device__ __forceinline__ int multi_tensor_of(const MultiTensor* __restrict__ ts, int count, long long b) {
-    int lo = 0, hi = count - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (ts[mid].first_block <= b) lo = mid;
-        else hi = mid - 1;
-    }
-    return lo;
-}
-extern "C" __global__ void adamw_multi(const MultiTensor* __restrict__ ts, int count, float lr, float b1, float b2,
-                                       float eps, float inv_bc1, float inv_bc2)
-{
-    const int i = multi_tensor_of(ts, count, blockIdx.x);
-    const MultiTensor t = ts[i];
-    const long long nb = (i + 1 < count ? ts[i + 1].first_block : (long long)gridDim.x) - t.first_block;
-    const long b = (long)(blockIdx.x - t.first_block);
-    if (t.w16)
-        adamw_impl<true>(t.w, t.g, t.m, t.v, t.len, lr, b1, b2, eps, t.shrink, inv_bc1, inv_bc2, t.gscale, t.w16, b, nb);
-    else
-        adamw_impl<false>(t.w, t.g, t.m, t.v, t.len, lr, b1, b2, eps, t.shrink, inv_bc1, inv_bc2, t.gscale, nullptr, b,
-                          nb);
+    adamw_impl<true>(w, g, m, v, len, lr, b1, b2, eps, shrink, inv_bc1, inv_bc2, gscale, w16);
 }
 
 // Σ x² in fixed order: per-block partials (grid-stride), then sum_partials.
@@ -348,22 +306,6 @@ extern "C" __global__ void sum_squares(const float* __restrict__ x, long len, fl
     __shared__ float scratch[32];
     float s = 0.f;
     for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < len; e += (long)gridDim.x * blockDim.x) s += x[e] * x[e];
-    s = block_sum_all(s, scratch);
-    if (threadIdx.x == 0) partial[blockIdx.x] = s;
-}
-// sum_squares of many tensors (MultiTensor::w, len, first_block) in one launch: the
-// partial of block b of a tensor with nb blocks is the partial of block b of
-// sum_squares launched with nb blocks on that tensor alone (the same elements in the
-// same order), at partial[first_block + b].
-extern "C" __global__ void sum_squares_multi(const MultiTensor* __restrict__ ts, int count, float* __restrict__ partial)
-{
-    __shared__ float scratch[32];
-    const int i = multi_tensor_of(ts, count, blockIdx.x);
-    const float* x = ts[i].w;
-    const long long len = ts[i].len, first = ts[i].first_block;
-    const long long nb = (i + 1 < count ? ts[i + 1].first_block : (long long)gridDim.x) - first;
-    float s = 0.f;
-    for (long e = (long)(blockIdx.x - first) * blockDim.x + threadIdx.x; e < len; e += nb * blockDim.x) s += x[e] * x[e];
     s = block_sum_all(s, scratch);
     if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
