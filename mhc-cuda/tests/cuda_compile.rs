@@ -90,11 +90,13 @@ fn tuning_variants_compile() {
         let defines = strings(&[&n, "-DSTREAM_BF16=1", "-DTC_EPI_SMEM=0"]);
         build("mhc.cu", KERNEL_SOURCE, &defines, 90);
         // dx_dphi_tc's 16-token tiles, planned copies and four-channel epilogue
-        // (with either tile height), off by default, and coeff_fwd's former ring.
+        // (with either tile height), off by default, coeff_fwd's former ring, and
+        // Sinkhorn–Knopp with a lane per element (not yet run on a GPU).
         let defines = strings(&[
             &n,
             "-DSTREAM_BF16=1",
             "-DCF_LEAN=0",
+            "-DSK_LANES=2",
             "-DTC_TB=16",
             "-DTC_PTRS=1",
             "-DTC_EPI4=1",

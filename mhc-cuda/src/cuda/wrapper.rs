@@ -275,14 +275,20 @@ fn debug_sync(dev: &CudaDevice, kernel: &str) -> CudaResult<()> {
     Ok(())
 }
 
-/// Threads per token of `coeff_finish` and `coeff_bwd`: the kernels' `SK_G`, the
-/// next power of two ≥ `n` (kernel define `SK_LANES`, on by default), or 1 with
-/// `SK_LANES=0` (through `MHC_CUDA_DEFINES`).
+/// Threads per token of `coeff_finish` and `coeff_bwd` (the kernels'
+/// `SK_THREADS`): with `SK_LANES=1` (the default) `SK_G`, the next power of two
+/// ≥ `n`, a lane per row; with `SK_LANES=2` and 2 ≤ n ≤ 4 `SK_G²`, a lane per
+/// element; with `SK_LANES=0` one (through `MHC_CUDA_DEFINES`).
 fn sk_lanes(n: usize) -> usize {
-    if super::tuning_define("SK_LANES").unwrap_or(1) != 0 {
-        n.next_power_of_two()
-    } else {
-        1
+    sk_lanes_with(super::tuning_define("SK_LANES").unwrap_or(1), n)
+}
+
+/// [`sk_lanes`] for a given `SK_LANES`.
+fn sk_lanes_with(mode: i64, n: usize) -> usize {
+    match mode {
+        0 => 1,
+        2 if (2..=4).contains(&n) => n.next_power_of_two().pow(2),
+        _ => n.next_power_of_two(),
     }
 }
 
@@ -990,7 +996,7 @@ impl<S: StreamElement> MhcCuda<S> {
 
 #[cfg(test)]
 mod geometry_tests {
-    use super::{cf_geometry_with, dx_geometry_with};
+    use super::{cf_geometry_with, dx_geometry_with, sk_lanes_with};
     use crate::cuda::{KERNEL_SOURCE, compile_offline, offline_nvrtc};
 
     /// The host's shared-memory size for `dx_dphi_tc` is the kernel's
@@ -1033,6 +1039,42 @@ mod geometry_tests {
                 }
             }
         }
+    }
+
+    /// The host's threads per token for the Sinkhorn–Knopp kernels are the
+    /// kernels' `SK_THREADS` (a lane per element with `SK_LANES=2` at every n,
+    /// the other modes at n = 3 and 4), and a wrong count does not compile.
+    #[test]
+    fn sk_threads_match_the_kernels() {
+        if !offline_nvrtc() {
+            return;
+        }
+        let mut cases: Vec<(i64, usize)> = (1..=8).map(|n| (2, n)).collect();
+        cases.extend([(0, 4), (1, 3), (1, 4)]);
+        for (mode, n) in cases {
+            let lanes = sk_lanes_with(mode, n);
+            let defines = [
+                format!("-DN={n}"),
+                "-DSTREAM_BF16=1".into(),
+                format!("-DSK_LANES={mode}"),
+                format!("-DEXPECT_SK_THREADS={lanes}"),
+            ];
+            if let Err(e) = compile_offline(KERNEL_SOURCE, &defines, 90, false) {
+                panic!("n = {n}, SK_LANES={mode}: host says {lanes} threads per token: {e}");
+            }
+        }
+        assert_eq!(sk_lanes_with(2, 4), 16);
+        assert_eq!(sk_lanes_with(2, 3), 16);
+        assert_eq!(sk_lanes_with(2, 2), 4);
+        assert_eq!(sk_lanes_with(2, 8), 8);
+        let wrong = [
+            "-DN=4",
+            "-DSTREAM_BF16=1",
+            "-DSK_LANES=2",
+            "-DEXPECT_SK_THREADS=4",
+        ]
+        .map(String::from);
+        assert!(compile_offline(KERNEL_SOURCE, &wrong, 90, false).is_err());
     }
 
     /// The host's shared-memory size for the cp.async `coeff_fwd` is the

@@ -417,6 +417,84 @@ __device__ __forceinline__ SkLane sk_lane(int T) {
 }
 #endif
 
+// SK_LANES 2 (off by default; written offline, not yet run on a GPU): a lane per
+// element of the (padded) N×N matrix, SK_L = SK_G² lanes per token, for 2 ≤ N ≤ 4
+// (other N keep SK_LANES 1). Nsight Compute had coeff_bwd at 38 µs with 15 warps
+// per SM, 0.58 eligible per scheduler and DRAM at 17%: too few warps to hide the
+// latency of its serial sweeps. This gives SK_G times the warps again (the host
+// launches SK_L threads per token), and a half-step is one or two group reductions
+// instead of N. The sums are those of SK_LANES 1, bit for bit: column sums by the
+// same butterfly over the rows, row sums gathered and added left to right as a
+// row lane adds them. coeff_bwd's iterates are stored element-major per token
+// ([2·iters][T][N²]: a warp's stores are contiguous).
+#if SK_LANES == 2 && N >= 2 && N <= 4
+#define SK_EL 1
+#define SK_L (SK_G * SK_G)
+// Sum / maximum over the rows of the lane's column (lanes i, i + SK_G, …): the
+// butterfly of sk_grp_sum over a group of row lanes.
+__device__ __forceinline__ float sk_col_sum(float v) {
+#pragma unroll
+    for (int o = SK_G; o < SK_L; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float sk_col_max(float v) {
+#pragma unroll
+    for (int o = SK_G; o < SK_L; o <<= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+// The value of lane `row0 + i` (i < SK_G) of the caller's row, to every lane.
+__device__ __forceinline__ float sk_row_get(float v, int row0, int i) { return __shfl_sync(0xffffffffu, v, row0 + i); }
+// The calling thread's element: token t (clamped to T − 1 past the end: such
+// groups compute and write nothing), row a, column i; `el` when both are below N;
+// `row0` the warp lane of the row's column 0.
+struct SkEl {
+    long t;
+    int a, i, ar, ir, row0;
+    bool live, el;
+};
+__device__ __forceinline__ SkEl sk_el(int T) {
+    const long gt = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    SkEl e;
+    const long t = gt / SK_L;
+    const int q = (int)(gt % SK_L);
+    e.a = q / SK_G;
+    e.i = q % SK_G;
+    e.live = t < T;
+    e.t = e.live ? t : T - 1;
+    e.el = e.a < N && e.i < N;
+    e.ar = e.a < N ? e.a : 0;
+    e.ir = e.i < N ? e.i : 0;
+    e.row0 = (threadIdx.x & 31) - e.i;
+    return e;
+}
+// Half-step k on the group's matrix, one element per lane (even: columns, odd: rows).
+__device__ __forceinline__ void sk_half_el(float& m, int k, float eps, const SkEl& e) {
+    float s;
+    if ((k & 1) == 0) {
+        s = sk_col_sum(m);
+    } else {
+        s = 0.f;
+#pragma unroll
+        for (int j = 0; j < N; ++j) s += sk_row_get(m, e.row0, j);
+    }
+    const float r = 1.f / fmaxf(s, eps);
+    m = e.el ? m * r : 0.f;
+}
+#else
+#define SK_EL 0
+#endif
+// Threads per token of coeff_finish and coeff_bwd (the host launches this many).
+#if SK_EL
+#define SK_THREADS SK_L
+#elif SK_LANES
+#define SK_THREADS SK_G
+#else
+#define SK_THREADS 1
+#endif
+#ifdef EXPECT_SK_THREADS // the host's count (wrapper.rs, sk_lanes), checked by its unit test
+static_assert(SK_THREADS == EXPECT_SK_THREADS, "sk_lanes differs from the kernels' threads per token");
+#endif
+
 // coeff_finish: one thread per token (SK_LANES: a group of lanes). Adds the split-K
 // partials in order, then r = sqrt(ssq/NC + eps), H̃ = alpha·p/r + b, H_pre = σ,
 // H_post = 2σ, H_res = SK.
@@ -424,7 +502,36 @@ extern "C" __global__ void coeff_finish(const float* __restrict__ part, int spli
                                         int T, int C, float rms_eps, int iters, float sk_eps,
                                         float* __restrict__ coef, float* __restrict__ proj, float* __restrict__ rnorm)
 {
-#if SK_LANES
+#if SK_EL
+    const SkEl e = sk_el(T);
+    const long t = e.t;
+    const float* alpha = params;
+    const float* b = params + 3;
+    // This lane's H_res projection; lanes of column 0 and 1 also H_pre / H_post of their row.
+    float pr = 0.f, pe = 0.f, ssq = 0.f;
+    const bool pp_lane = e.i < 2 && e.a < N;
+    for (int y = 0; y < splits; ++y) {
+        const float* in = part + ((long)y * T + t) * (MF_KP + 1);
+        pr += in[2 * N + e.ar * N + e.ir];
+        if (pp_lane) pe += in[e.i * N + e.a];
+        ssq += in[MF_KP];
+    }
+    const float r = sqrtf(ssq / (float)(N * C) + rms_eps);
+    const float inv = 1.f / r;
+    float* ct = coef + t * K;
+    if (e.live && pp_lane) {
+        proj[t * K + e.i * N + e.a] = pe;
+        ct[e.i * N + e.a] = e.i == 0 ? sigmoidf_(alpha[0] * inv * pe + b[e.a])
+                                     : 2.f * sigmoidf_(alpha[1] * inv * pe + b[N + e.a]);
+    }
+    if (e.live && e.el) proj[t * K + 2 * N + e.a * N + e.i] = pr;
+    if (e.live && e.a == 0 && e.i == 0) rnorm[t] = r;
+    const float l = alpha[2] * inv * pr + b[2 * N + e.ar * N + e.ir];
+    const float mx = sk_col_max(e.el ? l : -__int_as_float(0x7f800000));
+    float m = e.el ? expf(l - mx) : 0.f;
+    for (int k = 0; k < 2 * iters; ++k) sk_half_el(m, k, sk_eps, e);
+    if (e.live && e.el) ct[2 * N + e.a * N + e.i] = m;
+#elif SK_LANES
     const SkLane ln = sk_lane(T);
     const long t = ln.t;
     const int q = ln.qr;
@@ -690,7 +797,75 @@ extern "C" __global__ void coeff_bwd(const float* __restrict__ coef, const float
                                      float* __restrict__ dp, float* __restrict__ xs, float* __restrict__ dtok,
                                      float* __restrict__ hist)
 {
-#if SK_LANES
+#if SK_EL
+    const SkEl e = sk_el(T);
+    const long t = e.t;
+    const bool out = e.live && e.el;
+    const float* alpha = params;
+    const float* b = params + 3;
+    const float* ct = coef + t * K;
+    const float* pt = proj + t * K;
+    const float* gt = dcoef + t * K;
+    const float r = rnorm[t];
+    const float inv = 1.f / r;
+    const int a = e.ar, q = e.ar * N + e.ir; // row; element index in the N×N matrix
+    const float sp = ct[a], sq = 0.5f * ct[N + a];
+    const float dpre = gt[a] * sp * (1.f - sp), dpost = gt[N + a] * 2.f * sq * (1.f - sq);
+    const float l = alpha[2] * inv * pt[2 * N + q] + b[2 * N + q];
+    float g = e.el ? gt[2 * N + q] : 0.f;
+    const float mx = sk_col_max(e.el ? l : -__int_as_float(0x7f800000));
+    float outm = e.el ? expf(l - mx) : 0.f;
+    for (int k = 0; k < 2 * iters; ++k) {
+        if (out) hist[((long)k * T + t) * (N * N) + q] = outm;
+        sk_half_el(outm, k, sk_eps, e);
+    }
+    float in = outm;
+    for (int k = 2 * iters - 1; k >= 0; --k) {
+        // Each lane reads back only what it wrote (other lanes hold zeros).
+        in = out ? hist[((long)k * T + t) * (N * N) + q] : 0.f;
+        if ((k & 1) == 0) {
+            const float s = sk_col_sum(in), gy = sk_col_sum(g * outm);
+            const float active = s > sk_eps ? 1.f : 0.f;
+            g = e.el ? (g - active * gy) * (1.f / fmaxf(s, sk_eps)) : 0.f;
+        } else {
+            float s = 0.f, gy = 0.f;
+#pragma unroll
+            for (int j = 0; j < N; ++j) {
+                s += sk_row_get(in, e.row0, j);
+                gy += sk_row_get(g, e.row0, j) * sk_row_get(outm, e.row0, j);
+            }
+            const float active = s > sk_eps ? 1.f : 0.f;
+            const float rr = 1.f / fmaxf(s, sk_eps);
+            g = e.el ? (g - active * gy) * rr : 0.f;
+        }
+        outm = in;
+    }
+    const float dres = g * in;
+    // Σ over the row (left to right, as a row lane), then over the rows (butterfly).
+    float ga2 = 0.f;
+    const float pres = e.el ? pt[2 * N + q] : 0.f;
+#pragma unroll
+    for (int j = 0; j < N; ++j) ga2 += sk_row_get(dres, e.row0, j) * sk_row_get(pres, e.row0, j);
+    const bool rowl = e.a < N;
+    const float ga0 = sk_col_sum(rowl ? dpre * pt[a] : 0.f), ga1 = sk_col_sum(rowl ? dpost * pt[N + a] : 0.f);
+    ga2 = sk_col_sum(rowl ? ga2 : 0.f);
+    if (e.live && rowl && e.i == 0) {
+        dp[t * K + a] = alpha[0] * inv * dpre;
+        dtok[t * (K + 3) + 3 + a] = dpre;
+    }
+    if (e.live && rowl && e.i == 1) {
+        dp[t * K + N + a] = alpha[1] * inv * dpost;
+        dtok[t * (K + 3) + 3 + N + a] = dpost;
+    }
+    if (out) {
+        dp[t * K + 2 * N + q] = alpha[2] * inv * dres;
+        dtok[t * (K + 3) + 3 + 2 * N + q] = dres;
+    }
+    if (e.live && e.a == 0 && e.i == 0) {
+        const float ga[3] = {ga0, ga1, ga2};
+        coeff_bwd_token(ga, alpha, inv, r, C, t, dtok, xs);
+    }
+#elif SK_LANES
     const SkLane ln = sk_lane(T);
     const long t = ln.t;
     const int q = ln.qr;
