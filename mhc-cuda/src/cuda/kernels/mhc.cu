@@ -791,6 +791,16 @@ __device__ __forceinline__ void coeff_bwd_token(const float* ga, const float* al
 // SK backward: the forward sweep recomputes the iterates from the logits and
 // keeps each half-step's input in `hist` [2·iters][N²][T] (coalesced over
 // tokens), so the reverse sweep reads them instead of recomputing.
+// coeff_bwd's inputs of token t: α, b, the token's coefficients, projections and their
+// gradient, r and 1/r (the lane layouts below share them).
+#define CB_TOKEN_INPUTS                      \
+    const float* alpha = params;             \
+    const float* b = params + 3;             \
+    const float* ct = coef + t * K;          \
+    const float* pt = proj + t * K;          \
+    const float* gt = dcoef + t * K;         \
+    const float r = rnorm[t];                \
+    const float inv = 1.f / r
 extern "C" __global__ void coeff_bwd(const float* __restrict__ coef, const float* __restrict__ proj,
                                      const float* __restrict__ rnorm, const float* __restrict__ params,
                                      const float* __restrict__ dcoef, int T, int C, int iters, float sk_eps,
@@ -801,13 +811,7 @@ extern "C" __global__ void coeff_bwd(const float* __restrict__ coef, const float
     const SkEl e = sk_el(T);
     const long t = e.t;
     const bool out = e.live && e.el;
-    const float* alpha = params;
-    const float* b = params + 3;
-    const float* ct = coef + t * K;
-    const float* pt = proj + t * K;
-    const float* gt = dcoef + t * K;
-    const float r = rnorm[t];
-    const float inv = 1.f / r;
+    CB_TOKEN_INPUTS;
     const int a = e.ar, q = e.ar * N + e.ir; // row; element index in the N×N matrix
     const float sp = ct[a], sq = 0.5f * ct[N + a];
     const float dpre = gt[a] * sp * (1.f - sp), dpost = gt[N + a] * 2.f * sq * (1.f - sq);
@@ -870,13 +874,7 @@ extern "C" __global__ void coeff_bwd(const float* __restrict__ coef, const float
     const long t = ln.t;
     const int q = ln.qr;
     const bool out = ln.live && ln.row;
-    const float* alpha = params;
-    const float* b = params + 3;
-    const float* ct = coef + t * K;
-    const float* pt = proj + t * K;
-    const float* gt = dcoef + t * K;
-    const float r = rnorm[t];
-    const float inv = 1.f / r;
+    CB_TOKEN_INPUTS;
     const float sp = ct[q], sq = 0.5f * ct[N + q];
     const float dpre = gt[q] * sp * (1.f - sp), dpost = gt[N + q] * 2.f * sq * (1.f - sq);
     float l[N], g[N], in[N], outm[N];
