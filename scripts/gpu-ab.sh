@@ -2,7 +2,8 @@
 # On the GPU machine (one call): A/B of kernel variants selected through
 # MHC_CUDA_DEFINES. For each variant ("" is the default build, and the first
 # variant is the reference): the kernel parity tests (flash attention against
-# the GEMM path and the core, the mHC kernels against mhc-core); 40 mHC
+# the GEMM path and the core, the mHC kernels against mhc-core, GPU training
+# steps against the CPU trainer); 40 mHC
 # training steps at heads of 64 whose final weights are compared bit for bit
 # with the first variant's (a variant that only changes how values are loaded
 # should give 0 differing tensors); then the d = 768 training step (residual
@@ -46,7 +47,7 @@ for defs in "$@"; do
   tag="v$i"
   i=$((i + 1))
   echo "== $tag: MHC_CUDA_DEFINES='$defs'" | tee -a "$out/summary.txt"
-  for t in cuda_model_ops cuda_parity; do
+  for t in cuda_model_ops cuda_parity cuda_trainer; do
     MHC_CUDA_DEFINES="$defs" $B/$t --test-threads 1 2>&1 | grep -E "test result|FAILED|panicked" \
       | sed "s/^/  $t: /" | tee -a "$out/summary.txt"
   done

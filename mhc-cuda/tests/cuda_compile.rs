@@ -91,12 +91,14 @@ fn tuning_variants_compile() {
         build("mhc.cu", KERNEL_SOURCE, &defines, 90);
         // dx_dphi_tc's 16-token tiles, planned copies and four-channel epilogue
         // (with either tile height), off by default, coeff_fwd's former ring, and
-        // Sinkhorn–Knopp with a lane per element (not yet run on a GPU).
+        // Sinkhorn–Knopp with a lane per element and the fused post_coeff (not yet
+        // run on a GPU).
         let defines = strings(&[
             &n,
             "-DSTREAM_BF16=1",
             "-DCF_LEAN=0",
             "-DSK_LANES=2",
+            "-DPC_FUSE=1",
             "-DTC_TB=16",
             "-DTC_PTRS=1",
             "-DTC_EPI4=1",

@@ -235,6 +235,109 @@ fn kernels_match_mhc_core_bf16() {
     check::<half::bf16>(&dev, 4, 4096, 300, 2e-2, 98);
 }
 
+/// `forward_into` (this sublayer's merge and the next sublayer's coefficient
+/// partials in one pass, `post_coeff`, built with `PC_FUSE=1` in
+/// `MHC_CUDA_DEFINES`) against two plain forwards: the merged streams bit for
+/// bit (the same sums), the next coefficients and output within f32 rounding
+/// (the projection's columns are added in another order). Without the fused
+/// kernel `forward_into` is the plain forward, and the test says so.
+#[test]
+fn fused_next_coefficients_match_separate_kernels() {
+    type B = half::bf16;
+    let Some(dev) = device() else { return };
+    let st = dev.stream().clone();
+    let bits = |v: Vec<B>| v.iter().map(|b| b.to_bits()).collect::<Vec<_>>();
+    // C % 16 == 0 fuses; C = 20 falls back to the plain forward.
+    for (n, c, tokens) in [
+        (4usize, 64usize, 200usize),
+        (3, 48, 131),
+        (2, 32, 71),
+        (8, 16, 70),
+        (4, 20, 33),
+    ] {
+        let mut rng = Rng::new(7 * n as u64 + c as u64);
+        let config = ConnectionConfig::new(Scheme::MhcDynamic, n, c);
+        let (p1, p2) = (
+            random_params(&config, &mut rng),
+            random_params(&config, &mut rng),
+        );
+        let x_host: Vec<B> = (0..tokens * n * c)
+            .map(|_| B::from_f32(rng.normal() as f32))
+            .collect();
+        let x = st.clone_htod(&x_host).unwrap();
+        let poison = vec![B::from_f32(f32::NAN); x_host.len()];
+        let mut sub = ScaleSublayer { factor: 1.5, n };
+        let new = |p: &ConnectionParams<f32>| {
+            MhcCuda::<B>::new(dev.clone(), &config, p, tokens, false).unwrap()
+        };
+        // Two plain forwards.
+        let (mut a1, mut a2) = (new(&p1), new(&p2));
+        let (mut mid_a, mut out_a) = (
+            st.clone_htod(&poison).unwrap(),
+            st.clone_htod(&poison).unwrap(),
+        );
+        a1.forward(&mut sub, &x, &mut mid_a).unwrap();
+        a2.forward(&mut sub, &mid_a, &mut out_a).unwrap();
+        let coef_a = a2.coefficients_host().unwrap();
+        // The fused forward, then the next wrapper on its output.
+        let (mut b1, mut b2) = (new(&p1), new(&p2));
+        let (mut mid_b, mut out_b) = (
+            st.clone_htod(&poison).unwrap(),
+            st.clone_htod(&poison).unwrap(),
+        );
+        b1.forward_into(&mut sub, &x, &mut mid_b, &mut b2).unwrap();
+        b2.forward(&mut sub, &mid_b, &mut out_b).unwrap();
+        let coef_b = b2.coefficients_host().unwrap();
+        let label = format!(
+            "n={n} C={c} T={tokens} fused={}",
+            b1.fuses_next_coefficients()
+        );
+        eprintln!("{label}");
+        assert_eq!(
+            bits(st.clone_dtoh(&mid_b).unwrap()),
+            bits(st.clone_dtoh(&mid_a).unwrap()),
+            "{label}: merged streams"
+        );
+        let coef_a64: Vec<f64> = coef_a.iter().map(|&v| v as f64).collect();
+        rel_l2(
+            &format!("{label}: next coefficients"),
+            &coef_b,
+            &coef_a64,
+            1e-5,
+        );
+        let out_a64: Vec<f64> = st
+            .clone_dtoh(&out_a)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f64())
+            .collect();
+        let out_b32: Vec<f32> = st
+            .clone_dtoh(&out_b)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        rel_l2(&format!("{label}: next output"), &out_b32, &out_a64, 1e-2);
+        // The partials were for mid_b: a forward of another buffer (same values)
+        // computes its own coefficients, the same bits as the plain path; so does a
+        // second forward of mid_b (the partials are used once).
+        b1.forward_into(&mut sub, &x, &mut mid_b, &mut b2).unwrap();
+        let copy = st.clone_htod(&st.clone_dtoh(&mid_b).unwrap()).unwrap();
+        b2.forward(&mut sub, &copy, &mut out_b).unwrap();
+        assert_eq!(
+            b2.coefficients_host().unwrap(),
+            coef_a,
+            "{label}: another x"
+        );
+        b2.forward(&mut sub, &mid_b, &mut out_b).unwrap();
+        assert_eq!(
+            b2.coefficients_host().unwrap(),
+            coef_a,
+            "{label}: partials used once"
+        );
+    }
+}
+
 /// Dynamic HC (the unconstrained baseline) on the GPU against the core in f64.
 #[test]
 fn hc_kernels_match_mhc_core_f32() {

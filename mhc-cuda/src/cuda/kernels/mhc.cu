@@ -1121,6 +1121,20 @@ __device__ __forceinline__ void ca_stage(unsigned char* st, const stream_t* __re
 // bf16 streams and n ≥ 3 only (ptxas spilled 8–20 bytes with f32 streams at n = 4
 // and with bf16 streams at n ≤ 2).
 #define CA_LEAN (CF_LEAN && STREAM_BF16 && N >= 3)
+// Four / two 8×8 bf16 matrices (ldmatrix, not transposed; lane l addresses row l % 8
+// of matrix l / 8).
+__device__ __forceinline__ void ca_ldsm_x4(const void* p, unsigned* r) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
+__device__ __forceinline__ void ca_ldsm_x2(const void* p, unsigned* r) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
 #if CA_LEAN
 // Copies of one chunk (column offset m from the start of each row) by this thread:
 // x rows row0 + 8u (u < 8, from xp[u]) and the φ' rows row0 + 8u of hi then lo
@@ -1138,20 +1152,6 @@ __device__ __forceinline__ void ca_stage_lean(unsigned char* st, const stream_t*
     }
 #pragma unroll
     for (int u = 0; u < MF_KP / 4; ++u) cp_async<8>(ph + u * 8 * CA_XS, cols_ok ? pp[u] + m : pp[0], cols_ok);
-}
-// Four / two 8×8 bf16 matrices (ldmatrix, not transposed; lane l addresses row l % 8
-// of matrix l / 8).
-__device__ __forceinline__ void ca_ldsm_x4(const void* p, unsigned* r) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p))
-                 : "memory");
-}
-__device__ __forceinline__ void ca_ldsm_x2(const void* p, unsigned* r) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-                 : "=r"(r[0]), "=r"(r[1])
-                 : "r"(smem_addr(p))
-                 : "memory");
 }
 #endif
 
@@ -1324,6 +1324,195 @@ extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
     cf_write_partials(acc, reinterpret_cast<float*>(ca_smem), ssq_sh, part, t0, T);
 }
 #endif // CF_ASYNC
+
+// ---------------------------------------------------------------------------
+// post_coeff (PC_FUSE 1, bf16 streams; off by default, written offline, not yet run
+// on a GPU): this sublayer's post_fwd and the next sublayer's coeff_fwd in one pass.
+// post_fwd writes x' and coeff_fwd reads it straight back: one pass over x' (100 MB
+// a sublayer at d = 768, n = 4, 16k tokens, about 25 µs at the H200's bandwidth)
+// goes. Block: the 64 tokens and 128 threads of coeff_fwd; a chunk is 16 channels of
+// every stream (the N·16 columns m = i·C + c of the projection), through a cp.async
+// ring of PC_STAGES stages: x and y in, the next sublayer's φ' halves for those
+// columns. Each thread forms x' of one token and eight channels of every stream
+// (the sums of post_fwd in its order: the same bits), writes it out and into the A
+// tile of the mma; the products, sums of squares and partials are coeff_fwd's
+// (CF_LEAN's ldmatrix fragments and X·Xᵀ diagonal), in another column order, so the
+// next coefficients differ from coeff_fwd's in the last bits. Needs C % 16 == 0
+// (the host uses the unfused kernels otherwise). Grid (tokens / 64, splits), `span`
+// channels (a multiple of 16) per split; `part` as coeff_fwd's, for coeff_finish.
+#ifndef PC_FUSE
+#define PC_FUSE 0
+#endif
+#if PC_FUSE && STREAM_BF16
+#ifndef PC_STAGES
+#define PC_STAGES 3
+#endif
+static_assert(PC_STAGES >= 2 && PC_STAGES <= 4, "PC_STAGES: 2 to 4 stages");
+#define PC_KC (16 * N)     // columns of a chunk
+#define PC_XS (PC_KC + 8)  // bf16 row stride: an odd multiple of 16 bytes (conflict-free ldmatrix)
+#define PC_YS (16 + 8)
+#define PC_CS (N + N * N)  // per token: H_post, H_res
+#define PC_STAGE_BYTES ((MF_TOK * PC_XS + MF_TOK * PC_YS + 2 * MF_KP * PC_XS) * 2)
+#define PC_SMEM (PC_STAGES * PC_STAGE_BYTES + MF_TOK * PC_XS * 2 + MF_TOK * PC_CS * 4)
+static_assert(MF_TOK * (MF_KP + 1) * 4 <= PC_STAGES * PC_STAGE_BYTES, "the partials epilogue reuses the stages");
+static_assert(PC_STAGE_BYTES % 16 == 0 && (MF_TOK * PC_XS * 2) % 16 == 0 && (MF_TOK * PC_YS * 2) % 16 == 0,
+              "16-byte aligned regions");
+#ifdef EXPECT_PC_SMEM // the host's size (wrapper.rs, pc_smem), checked by its unit test
+static_assert(PC_SMEM == EXPECT_PC_SMEM, "pc_smem differs from PC_SMEM");
+#endif
+
+// Chunk c0 (channels [c0, c0 + 16) of every stream) into stage `st`: x rows (zeros
+// past T), y rows, and rows j of φ'ᵀ hi then lo at columns i·C + c0 + [0, 16).
+__device__ __forceinline__ void pc_stage(unsigned char* st, const stream_t* __restrict__ x,
+                                         const stream_t* __restrict__ y, const bf16_t* __restrict__ hi,
+                                         const bf16_t* __restrict__ lo, long t0, int T, int C, int c0)
+{
+    const int tid = threadIdx.x;
+    bf16_t* xin = reinterpret_cast<bf16_t*>(st);
+    bf16_t* yin = xin + MF_TOK * PC_XS;
+    bf16_t* ph = yin + MF_TOK * PC_YS;
+    const long NC = (long)N * C;
+#pragma unroll
+    for (int u = 0; u < N; ++u) { // MF_TOK · N · 2 copies of 16 bytes, N per thread
+        const int e = tid + 128 * u, r = e / (2 * N), rem = e % (2 * N), j = rem >> 1, h = (rem & 1) * 8;
+        const bool ok = t0 + r < T;
+        cp_async<16>(xin + r * PC_XS + j * 16 + h, x + (ok ? ((t0 + r) * N + j) * C + c0 + h : 0), ok);
+    }
+    {
+        const int r = tid >> 1, h = (tid & 1) * 8;
+        const bool ok = t0 + r < T;
+        cp_async<16>(yin + r * PC_YS + h, y + (ok ? (t0 + r) * C + c0 + h : 0), ok);
+    }
+    for (int e = tid; e < 2 * MF_KP * 2 * N; e += 128) {
+        const int r = e / (2 * N), rem = e % (2 * N), i = rem >> 1, h = (rem & 1) * 8; // r: half · MF_KP + j
+        const int j = r % MF_KP;
+        cp_async<16>(ph + r * PC_XS + i * 16 + h, (r < MF_KP ? hi : lo) + (long)j * NC + (long)i * C + c0 + h, true);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) post_coeff(
+    const stream_t* __restrict__ x, const float* __restrict__ coef, const stream_t* __restrict__ y,
+    const bf16_t* __restrict__ phit_hi, const bf16_t* __restrict__ phit_lo, int T, int C, int span,
+    stream_t* __restrict__ out, float* __restrict__ part)
+{
+    extern __shared__ __align__(16) unsigned char pc_smem[];
+    {
+        unsigned avail;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(avail));
+        if (avail < PC_SMEM) asm volatile("trap;"); // launched with less shared memory than the layout needs
+    }
+    __shared__ float ssq_sh[MF_TOK];
+    bf16_t* xa = reinterpret_cast<bf16_t*>(pc_smem + PC_STAGES * PC_STAGE_BYTES); // x' of the chunk: the A tile
+    float* cs = reinterpret_cast<float*>(pc_smem + PC_STAGES * PC_STAGE_BYTES + MF_TOK * PC_XS * 2);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
+    const long t0 = (long)blockIdx.x * MF_TOK;
+    const int cbeg = blockIdx.y * span, cend = min(C, cbeg + span);
+    const int chunks = cbeg < cend ? (cend - cbeg) / 16 : 0;
+    // H_post and H_res of the block's tokens (zeros past T), read by the loop after its first barrier.
+    for (int e = tid; e < MF_TOK * PC_CS; e += 128) {
+        const int r = e / PC_CS, j = e % PC_CS;
+        cs[e] = t0 + r < T ? coef[(t0 + r) * K + N + j] : 0.f;
+    }
+    float acc[MF_NT][4];
+#pragma unroll
+    for (int j = 0; j < MF_NT; ++j) { acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f; }
+    float gram[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}}; // X'·X'ᵀ, tokens 0–7 and 8–15 as columns
+    const int lr = lane & 7, lm = lane >> 3;
+    const int a_off = (warp * 16 + lr + (lm & 1) * 8) * PC_XS + (lm >> 1) * 8;
+    const int b_off = ((lm >> 1) * 8 + lr) * PC_XS + (lm & 1) * 8;
+    const int row = tid >> 1, h8 = (tid & 1) * 8; // this thread's x': token row, channels h8 … h8 + 7
+    const long trow = t0 + row;
+#pragma unroll
+    for (int sl = 0; sl < PC_STAGES - 1; ++sl) {
+        if (sl < chunks) pc_stage(pc_smem + sl * PC_STAGE_BYTES, x, y, phit_hi, phit_lo, t0, T, C, cbeg + 16 * sl);
+        cp_commit();
+    }
+    int slot = 0;
+    for (int ci = 0; ci < chunks; ++ci, slot = slot + 1 == PC_STAGES ? 0 : slot + 1) {
+        cp_wait<PC_STAGES - 2>();
+        __syncthreads(); // chunk ci has landed; every warp is done with the previous chunk's A tile and stage
+        {
+            const int cn = ci + PC_STAGES - 1, sn = slot == 0 ? PC_STAGES - 1 : slot - 1;
+            if (cn < chunks)
+                pc_stage(pc_smem + sn * PC_STAGE_BYTES, x, y, phit_hi, phit_lo, t0, T, C, cbeg + 16 * cn);
+            cp_commit();
+        }
+        const bf16_t* xin = reinterpret_cast<const bf16_t*>(pc_smem + slot * PC_STAGE_BYTES);
+        const bf16_t* yin = xin + MF_TOK * PC_XS;
+        const bf16_t* ph_hi = yin + MF_TOK * PC_YS;
+        const bf16_t* ph_lo = ph_hi + MF_KP * PC_XS;
+        const int c0 = cbeg + 16 * ci;
+        {
+            // x'[o] = H_post[o]·y + Σ_j H_res[o, j]·x[j], added as post_fwd adds them.
+            uint4 xw[N];
+#pragma unroll
+            for (int j = 0; j < N; ++j) xw[j] = *reinterpret_cast<const uint4*>(xin + row * PC_XS + j * 16 + h8);
+            const uint4 yw = *reinterpret_cast<const uint4*>(yin + row * PC_YS + h8);
+            const unsigned yu[4] = {yw.x, yw.y, yw.z, yw.w};
+            const float* ct = cs + row * PC_CS;
+#pragma unroll
+            for (int o = 0; o < N; ++o) {
+                const float p = ct[o];
+                float a[8];
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    a[2 * u] = p * __uint_as_float(yu[u] << 16);
+                    a[2 * u + 1] = p * __uint_as_float(yu[u] & 0xffff0000u);
+                }
+#pragma unroll
+                for (int j = 0; j < N; ++j) {
+                    const float w = ct[N + o * N + j];
+                    const unsigned xu[4] = {xw[j].x, xw[j].y, xw[j].z, xw[j].w};
+#pragma unroll
+                    for (int u = 0; u < 4; ++u) {
+                        a[2 * u] += w * __uint_as_float(xu[u] << 16);
+                        a[2 * u + 1] += w * __uint_as_float(xu[u] & 0xffff0000u);
+                    }
+                }
+                uint4 packed;
+                packed.x = (unsigned)f32_to_bf16(a[0]) | ((unsigned)f32_to_bf16(a[1]) << 16);
+                packed.y = (unsigned)f32_to_bf16(a[2]) | ((unsigned)f32_to_bf16(a[3]) << 16);
+                packed.z = (unsigned)f32_to_bf16(a[4]) | ((unsigned)f32_to_bf16(a[5]) << 16);
+                packed.w = (unsigned)f32_to_bf16(a[6]) | ((unsigned)f32_to_bf16(a[7]) << 16);
+                *reinterpret_cast<uint4*>(xa + row * PC_XS + o * 16 + h8) = packed;
+                if (trow < T) *reinterpret_cast<uint4*>(out + (trow * N + o) * C + c0 + h8) = packed;
+            }
+        }
+        __syncthreads(); // the A tile is whole
+#pragma unroll
+        for (int s = 0; s < N; ++s) {
+            unsigned a[4];
+            ca_ldsm_x4(xa + a_off + 16 * s, a);
+            mma_bf16(gram[0], a[0], a[1], a[2], a[3], a[0], a[2]);
+            mma_bf16(gram[1], a[0], a[1], a[2], a[3], a[1], a[3]);
+#pragma unroll
+            for (int nt = 0; nt < MF_NT; nt += 2) {
+                unsigned bh[4], bl[4];
+                if (nt + 1 < MF_NT) {
+                    ca_ldsm_x4(ph_hi + nt * 8 * PC_XS + b_off + 16 * s, bh);
+                    ca_ldsm_x4(ph_lo + nt * 8 * PC_XS + b_off + 16 * s, bl);
+                } else {
+                    ca_ldsm_x2(ph_hi + nt * 8 * PC_XS + b_off + 16 * s, bh);
+                    ca_ldsm_x2(ph_lo + nt * 8 * PC_XS + b_off + 16 * s, bl);
+                }
+                mma_bf16(acc[nt], a[0], a[1], a[2], a[3], bh[0], bh[1]);
+                mma_bf16(acc[nt], a[0], a[1], a[2], a[3], bl[0], bl[1]);
+                if (nt + 1 < MF_NT) {
+                    mma_bf16(acc[nt + 1], a[0], a[1], a[2], a[3], bh[2], bh[3]);
+                    mma_bf16(acc[nt + 1], a[0], a[1], a[2], a[3], bl[2], bl[3]);
+                }
+            }
+        }
+    }
+    cp_wait<0>();
+    __syncthreads(); // the stages are free: the epilogue reuses them
+    if (q == (g >> 1)) {
+        ssq_sh[warp * 16 + g] = (g & 1) ? gram[0][1] : gram[0][0];
+        ssq_sh[warp * 16 + 8 + g] = (g & 1) ? gram[1][3] : gram[1][2];
+    }
+    cf_write_partials(acc, reinterpret_cast<float*>(pc_smem), ssq_sh, part, t0, T);
+}
+#endif // PC_FUSE && STREAM_BF16
 
 // ---------------------------------------------------------------------------
 // dx_dphi: grid (C / DX_CT channel tiles, token chunks); thread = one (stream i, channel c).
