@@ -917,7 +917,10 @@ impl<S: StreamElement> MhcCuda<S> {
     /// with `PC_FUSE=1` in `MHC_CUDA_DEFINES` at bf16 streams and C % 16 = 0;
     /// written offline, not yet run on a GPU). `next`'s forward of `out` then
     /// finishes those partials instead of reading `out` again; called with
-    /// another `x` first, it computes its own. Without the kernel, or with a
+    /// another `x` first, it computes its own. The partials are known by
+    /// `out`'s device address and token count: `next`'s next forward must be of
+    /// `out` as written here (a buffer reallocated at that address with other
+    /// values in between would be taken for it). Without the kernel, or with a
     /// `next` of another n, C or a smaller capacity: [`Self::forward`].
     pub fn forward_into(
         &mut self,
