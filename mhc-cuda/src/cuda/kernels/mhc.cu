@@ -1135,6 +1135,48 @@ __device__ __forceinline__ void ca_ldsm_x2(const void* p, unsigned* r) {
                  : "r"(smem_addr(p))
                  : "memory");
 }
+#if STREAM_BF16
+// One k-step (16 columns) of the lean projection: the A fragments of this warp's 16
+// tokens by ldmatrix at `ap` (row stride XS), X·Xᵀ into gram (its B fragments are the A
+// fragments reordered), and the products with the φ′ halves' B fragments at column
+// offset `boff + col` (rows nt·8 … of ph_hi / ph_lo, stride XS) into acc.
+template <int XS>
+__device__ __forceinline__ void cf_lean_kstep(const bf16_t* ap, const bf16_t* ph_hi, const bf16_t* ph_lo, int boff,
+                                              int col, float (&acc)[MF_NT][4], float (&gram)[2][4])
+{
+    unsigned a[4];
+    ca_ldsm_x4(ap, a);
+    mma_bf16(gram[0], a[0], a[1], a[2], a[3], a[0], a[2]);
+    mma_bf16(gram[1], a[0], a[1], a[2], a[3], a[1], a[3]);
+#pragma unroll
+    for (int nt = 0; nt < MF_NT; nt += 2) {
+        unsigned bh[4], bl[4];
+        if (nt + 1 < MF_NT) {
+            ca_ldsm_x4(ph_hi + nt * 8 * XS + boff + col, bh);
+            ca_ldsm_x4(ph_lo + nt * 8 * XS + boff + col, bl);
+        } else {
+            ca_ldsm_x2(ph_hi + nt * 8 * XS + boff + col, bh);
+            ca_ldsm_x2(ph_lo + nt * 8 * XS + boff + col, bl);
+        }
+        mma_bf16(acc[nt], a[0], a[1], a[2], a[3], bh[0], bh[1]);
+        mma_bf16(acc[nt], a[0], a[1], a[2], a[3], bl[0], bl[1]);
+        if (nt + 1 < MF_NT) {
+            mma_bf16(acc[nt + 1], a[0], a[1], a[2], a[3], bh[2], bh[3]);
+            mma_bf16(acc[nt + 1], a[0], a[1], a[2], a[3], bl[2], bl[3]);
+        }
+    }
+}
+// Diagonal of X·Xᵀ, the tokens' sums of squares: token g sits in gram[0] (row g, column
+// 2q + e with e = g & 1), token 8 + g in gram[1] (row 8 + g, column 2q + e), both at the
+// lane with q = g / 2.
+__device__ __forceinline__ void cf_gram_ssq(const float (&gram)[2][4], float* ssq_sh) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+    if (q == (g >> 1)) {
+        ssq_sh[warp * 16 + g] = (g & 1) ? gram[0][1] : gram[0][0];
+        ssq_sh[warp * 16 + 8 + g] = (g & 1) ? gram[1][3] : gram[1][2];
+    }
+}
+#endif
 #if CA_LEAN
 // Copies of one chunk (column offset m from the start of each row) by this thread:
 // x rows row0 + 8u (u < 8, from xp[u]) and the φ' rows row0 + 8u of hi then lo
@@ -1227,6 +1269,8 @@ extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
         const bf16_t* ph_hi = reinterpret_cast<const bf16_t*>(ca_smem + slot * CA_STAGE_BYTES + CA_XBYTES);
         const bf16_t* ph_lo = ph_hi + MF_KP * CA_XS;
 #if CA_LEAN
+        // (cf_lean_kstep's products, written out: through the helper ptxas scheduled
+        // this measured loop differently.)
 #pragma unroll
         for (int s = 0; s < CA_KC / 16; ++s) {
             unsigned a[4];
@@ -1305,8 +1349,6 @@ extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
     cp_wait<0>();
     __syncthreads(); // the stages are free: the epilogue reuses them
 #if CA_LEAN
-    // Diagonal of X·Xᵀ: token g sits in gram[0] (row g, column 2q + e with e = g & 1),
-    // token 8 + g in gram[1] (row 8 + g, column 2q + e), both at the lane with q = g / 2.
     if (q == (g >> 1)) {
         ssq_sh[warp * 16 + g] = (g & 1) ? gram[0][1] : gram[0][0];
         ssq_sh[warp * 16 + 8 + g] = (g & 1) ? gram[1][3] : gram[1][2];
@@ -1344,6 +1386,9 @@ extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
 #define PC_FUSE 0
 #endif
 #if PC_FUSE && STREAM_BF16
+#if !CF_ASYNC
+#error "PC_FUSE=1 needs CF_ASYNC=1 (it shares coeff_fwd's ring helpers)"
+#endif
 #ifndef PC_STAGES
 #define PC_STAGES 3
 #endif
@@ -1396,12 +1441,10 @@ extern "C" __global__ void __launch_bounds__(128) post_coeff(
     stream_t* __restrict__ out, float* __restrict__ part)
 {
     extern __shared__ __align__(16) unsigned char pc_smem[];
-    {
-        unsigned avail;
-        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(avail));
-        if (avail < PC_SMEM) asm volatile("trap;"); // launched with less shared memory than the layout needs
-    }
     __shared__ float ssq_sh[MF_TOK];
+    unsigned avail;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(avail));
+    if (avail < PC_SMEM) asm volatile("trap;"); // launched with less shared memory than the layout needs
     bf16_t* xa = reinterpret_cast<bf16_t*>(pc_smem + PC_STAGES * PC_STAGE_BYTES); // x' of the chunk: the A tile
     float* cs = reinterpret_cast<float*>(pc_smem + PC_STAGES * PC_STAGE_BYTES + MF_TOK * PC_XS * 2);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
@@ -1480,36 +1523,11 @@ extern "C" __global__ void __launch_bounds__(128) post_coeff(
         }
         __syncthreads(); // the A tile is whole
 #pragma unroll
-        for (int s = 0; s < N; ++s) {
-            unsigned a[4];
-            ca_ldsm_x4(xa + a_off + 16 * s, a);
-            mma_bf16(gram[0], a[0], a[1], a[2], a[3], a[0], a[2]);
-            mma_bf16(gram[1], a[0], a[1], a[2], a[3], a[1], a[3]);
-#pragma unroll
-            for (int nt = 0; nt < MF_NT; nt += 2) {
-                unsigned bh[4], bl[4];
-                if (nt + 1 < MF_NT) {
-                    ca_ldsm_x4(ph_hi + nt * 8 * PC_XS + b_off + 16 * s, bh);
-                    ca_ldsm_x4(ph_lo + nt * 8 * PC_XS + b_off + 16 * s, bl);
-                } else {
-                    ca_ldsm_x2(ph_hi + nt * 8 * PC_XS + b_off + 16 * s, bh);
-                    ca_ldsm_x2(ph_lo + nt * 8 * PC_XS + b_off + 16 * s, bl);
-                }
-                mma_bf16(acc[nt], a[0], a[1], a[2], a[3], bh[0], bh[1]);
-                mma_bf16(acc[nt], a[0], a[1], a[2], a[3], bl[0], bl[1]);
-                if (nt + 1 < MF_NT) {
-                    mma_bf16(acc[nt + 1], a[0], a[1], a[2], a[3], bh[2], bh[3]);
-                    mma_bf16(acc[nt + 1], a[0], a[1], a[2], a[3], bl[2], bl[3]);
-                }
-            }
-        }
+        for (int s = 0; s < N; ++s) cf_lean_kstep<PC_XS>(xa + a_off + 16 * s, ph_hi, ph_lo, b_off, 16 * s, acc, gram);
     }
     cp_wait<0>();
     __syncthreads(); // the stages are free: the epilogue reuses them
-    if (q == (g >> 1)) {
-        ssq_sh[warp * 16 + g] = (g & 1) ? gram[0][1] : gram[0][0];
-        ssq_sh[warp * 16 + 8 + g] = (g & 1) ? gram[1][3] : gram[1][2];
-    }
+    cf_gram_ssq(gram, ssq_sh);
     cf_write_partials(acc, reinterpret_cast<float*>(pc_smem), ssq_sh, part, t0, T);
 }
 #endif // PC_FUSE && STREAM_BF16
