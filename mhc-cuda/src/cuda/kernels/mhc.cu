@@ -1447,7 +1447,7 @@ extern "C" __global__ void __launch_bounds__(128) post_coeff(
     if (avail < PC_SMEM) asm volatile("trap;"); // launched with less shared memory than the layout needs
     bf16_t* xa = reinterpret_cast<bf16_t*>(pc_smem + PC_STAGES * PC_STAGE_BYTES); // x' of the chunk: the A tile
     float* cs = reinterpret_cast<float*>(pc_smem + PC_STAGES * PC_STAGE_BYTES + MF_TOK * PC_XS * 2);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const long t0 = (long)blockIdx.x * MF_TOK;
     const int cbeg = blockIdx.y * span, cend = min(C, cbeg + span);
     const int chunks = cbeg < cend ? (cend - cbeg) / 16 : 0;
