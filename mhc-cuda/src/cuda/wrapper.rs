@@ -764,26 +764,9 @@ impl<S: StreamElement> MhcCuda<S> {
     /// `coeff_fwd`: the split-K partials of the coefficients of `x`; returns the splits.
     fn launch_coeff_partials(&mut self, x: &CudaSlice<S>, tokens: usize) -> CudaResult<usize> {
         let (t, c) = (tokens as i32, self.c as i32);
-        let nc = self.n * self.c;
-        // Split the nC reduction so the grid fills the resident blocks of one wave
-        // (more bytes of x in flight than one block per 64 tokens can keep), rounding
-        // down: a grid just over one wave took two.
         let (chunk, smem) = (self.cf_chunk, self.cf_smem); // MF_KC or CA_KC of the kernel
         let blocks = tokens.div_ceil(CF_TOK);
-        let sm = self.dev.multiprocessors()? as usize;
-        // Resident blocks per SM: four for the register version; for the cp.async
-        // ring as many as Hopper's 228 KiB of shared memory per SM hold (1 KiB
-        // reserved per block).
-        let resident = if smem == 0 {
-            4
-        } else {
-            (228 * 1024 / (smem + 1024)).clamp(1, 16)
-        };
-        let splits = (resident * sm / blocks)
-            .clamp(1, MAX_SPLITS)
-            .min(nc.div_ceil(chunk));
-        let span = nc.div_ceil(splits).next_multiple_of(chunk);
-        let splits = nc.div_ceil(span);
+        let (splits, span) = self.split_k(blocks, smem, self.n * self.c, chunk)?;
         let span_i = span as i32;
         let st = self.dev.stream().clone();
         {
@@ -805,6 +788,34 @@ impl<S: StreamElement> MhcCuda<S> {
             debug_sync(&self.dev, "coeff_fwd")?;
         }
         Ok(splits)
+    }
+
+    /// Split-K of a reduction over `len` columns in units of `unit` for `blocks`
+    /// blocks of 64 tokens with `smem` bytes of dynamic shared memory each:
+    /// (splits, columns per split, a multiple of `unit`). The grid fills the
+    /// resident blocks of one wave (more bytes in flight than one block per 64
+    /// tokens can keep), rounding down: a grid just over one wave took two.
+    fn split_k(
+        &self,
+        blocks: usize,
+        smem: usize,
+        len: usize,
+        unit: usize,
+    ) -> CudaResult<(usize, usize)> {
+        let sm = self.dev.multiprocessors()? as usize;
+        // Resident blocks per SM: four for the register coeff_fwd (no dynamic shared
+        // memory); otherwise as many as Hopper's 228 KiB of shared memory per SM
+        // hold (1 KiB reserved per block).
+        let resident = if smem == 0 {
+            4
+        } else {
+            (228 * 1024 / (smem + 1024)).clamp(1, 16)
+        };
+        let splits = (resident * sm / blocks.max(1))
+            .clamp(1, MAX_SPLITS)
+            .min(len.div_ceil(unit));
+        let span = len.div_ceil(splits).next_multiple_of(unit);
+        Ok((len.div_ceil(span), span))
     }
 
     /// `coeff_finish`: the coefficients from `splits` partials.
@@ -938,11 +949,7 @@ impl<S: StreamElement> MhcCuda<S> {
         let tokens = self.forward_to_sublayer(sublayer, x, out)?;
         let c = self.c;
         let blocks = tokens.div_ceil(CF_TOK);
-        let sm = self.dev.multiprocessors()? as usize;
-        let resident = (228 * 1024 / (smem + 1024)).clamp(1, 16);
-        let splits = (resident * sm / blocks).clamp(1, MAX_SPLITS).min(c / 16);
-        let span = (c / 16).div_ceil(splits) * 16;
-        let splits = c.div_ceil(span);
+        let (splits, span) = self.split_k(blocks, smem, c, 16)?;
         let (t, c_i, span_i) = (tokens as i32, c as i32, span as i32);
         let st = self.dev.stream().clone();
         let mut b = st.launch_builder(&f);
