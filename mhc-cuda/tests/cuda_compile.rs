@@ -91,8 +91,8 @@ fn tuning_variants_compile() {
         build("mhc.cu", KERNEL_SOURCE, &defines, 90);
         // dx_dphi_tc's 16-token tiles, planned copies and four-channel epilogue
         // (with either tile height), off by default, coeff_fwd's former ring, and
-        // Sinkhorn–Knopp with a lane per element and the fused post_coeff (not yet
-        // run on a GPU).
+        // Sinkhorn–Knopp with a lane per element and the fused post_coeff (measured
+        // on the H200, kept off: no gain and slower).
         let defines = strings(&[
             &n,
             "-DSTREAM_BF16=1",
@@ -105,6 +105,12 @@ fn tuning_variants_compile() {
         ]);
         build("mhc.cu", KERNEL_SOURCE, &defines, 90);
         let defines = strings(&[&n, "-DSTREAM_BF16=1", "-DTC_PTRS=1", "-DTC_EPI4=1"]);
+        build("mhc.cu", KERNEL_SOURCE, &defines, 90);
+        // coeff_bwd without and with a deeper read-ahead, and dx_dphi_tc's former
+        // fragment loads (shared memory every tile).
+        let defines = strings(&[&n, "-DSTREAM_BF16=1", "-DSK_PF=0", "-DTC_FRAG=0"]);
+        build("mhc.cu", KERNEL_SOURCE, &defines, 90);
+        let defines = strings(&[&n, "-DSTREAM_BF16=0", "-DSK_PF=8"]);
         build("mhc.cu", KERNEL_SOURCE, &defines, 90);
         for bf16 in ["-DSTREAM_BF16=0", "-DSTREAM_BF16=1"] {
             let defines = strings(&[&n, bf16, "-DSK_LANES=0", "-DTC_LEAN=0", "-DCF_ASYNC=0"]);

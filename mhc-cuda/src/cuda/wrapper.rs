@@ -926,7 +926,9 @@ impl<S: StreamElement> MhcCuda<S> {
     /// partials of `next`, the wrapper whose forward reads `out` next
     /// (`post_coeff`: `post_fwd` and `next`'s `coeff_fwd` in one kernel, built
     /// with `PC_FUSE=1` in `MHC_CUDA_DEFINES` at bf16 streams and C % 16 = 0;
-    /// written offline, not yet run on a GPU). `next`'s forward of `out` then
+    /// off by default: measured on the H200, the mHC step 40.6 → 43.0 ms, the
+    /// fused kernel being slower than the two it replaces; see the README).
+    /// `next`'s forward of `out` then
     /// finishes those partials instead of reading `out` again; called with
     /// another `x` first, it computes its own. The partials are known by
     /// `out`'s device address and token count: `next`'s next forward must be of
@@ -949,7 +951,13 @@ impl<S: StreamElement> MhcCuda<S> {
         let tokens = self.forward_to_sublayer(sublayer, x, out)?;
         let c = self.c;
         let blocks = tokens.div_ceil(CF_TOK);
-        let (splits, span) = self.split_k(blocks, smem, c, 16)?;
+        let (mut splits, mut span) = self.split_k(blocks, smem, c, 16)?;
+        if let Some(want) = super::tuning_define("PC_SPLITS") {
+            // A/B of the grid: PC_SPLITS splits over the channels (at most MAX_SPLITS and C / 16).
+            splits = (want.max(1) as usize).min(MAX_SPLITS).min(c / 16);
+            span = c.div_ceil(splits).next_multiple_of(16);
+            splits = c.div_ceil(span);
+        }
         let (t, c_i, span_i) = (tokens as i32, c as i32, span as i32);
         let st = self.dev.stream().clone();
         let mut b = st.launch_builder(&f);

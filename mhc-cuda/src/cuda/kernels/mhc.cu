@@ -358,6 +358,19 @@ extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
 #ifndef SK_LANES
 #define SK_LANES 1
 #endif
+// SK_PF (SK_LANES 1): coeff_bwd's reverse sweep reads the stored iterates SK_PF
+// half-steps ahead (0: each read as its half-step starts). The 2·iters reads of hist
+// were each consumed at once, so every half-step waited for a round trip to L2 (the
+// 42 MB of iterates at 16k tokens, n = 4, 20 iterations; the grid is one wave, so the
+// kernel's time is one token's chain: SK_LANES 2's extra warps did not shorten it).
+// The same arithmetic in the same order: the same bits. Measured on the H200
+// (results/ab/summary_sk_pf.txt): 40 steps give the same weights for 0, 2, 4, 8;
+// coeff_bwd 38.0 µs at 0, 33.1 at 2, 33.2 at 4, 35.3 at 8 (Nsight Compute, one
+// launch); the mHC step 41.1 / 41.0 / 40.9 / 41.0 ms, within the noise.
+#ifndef SK_PF
+#define SK_PF 2
+#endif
+static_assert(SK_PF >= 0 && SK_PF <= 8, "SK_PF: 0 to 8 half-steps ahead");
 #if SK_LANES
 #define SK_G (N <= 1 ? 1 : N <= 2 ? 2 : N <= 4 ? 4 : 8)
 // Sum / maximum over the SK_G lanes of a token's group; every lane gets the same value.
@@ -397,6 +410,28 @@ __device__ __forceinline__ void sk_half_row(float* m, int k, float eps, bool row
         for (int i = 0; i < N; ++i) m[i] = row ? m[i] * r : 0.f;
     }
 }
+// Reverse half-step k of the sweep on the lane's row: g, the gradient of the
+// half-step's output outm, becomes the gradient of its input `in`; then outm = in.
+__device__ __forceinline__ void sk_back_row(int k, const float* in, float* g, float* outm, float eps, bool row) {
+    if ((k & 1) == 0) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            const float s = sk_grp_sum(in[i]), gy = sk_grp_sum(g[i] * outm[i]);
+            const float active = s > eps ? 1.f : 0.f;
+            g[i] = row ? (g[i] - active * gy) * (1.f / fmaxf(s, eps)) : 0.f;
+        }
+    } else {
+        float s = 0.f, gy = 0.f;
+#pragma unroll
+        for (int i = 0; i < N; ++i) { s += in[i]; gy += g[i] * outm[i]; }
+        const float active = s > eps ? 1.f : 0.f;
+        const float rr = 1.f / fmaxf(s, eps);
+#pragma unroll
+        for (int i = 0; i < N; ++i) g[i] = row ? (g[i] - active * gy) * rr : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < N; ++i) outm[i] = in[i];
+}
 // The group of the calling thread: token t (clamped to T − 1 past the end: such
 // groups compute and write nothing), lane q; `row` when q < N.
 struct SkLane {
@@ -417,7 +452,9 @@ __device__ __forceinline__ SkLane sk_lane(int T) {
 }
 #endif
 
-// SK_LANES 2 (off by default; written offline, not yet run on a GPU): a lane per
+// SK_LANES 2 (off by default; measured on the H200: the same weights after 40 steps
+// as SK_LANES 1, the mHC step 40.8 ms either way, since the one-wave grid waits for
+// one token's serial sweep, not for warps): a lane per
 // element of the (padded) N×N matrix, SK_L = SK_G² lanes per token, for 2 ≤ N ≤ 4
 // (other N keep SK_LANES 1). Nsight Compute had coeff_bwd at 38 µs with 15 warps
 // per SM, 0.58 eligible per scheduler and DRAM at 17%: too few warps to hide the
@@ -893,29 +930,38 @@ extern "C" __global__ void coeff_bwd(const float* __restrict__ coef, const float
     }
 #pragma unroll
     for (int i = 0; i < N; ++i) in[i] = outm[i];
-    for (int k = 2 * iters - 1; k >= 0; --k) {
-        // Each lane reads back only what it wrote (lanes past N and groups past T hold zeros).
+    // Each lane reads back only what it wrote (lanes past N and groups past T hold zeros).
+    const float* hq = hist + (long)q * N * T + t; // half-step k's element i: hq[(k·N² + i)·T]
+#if SK_PF
+    // The reads of hist SK_PF half-steps ahead of the sweep (a ring of SK_PF register
+    // rows; the loop unrolled SK_PF times so that the ring is indexed statically).
+    float pf[SK_PF][N];
 #pragma unroll
-        for (int i = 0; i < N; ++i) in[i] = out ? hist[((long)k * (N * N) + q * N + i) * T + t] : 0.f;
-        if ((k & 1) == 0) {
+    for (int p = 0; p < SK_PF; ++p) {
+        const int k = 2 * iters - 1 - p;
+#pragma unroll
+        for (int i = 0; i < N; ++i) pf[p][i] = out && k >= 0 ? hq[((long)k * (N * N) + i) * T] : 0.f;
+    }
+    for (int k0 = 2 * iters - 1; k0 >= 0; k0 -= SK_PF) {
+#pragma unroll
+        for (int p = 0; p < SK_PF; ++p) {
+            const int k = k0 - p, kn = k - SK_PF; // k: the same for every thread
+            if (k < 0) break;
 #pragma unroll
             for (int i = 0; i < N; ++i) {
-                const float s = sk_grp_sum(in[i]), gy = sk_grp_sum(g[i] * outm[i]);
-                const float active = s > sk_eps ? 1.f : 0.f;
-                g[i] = ln.row ? (g[i] - active * gy) * (1.f / fmaxf(s, sk_eps)) : 0.f;
+                in[i] = pf[p][i];
+                pf[p][i] = out && kn >= 0 ? hq[((long)kn * (N * N) + i) * T] : 0.f;
             }
-        } else {
-            float s = 0.f, gy = 0.f;
-#pragma unroll
-            for (int i = 0; i < N; ++i) { s += in[i]; gy += g[i] * outm[i]; }
-            const float active = s > sk_eps ? 1.f : 0.f;
-            const float rr = 1.f / fmaxf(s, sk_eps);
-#pragma unroll
-            for (int i = 0; i < N; ++i) g[i] = ln.row ? (g[i] - active * gy) * rr : 0.f;
+            sk_back_row(k, in, g, outm, sk_eps, ln.row);
         }
-#pragma unroll
-        for (int i = 0; i < N; ++i) outm[i] = in[i];
     }
+#else
+    for (int k = 2 * iters - 1; k >= 0; --k) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) in[i] = out ? hq[((long)k * (N * N) + i) * T] : 0.f;
+        sk_back_row(k, in, g, outm, sk_eps, ln.row);
+    }
+#endif
     float dres[N], ga2 = 0.f;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
@@ -1050,6 +1096,20 @@ __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_grou
 template <int PENDING>
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory"); }
 
+// Four / two 8×8 bf16 matrices (ldmatrix, not transposed; lane l addresses row l % 8
+// of matrix l / 8).
+__device__ __forceinline__ void ca_ldsm_x4(const void* p, unsigned* r) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
+__device__ __forceinline__ void ca_ldsm_x2(const void* p, unsigned* r) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
 #if CF_ASYNC
 // ---------------------------------------------------------------------------
 // coeff_fwd (CF_ASYNC): the same products and outputs as the register version
@@ -1121,20 +1181,6 @@ __device__ __forceinline__ void ca_stage(unsigned char* st, const stream_t* __re
 // bf16 streams and n ≥ 3 only (ptxas spilled 8–20 bytes with f32 streams at n = 4
 // and with bf16 streams at n ≤ 2).
 #define CA_LEAN (CF_LEAN && STREAM_BF16 && N >= 3)
-// Four / two 8×8 bf16 matrices (ldmatrix, not transposed; lane l addresses row l % 8
-// of matrix l / 8).
-__device__ __forceinline__ void ca_ldsm_x4(const void* p, unsigned* r) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p))
-                 : "memory");
-}
-__device__ __forceinline__ void ca_ldsm_x2(const void* p, unsigned* r) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-                 : "=r"(r[0]), "=r"(r[1])
-                 : "r"(smem_addr(p))
-                 : "memory");
-}
 #if STREAM_BF16
 // One k-step (16 columns) of the lean projection: the A fragments of this warp's 16
 // tokens by ldmatrix at `ap` (row stride XS), X·Xᵀ into gram (its B fragments are the A
@@ -1368,8 +1414,12 @@ extern "C" __global__ void __launch_bounds__(128) coeff_fwd(
 #endif // CF_ASYNC
 
 // ---------------------------------------------------------------------------
-// post_coeff (PC_FUSE 1, bf16 streams; off by default, written offline, not yet run
-// on a GPU): this sublayer's post_fwd and the next sublayer's coeff_fwd in one pass.
+// post_coeff (PC_FUSE 1, bf16 streams; off by default): this sublayer's post_fwd and
+// the next sublayer's coeff_fwd in one pass. Measured on the H200: correct (its GPU
+// test and the trainer tests pass) but slower, 204–235 µs per call whatever the grid
+// (PC_STAGES 2–3, the host's PC_SPLITS 1–8) against 99 µs for post_fwd + coeff_fwd,
+// the mHC step 40.6 → 43.0 ms: the x′ pass and the projection of each chunk run
+// between barriers with four warps a block, 40% of the stalls on shared memory.
 // post_fwd writes x' and coeff_fwd reads it straight back: one pass over x' (100 MB
 // a sublayer at d = 768, n = 4, 16k tokens, about 25 µs at the H200's bandwidth)
 // goes. Block: the 64 tokens and 128 threads of coeff_fwd; a chunk is 16 channels of
@@ -1730,6 +1780,20 @@ struct TcTile {
 #define TC_EPI4 0
 #endif
 #define TC_AS (TC_MT + 8)      // f32 row stride of the (a) results: conflict-free float2 stores
+// TC_FRAG 1 (the default; used when TC_KP ≤ 32, i.e. n ≤ 4): product (a)'s fragments
+// with fewer shared-memory instructions. φ′'s B fragments are the same for every
+// tile, so each warp loads them once into registers (TC_NPW·TC_KP/2 registers: 32 at
+// n = 4; 72 → 107 in all, still two blocks per SM) instead of eight ldmatrix.x4 per
+// tile; dp's A fragments come from one ldmatrix.x4 per k-step and half instead of
+// four 32-bit loads. Nsight Compute had dx_dphi_tc's tensor-core instructions waiting
+// on these loads (short scoreboard, results/ncu_dx_dphi_tc_stalls.txt). The same
+// fragments: the same products, the same bits. Measured on the H200: the same weights
+// after 40 steps; dx_dphi_tc 155.6 → 150.2 µs (Nsight Compute, one launch); the mHC
+// step 40.7 → 40.5 ms in the A/B call (within the noise between calls).
+#ifndef TC_FRAG
+#define TC_FRAG 1
+#endif
+#define TC_FRAG_ON (TC_FRAG && TC_KP <= 32)
 // TC_STAGES: tiles in the cp.async ring (2: the next tile is in flight while one is
 // computed; 3: two are). The host reads the define to size shared memory.
 #ifndef TC_STAGES
@@ -1972,6 +2036,28 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MINB) dx_dphi_tc(
     for (int u = 0; u < TC_MTW; ++u)
 #pragma unroll
         for (int jt = 0; jt < TC_JT; ++jt) G[u][jt][0] = G[u][jt][1] = G[u][jt][2] = G[u][jt][3] = 0.f;
+#if TC_RW == 2
+    const int a_t0 = (warp & 1) * 16, a_wc = warp >> 1; // product (a)'s tokens and first n-tile pair of this warp
+#else
+    const int a_t0 = 0, a_wc = warp;
+#endif
+#if TC_FRAG_ON
+    // φ′ᵀ has landed with the first tile (its commit group): this warp's B fragments, for every tile.
+    unsigned bfr[TC_NPW][TC_KP / 16][2][4];
+    cp_wait<0>();
+    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < TC_NPW; ++u) {
+        const int pair = a_wc + TC_CW * u;
+        if (pair < TC_NP) {
+#pragma unroll
+            for (int ks = 0; ks < TC_KP / 16; ++ks) {
+                ldsm_b_pair(ph_hi, TC_XS, 16 * ks, 16 * pair, bfr[u][ks][0]);
+                ldsm_b_pair(ph_lo, TC_XS, 16 * ks, 16 * pair, bfr[u][ks][1]);
+            }
+        }
+    }
+#endif
     int slot = 0;
     for (long tb = tbeg; tb < tend; tb += TC_TB, slot = slot + 1 == TC_STAGES ? 0 : slot + 1) {
         const int nt = (int)min((long)TC_TB, tend - tb);
@@ -1997,12 +2083,19 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MINB) dx_dphi_tc(
         __syncthreads();
         // (a) Warp: tokens [t0, t0 + 16) × the n-tile pairs wc, wc + TC_CW, … (a pair: 16 columns of one stream).
         {
-#if TC_RW == 2
-            const int t0 = (warp & 1) * 16, wc = warp >> 1;
-#else
-            const int t0 = 0, wc = warp;
-#endif
+            const int t0 = a_t0, wc = a_wc;
             unsigned ahi[TC_KP / 16][4], alo[TC_KP / 16][4];
+#if TC_FRAG_ON
+            {
+                // ldmatrix lanes: matrices (rows 0–7, k 0–7), (rows 8–15, k 0–7), (rows 0–7, k 8–15), (rows 8–15, k 8–15).
+                const int ar = t0 + (lane & 7) + ((lane >> 3) & 1) * 8, ak = (lane >> 4) * 8;
+#pragma unroll
+                for (int ks = 0; ks < TC_KP / 16; ++ks) {
+                    ca_ldsm_x4(dp_hi + ar * TC_PS + 16 * ks + ak, ahi[ks]);
+                    ca_ldsm_x4(dp_lo + ar * TC_PS + 16 * ks + ak, alo[ks]);
+                }
+            }
+#else
 #pragma unroll
             for (int ks = 0; ks < TC_KP / 16; ++ks) {
                 const int o0 = (t0 + gq) * TC_PS + 16 * ks + 2 * q, o1 = o0 + 8 * TC_PS;
@@ -2011,6 +2104,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MINB) dx_dphi_tc(
                 alo[ks][0] = lds32(dp_lo + o0); alo[ks][1] = lds32(dp_lo + o1);
                 alo[ks][2] = lds32(dp_lo + o0 + 8); alo[ks][3] = lds32(dp_lo + o1 + 8);
             }
+#endif
 #pragma unroll
             for (int u = 0; u < TC_NPW; ++u) {
                 const int pair = wc + TC_CW * u;
@@ -2018,9 +2112,14 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MINB) dx_dphi_tc(
                     float accs[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
                     for (int ks = 0; ks < TC_KP / 16; ++ks) {
+#if TC_FRAG_ON
+                        const unsigned* bh = bfr[u][ks][0];
+                        const unsigned* bl = bfr[u][ks][1];
+#else
                         unsigned bh[4], bl[4];
                         ldsm_b_pair(ph_hi, TC_XS, 16 * ks, 16 * pair, bh);
                         ldsm_b_pair(ph_lo, TC_XS, 16 * ks, 16 * pair, bl);
+#endif
 #pragma unroll
                         for (int hf = 0; hf < 2; ++hf) {
                             float* acc = accs[hf];
