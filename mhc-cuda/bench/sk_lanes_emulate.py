@@ -141,3 +141,41 @@ for N in (2, 3, 4):
         assert (ab.view(np.uint32) == bb.view(np.uint32)).all(), (N, trial, ab, bb)
         if iters == 20 and scale < 1: assert np.abs(af.sum(1) - 1).max() < 1e-5 and np.abs(af.sum(0) - 1).max() < 1e-2, (af, af.sum(0), af.sum(1))
 print("SK_LANES=2 emulation: same bits as SK_LANES=1 (N = 2, 3, 4; 20 inputs each)")
+
+# SK_RS=1 (sk_grp_rs in kernels/mhc.cu): the column sums by a reduce-scatter, as
+# written there, against sk_grp_sum's butterfly: lane q's result must be the
+# butterfly's sum of column q, bit for bit (the column half-steps use nothing
+# else of the sums: each column's reciprocal and, backward, active·gy come from
+# them).
+def grp_rs(v, g_):  # v[lane][column], columns padded to g_; returns column q's sum on lane q
+    v = [list(r) for r in v]
+    o = 1
+    while o < g_:
+        new = [list(r) for r in v]
+        for q in range(g_):
+            hi = (q & o) != 0
+            for j in range(g_ // (2 * o)):
+                keep = v[q][2 * j + 1] if hi else v[q][2 * j]
+                p = q ^ o  # the partner sends what lane q keeps: its own `send`
+                send_p = v[p][2 * j] if (p & o) != 0 else v[p][2 * j + 1]
+                new[q][j] = f(keep + send_p)
+        v = new; o <<= 1
+    return [v[q][0] for q in range(g_)]
+
+def grp_sum_col(v, g_, c):
+    s = [v[q][c] for q in range(g_)]; o = 1
+    while o < g_:
+        s = [f(s[q] + s[q ^ o]) for q in range(g_)]; o <<= 1
+    return s
+
+for N in range(1, 9):
+    g_ = G(N)
+    for trial in range(50):
+        m = (rng.standard_normal((g_, g_)) * [0.01, 1.0, 100.0][trial % 3]).astype(f)
+        m[N:, :] = 0; m[:, N:] = 0  # lanes past N hold zeros; columns past N are padding
+        rs = grp_rs(m.tolist(), g_)
+        rs = [f(x) for x in rs]
+        for c in range(N):
+            bf_ = grp_sum_col([[f(x) for x in r] for r in m.tolist()], g_, c)
+            assert all(np.float32(b).view(np.uint32) == np.float32(rs[c]).view(np.uint32) for b in bf_), (N, trial, c)
+print("SK_RS=1 emulation: the reduce-scatter's column sums are the butterfly's bits (N = 1…8; 50 inputs each)")

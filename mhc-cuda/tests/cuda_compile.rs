@@ -106,11 +106,18 @@ fn tuning_variants_compile() {
         build("mhc.cu", KERNEL_SOURCE, &defines, 90);
         let defines = strings(&[&n, "-DSTREAM_BF16=1", "-DTC_PTRS=1", "-DTC_EPI4=1"]);
         build("mhc.cu", KERNEL_SOURCE, &defines, 90);
-        // coeff_bwd without and with a deeper read-ahead, and dx_dphi_tc's former
-        // fragment loads (shared memory every tile).
-        let defines = strings(&[&n, "-DSTREAM_BF16=1", "-DSK_PF=0", "-DTC_FRAG=0"]);
+        // The former defaults of coeff_bwd (no read-ahead), dx_dphi_tc (fragments
+        // from shared memory every tile) and Sinkhorn–Knopp's column sums
+        // (butterflies), and a deeper read-ahead.
+        let defines = strings(&[
+            &n,
+            "-DSTREAM_BF16=1",
+            "-DSK_PF=0",
+            "-DTC_FRAG=0",
+            "-DSK_RS=0",
+        ]);
         build("mhc.cu", KERNEL_SOURCE, &defines, 90);
-        let defines = strings(&[&n, "-DSTREAM_BF16=0", "-DSK_PF=8"]);
+        let defines = strings(&[&n, "-DSTREAM_BF16=0", "-DSK_PF=8", "-DSK_RS=0"]);
         build("mhc.cu", KERNEL_SOURCE, &defines, 90);
         for bf16 in ["-DSTREAM_BF16=0", "-DSTREAM_BF16=1"] {
             let defines = strings(&[&n, bf16, "-DSK_LANES=0", "-DTC_LEAN=0", "-DCF_ASYNC=0"]);

@@ -392,15 +392,62 @@ __device__ __forceinline__ void sk_exp_row(const float* l, bool row, float* m) {
         m[i] = row ? expf(l[i] - mx) : 0.f;
     }
 }
+// SK_RS 1 (the default): the column half-steps by a reduce-scatter over the group
+// instead of a butterfly per column. Lane q ends with column q's sum (rounds xor 1,
+// 2, 4: the same tree as sk_grp_sum's butterfly, each add the lane's own value plus
+// its partner's: the same bits; mhc-cuda/bench/sk_lanes_emulate.py checks it on the
+// CPU), takes the one reciprocal of its column, and every lane reads the others by
+// a shuffle (outside any condition: lanes past N shuffle too). At n = 4 a column
+// half-step is 3 shuffles, 3 adds and one reciprocal per lane for each sum instead
+// of 8, 8 and 4: Nsight Compute had coeff_bwd's serial sweep at about 95
+// instructions per half-step, 34% of its stalls on fixed-latency dependencies.
+// Measured on the H200: the same weights after 40 steps; coeff_bwd 33.3 → 31.5 µs,
+// coeff_finish 12.8 → 10.1 µs (Nsight Compute, one launch each). SK_RS=0: the
+// butterflies.
+#ifndef SK_RS
+#define SK_RS 1
+#endif
+#if SK_RS
+// v[0..SK_G): this lane's row (zeros past N); returns column q's sum over the group's
+// lanes (q: this lane's index in the group); v is overwritten.
+__device__ __forceinline__ float sk_grp_rs(float* v, int q) {
+#pragma unroll
+    for (int o = 1; o < SK_G; o <<= 1) {
+        const bool hi = (q & o) != 0;
+#pragma unroll
+        for (int j = 0; j < SK_G / (2 * o); ++j) {
+            const float keep = hi ? v[2 * j + 1] : v[2 * j], send = hi ? v[2 * j] : v[2 * j + 1];
+            v[j] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+        }
+    }
+    return v[0];
+}
+// Lane `i` of the caller's group's value.
+__device__ __forceinline__ float sk_grp_get(float v, int i) {
+    return __shfl_sync(0xffffffffu, v, ((threadIdx.x & 31) & ~(SK_G - 1)) + i);
+}
+#endif
 // Half-step k of the sweep on the group's matrix (even: columns, odd: rows).
 // Lanes past N keep exact zeros (whatever eps is), so they add nothing to the sums.
-__device__ __forceinline__ void sk_half_row(float* m, int k, float eps, bool row) {
+__device__ __forceinline__ void sk_half_row(float* m, int k, float eps, bool row, int q) {
     if ((k & 1) == 0) {
+#if SK_RS
+        float v[SK_G];
+#pragma unroll
+        for (int c = 0; c < SK_G; ++c) v[c] = c < N ? m[c < N ? c : 0] : 0.f;
+        const float r = 1.f / fmaxf(sk_grp_rs(v, q), eps); // column q's
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            const float ri = sk_grp_get(r, i); // every lane shuffles, rows or not
+            m[i] = row ? m[i] * ri : 0.f;
+        }
+#else
 #pragma unroll
         for (int i = 0; i < N; ++i) {
             const float r = 1.f / fmaxf(sk_grp_sum(m[i]), eps);
             m[i] = row ? m[i] * r : 0.f;
         }
+#endif
     } else {
         float s = 0.f;
 #pragma unroll
@@ -412,14 +459,30 @@ __device__ __forceinline__ void sk_half_row(float* m, int k, float eps, bool row
 }
 // Reverse half-step k of the sweep on the lane's row: g, the gradient of the
 // half-step's output outm, becomes the gradient of its input `in`; then outm = in.
-__device__ __forceinline__ void sk_back_row(int k, const float* in, float* g, float* outm, float eps, bool row) {
+__device__ __forceinline__ void sk_back_row(int k, const float* in, float* g, float* outm, float eps, bool row, int q) {
     if ((k & 1) == 0) {
+#if SK_RS
+        float vs[SK_G], vy[SK_G];
+#pragma unroll
+        for (int c = 0; c < SK_G; ++c) {
+            vs[c] = c < N ? in[c < N ? c : 0] : 0.f;
+            vy[c] = c < N ? g[c < N ? c : 0] * outm[c < N ? c : 0] : 0.f;
+        }
+        const float sc = sk_grp_rs(vs, q), gyc = sk_grp_rs(vy, q); // column q's
+        const float agy = (sc > eps ? 1.f : 0.f) * gyc, rr = 1.f / fmaxf(sc, eps);
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            const float agyi = sk_grp_get(agy, i), rri = sk_grp_get(rr, i); // every lane shuffles
+            g[i] = row ? (g[i] - agyi) * rri : 0.f;
+        }
+#else
 #pragma unroll
         for (int i = 0; i < N; ++i) {
             const float s = sk_grp_sum(in[i]), gy = sk_grp_sum(g[i] * outm[i]);
             const float active = s > eps ? 1.f : 0.f;
             g[i] = row ? (g[i] - active * gy) * (1.f / fmaxf(s, eps)) : 0.f;
         }
+#endif
     } else {
         float s = 0.f, gy = 0.f;
 #pragma unroll
@@ -602,7 +665,7 @@ extern "C" __global__ void coeff_finish(const float* __restrict__ part, int spli
 #pragma unroll
     for (int i = 0; i < N; ++i) l[i] = alpha[2] * inv * pr[i] + b[2 * N + q * N + i];
     sk_exp_row(l, ln.row, m);
-    for (int k = 0; k < 2 * iters; ++k) sk_half_row(m, k, sk_eps, ln.row);
+    for (int k = 0; k < 2 * iters; ++k) sk_half_row(m, k, sk_eps, ln.row, ln.q);
     if (out) {
 #pragma unroll
         for (int i = 0; i < N; ++i) ct[2 * N + q * N + i] = m[i];
@@ -926,7 +989,7 @@ extern "C" __global__ void coeff_bwd(const float* __restrict__ coef, const float
 #pragma unroll
             for (int i = 0; i < N; ++i) hist[((long)k * (N * N) + q * N + i) * T + t] = outm[i];
         }
-        sk_half_row(outm, k, sk_eps, ln.row);
+        sk_half_row(outm, k, sk_eps, ln.row, ln.q);
     }
 #pragma unroll
     for (int i = 0; i < N; ++i) in[i] = outm[i];
@@ -952,14 +1015,14 @@ extern "C" __global__ void coeff_bwd(const float* __restrict__ coef, const float
                 in[i] = pf[p][i];
                 pf[p][i] = out && kn >= 0 ? hq[((long)kn * (N * N) + i) * T] : 0.f;
             }
-            sk_back_row(k, in, g, outm, sk_eps, ln.row);
+            sk_back_row(k, in, g, outm, sk_eps, ln.row, ln.q);
         }
     }
 #else
     for (int k = 2 * iters - 1; k >= 0; --k) {
 #pragma unroll
         for (int i = 0; i < N; ++i) in[i] = out ? hq[((long)k * (N * N) + i) * T] : 0.f;
-        sk_back_row(k, in, g, outm, sk_eps, ln.row);
+        sk_back_row(k, in, g, outm, sk_eps, ln.row, ln.q);
     }
 #endif
     float dres[N], ga2 = 0.f;
