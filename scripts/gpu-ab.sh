@@ -18,7 +18,16 @@
 #   bash scripts/gpu-ab.sh "" "-DFA_LDSM=0" "-DFA_REG_ROWS_MAX_D=32" "-DTC_EPI_SMEM=0"
 #   SCHEMES=residual WIDE=0 bash scripts/gpu-ab.sh "" "-DFA_LDSM=0"
 #   REF=.device-bin/mhc-train-ref WIDE=0 bash scripts/gpu-ab.sh "" "-DCF_ASYNC=1"
+# PACK=1: the logs and JSON go into one archive, $OUT/ab.tar.gz (the device tool
+# returns only a few files of a call).
 set -uo pipefail
+if [[ -n "${PACK:-}" && -z "${PACK_INNER:-}" ]]; then
+  stage=$(mktemp -d)
+  PACK_INNER=1 OUT="$stage" bash "$0" "$@"
+  mkdir -p "${OUT:-gpu-out}"
+  tar czf "${OUT:-gpu-out}/ab.tar.gz" -C "$stage/ab" .
+  exit 0
+fi
 out=${OUT:-gpu-out}/ab
 mkdir -p "$out"
 B=.device-bin

@@ -3,9 +3,18 @@
 # timings of mhc-train's GPU model next to its PyTorch peers (BENCH.md's
 # shapes), in the same session. Needs .device-bin/ (scripts/build-device-bin.sh)
 # and the Liger-Kernel wheel in .whl/. JSON and logs land in $OUT.
+# PACK=1: everything, with this script's output as train_bench.log, goes into one
+# archive, $OUT/train_bench.tar.gz (the device tool returns only a few files of a
+# call; the rest are left out).
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
+if [[ -n "${PACK:-}" && -z "${PACK_INNER:-}" ]]; then
+  stage=$(mktemp -d)
+  PACK_INNER=1 OUT="$stage" bash "$0" "$@" 2>&1 | tee "$stage/train_bench.log"
+  tar czf "$out/train_bench.tar.gz" -C "$stage" .
+  exit 0
+fi
 B=.device-bin
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 pip install --no-index --no-deps --target /tmp/site .whl/liger_kernel-*.whl > /dev/null 2>&1 \
