@@ -7,6 +7,8 @@ the lanes' values, every operation rounded to float32. It checks that both
 lane layouts give the same bits, i.e. that SK_LANES=2's indexing (rows,
 columns, the row gathers, the butterflies) matches. It does not model the
 compiler's FMA contraction; the GPU A/B (40 steps, 0 differing tensors) does.
+It also checks SK_RS=1's reduce-scatter of the column sums against the
+butterfly, bit for bit (N = 1…8).
 
     pip install numpy && python3 mhc-cuda/bench/sk_lanes_emulate.py
 """
