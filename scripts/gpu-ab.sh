@@ -24,9 +24,10 @@ set -uo pipefail
 if [[ -n "${PACK:-}" && -z "${PACK_INNER:-}" ]]; then
   stage=$(mktemp -d)
   PACK_INNER=1 OUT="$stage" bash "$0" "$@"
+  rc=$?
   mkdir -p "${OUT:-gpu-out}"
   tar czf "${OUT:-gpu-out}/ab.tar.gz" -C "$stage/ab" .
-  exit 0
+  exit "$rc"
 fi
 out=${OUT:-gpu-out}/ab
 mkdir -p "$out"

@@ -12,8 +12,9 @@ mkdir -p "$out"
 if [[ -n "${PACK:-}" && -z "${PACK_INNER:-}" ]]; then
   stage=$(mktemp -d)
   PACK_INNER=1 OUT="$stage" bash "$0" "$@" 2>&1 | tee "$stage/train_bench.log"
+  rc=${PIPESTATUS[0]}
   tar czf "$out/train_bench.tar.gz" -C "$stage" .
-  exit 0
+  exit "$rc"
 fi
 B=.device-bin
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
