@@ -104,17 +104,23 @@ fn tuning_variants_compile() {
             "-DTC_EPI4=1",
         ]);
         build("mhc.cu", KERNEL_SOURCE, &defines, 90);
-        let defines = strings(&[&n, "-DSTREAM_BF16=1", "-DTC_PTRS=1", "-DTC_EPI4=1"]);
+        let defines = strings(&[&n, "-DSTREAM_BF16=1", "-DTC_PTRS=1", "-DTC_EPI4=0"]);
+        build("mhc.cu", KERNEL_SOURCE, &defines, 90);
+        let defines = strings(&[&n, "-DSTREAM_BF16=1", "-DTC_PTRS=1", "-DDP_HL=0"]);
         build("mhc.cu", KERNEL_SOURCE, &defines, 90);
         // The former defaults of coeff_bwd (no read-ahead), dx_dphi_tc (fragments
-        // from shared memory every tile) and Sinkhorn–Knopp's column sums
-        // (butterflies), and a deeper read-ahead.
+        // from shared memory every tile, dp converted in the kernel, generic tile
+        // copies, the two-channel epilogue) and
+        // Sinkhorn–Knopp's column sums (butterflies), and a deeper read-ahead.
         let defines = strings(&[
             &n,
             "-DSTREAM_BF16=1",
             "-DSK_PF=0",
             "-DTC_FRAG=0",
             "-DSK_RS=0",
+            "-DDP_HL=0",
+            "-DTC_PTRS=0",
+            "-DTC_EPI4=0",
         ]);
         build("mhc.cu", KERNEL_SOURCE, &defines, 90);
         let defines = strings(&[&n, "-DSTREAM_BF16=0", "-DSK_PF=8", "-DSK_RS=0"]);

@@ -164,6 +164,10 @@ pub struct MhcCuda<S: StreamElement> {
     dh: CudaSlice<S>,
     dcoef: CudaSlice<f32>,
     dp: CudaSlice<f32>,
+    /// dp's bf16 halves `[tokens][2][k rounded up to 16]` (`DP_HL`, bf16 streams; one element otherwise).
+    dphl: CudaSlice<u16>,
+    /// `dx_dphi_tc` reads `dphl` instead of `dp`.
+    dp_hl: bool,
     xscale: CudaSlice<f32>,
     dtok: CudaSlice<f32>,
     /// Sinkhorn–Knopp iterates of the backward, `[2·iterations][n²][tokens]`.
@@ -190,10 +194,16 @@ fn dx_geometry(bf16: bool, n: usize, k: usize) -> (usize, usize, usize, usize) {
     } else {
         32
     };
-    dx_geometry_with(bf16, n, k, epi, stages, tb)
+    dx_geometry_with(bf16, n, k, epi, stages, tb, dp_hl())
 }
 
-/// [`dx_geometry`] for given `TC_EPI_SMEM`, `TC_STAGES` and `TC_TB` settings.
+/// `coeff_bwd` writes dp's bf16 halves for `dx_dphi_tc` (kernel define `DP_HL`,
+/// on by default; bf16 streams only).
+fn dp_hl() -> bool {
+    super::tuning_define("DP_HL").unwrap_or(1) != 0
+}
+
+/// [`dx_geometry`] for given `TC_EPI_SMEM`, `TC_STAGES`, `TC_TB` and `DP_HL` settings.
 fn dx_geometry_with(
     bf16: bool,
     n: usize,
@@ -201,14 +211,22 @@ fn dx_geometry_with(
     epi: bool,
     stages: usize,
     tb: usize,
+    dp_hl: bool,
 ) -> (usize, usize, usize, usize) {
     if bf16 {
         let ct = if n <= 4 { 32 } else { 16 };
         let (mt, kp) = (n * ct, k.next_multiple_of(16));
-        let tile = 2 * tb * (mt + 8) * 2 + tb * (ct + 8) * 2 + 2 * tb * k * 4 + tb * 4;
+        // dp per tile: its bf16 halves (DP_HL) or f32 rows, which the kernel then
+        // converts into one pair of half buffers.
+        let (dp_tile, dp_once) = if dp_hl {
+            (2 * tb * (kp + 8) * 2, 0)
+        } else {
+            (tb * k * 4, 2 * tb * (kp + 8))
+        };
+        let tile = 2 * tb * (mt + 8) * 2 + tb * (ct + 8) * 2 + dp_tile + tb * k * 4 + tb * 4;
         // TC_EPI_SMEM adds the f32 results of product (a).
         let epi = if epi { tb * (mt + 8) * 4 } else { 0 };
-        let smem = stages * tile + (2 * tb * (kp + 8) + 2 * kp * (mt + 8)) * 2 + epi;
+        let smem = stages * tile + (dp_once + 2 * kp * (mt + 8)) * 2 + epi;
         // Blocks per SM: Hopper's 228 KiB of shared memory per SM, 1 KiB reserved per
         // block; at most the kernel's launch bounds (TC_MINB: 3 at 16-token tiles, else 2).
         let minb = if tb == 16 { 3 } else { 2 };
@@ -551,8 +569,15 @@ impl<S: StreamElement> MhcCuda<S> {
         let chunks = (2 * resident * sm)
             .div_ceil(ctiles)
             .clamp(1, capacity.div_ceil(256).max(1));
+        let dp_hl = S::BF16 && dp_hl();
+        let dphl_len = if dp_hl {
+            capacity * 2 * k.next_multiple_of(16)
+        } else {
+            1
+        };
         let f32s = |len: usize| len * 4;
-        let bytes = f32s(3 * n * c * k + 2 * n * c + 2 * (3 + k))
+        let bytes = 2 * dphl_len
+            + f32s(3 * n * c * k + 2 * n * c + 2 * (3 + k))
             + f32s(
                 capacity * (4 * k + 2 + (k + 3))
                     + MAX_SPLITS * capacity * (k.next_multiple_of(8) + 1),
@@ -631,7 +656,11 @@ impl<S: StreamElement> MhcCuda<S> {
             dy: st.alloc_zeros(capacity * c)?,
             dh: st.alloc_zeros(capacity * c)?,
             dcoef: st.alloc_zeros(capacity * k)?,
-            dp: st.alloc_zeros(capacity * k)?,
+            // With DP_HL, coeff_bwd writes only dphl.
+            dp: st.alloc_zeros(if dp_hl { 1 } else { capacity * k })?,
+            // Zeroed: the columns past k stay zero (coeff_bwd writes only the first k).
+            dphl: st.alloc_zeros(dphl_len)?,
+            dp_hl,
             xscale: st.alloc_zeros(capacity)?,
             dtok: st.alloc_zeros(capacity * (k + 3))?,
             sk_hist: st.alloc_zeros(sk_hist_len(config, capacity))?,
@@ -1067,9 +1096,11 @@ impl<S: StreamElement> MhcCuda<S> {
                 .arg(&mut self.dp)
                 .arg(&mut self.xscale)
                 .arg(&mut self.dtok)
-                .arg(&mut self.sk_hist);
+                .arg(&mut self.sk_hist)
+                .arg(&mut self.dphl);
             // SAFETY: sk_lanes threads per token (groups past the last token write nothing); every buffer
-            // holds capacity ≥ tokens rows, sk_hist 2·iterations·n² per token.
+            // holds capacity ≥ tokens rows, sk_hist 2·iterations·n² per token; with DP_HL and bf16
+            // streams (dp_hl) the kernel writes dphl (2·k₁₆ per token) instead of dp, else dp.
             let threads = tokens * self.sk_lanes;
             unsafe { b.launch(cfg((threads.div_ceil(64) as u32, 1), 64)) }
                 .map_err(|e| launch_error("coeff_bwd", e))?;
@@ -1081,12 +1112,14 @@ impl<S: StreamElement> MhcCuda<S> {
         let chunks = tokens.div_ceil(chunk as usize);
         {
             let mut b = st.launch_builder(&self.kernels.dx_dphi);
-            b.arg(x)
-                .arg(grad_out)
-                .arg(&self.dh)
-                .arg(&self.coef)
-                .arg(&self.dp)
-                .arg(&self.xscale);
+            b.arg(x).arg(grad_out).arg(&self.dh).arg(&self.coef);
+            // dx_dphi_tc with DP_HL reads dp's bf16 halves.
+            if self.dp_hl {
+                b.arg(&self.dphl);
+            } else {
+                b.arg(&self.dp);
+            }
+            b.arg(&self.xscale);
             // dx_dphi_tc reads φ' as split_phi's bf16 halves, dx_dphi in f32.
             if S::BF16 {
                 b.arg(&self.phit_hi).arg(&self.phit_lo);
@@ -1189,19 +1222,26 @@ mod geometry_tests {
                 &[(false, 2, 32), (true, 2, 32)]
             };
             for &(epi, stages, tb) in variants {
-                let (_, _, smem, _) = dx_geometry_with(true, n, k, epi, stages, tb);
-                let defines = [
-                    format!("-DN={n}"),
-                    "-DSTREAM_BF16=1".into(),
-                    format!("-DTC_EPI_SMEM={}", u8::from(epi)),
-                    format!("-DTC_STAGES={stages}"),
-                    format!("-DTC_TB={tb}"),
-                    format!("-DEXPECT_TC_SMEM={smem}"),
-                ];
-                if let Err(e) = compile_offline(KERNEL_SOURCE, &defines, 90, false) {
-                    panic!(
-                        "n = {n}, epilogue in smem {epi}, {stages} stages, {tb}-token tiles: host says {smem} bytes: {e}"
-                    );
+                // dp's halves from coeff_bwd (DP_HL, the default) at every setting; converted in the kernel once.
+                for dp_hl in [true, false] {
+                    if !dp_hl && (stages, tb) != (2, 32) {
+                        continue;
+                    }
+                    let (_, _, smem, _) = dx_geometry_with(true, n, k, epi, stages, tb, dp_hl);
+                    let defines = [
+                        format!("-DN={n}"),
+                        "-DSTREAM_BF16=1".into(),
+                        format!("-DTC_EPI_SMEM={}", u8::from(epi)),
+                        format!("-DTC_STAGES={stages}"),
+                        format!("-DTC_TB={tb}"),
+                        format!("-DDP_HL={}", u8::from(dp_hl)),
+                        format!("-DEXPECT_TC_SMEM={smem}"),
+                    ];
+                    if let Err(e) = compile_offline(KERNEL_SOURCE, &defines, 90, false) {
+                        panic!(
+                            "n = {n}, epilogue in smem {epi}, {stages} stages, {tb}-token tiles, DP_HL {dp_hl}: host says {smem} bytes: {e}"
+                        );
+                    }
                 }
             }
         }

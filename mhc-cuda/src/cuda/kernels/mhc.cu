@@ -868,6 +868,66 @@ extern "C" __global__ void __launch_bounds__(32 * WR_TOK) pre_bwd(
     }
 }
 
+// DP_HL 1 (the default; bf16 streams): coeff_bwd writes dp as the bf16 halves
+// dx_dphi_tc multiplies, [T][2][DP_KP] (hi row, lo row; columns ≥ K stay zero, the
+// host allocates the buffer zeroed), instead of f32 dp, which only dx_dphi_tc reads;
+// dx_dphi_tc copies them into its tile ring with the other operands instead of
+// converting dp in every block of a token (24 blocks at d = 768) behind a barrier of
+// its own. The same rounding (hi = bf16(v), lo = bf16(v − hi), to nearest even): the
+// same products, the same bits.
+#ifndef DP_HL
+#define DP_HL 1
+#endif
+#define DP_HL_ON (DP_HL && STREAM_BF16)
+#define DP_KP ((K + 15) / 16 * 16)
+// dp[t, j0 + m] = v[m] for m < M (f32 or, with DP_HL, its bf16 halves; the halves of a
+// row in 8- or 4-byte stores when M allows: j0 is then a multiple of 4 or 2).
+template <int M>
+__device__ __forceinline__ void dp_put(float* __restrict__ dp, bf16_t* __restrict__ dphl, long t, int j0,
+                                       const float (&v)[M])
+{
+#if DP_HL_ON
+    (void)dp;
+    unsigned hi[M], lo[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+        const bf16_t h = f32_to_bf16(v[m]);
+        hi[m] = h;
+        lo[m] = f32_to_bf16(v[m] - bf16_to_f32(h));
+    }
+    bf16_t* ph = dphl + t * (2 * DP_KP) + j0;
+    bf16_t* pl = ph + DP_KP;
+    if constexpr (M % 4 == 0) {
+#pragma unroll
+        for (int m = 0; m < M; m += 4) {
+            *reinterpret_cast<uint2*>(ph + m) = make_uint2(hi[m] | hi[m + 1] << 16, hi[m + 2] | hi[m + 3] << 16);
+            *reinterpret_cast<uint2*>(pl + m) = make_uint2(lo[m] | lo[m + 1] << 16, lo[m + 2] | lo[m + 3] << 16);
+        }
+    } else if constexpr (M % 2 == 0) {
+#pragma unroll
+        for (int m = 0; m < M; m += 2) {
+            *reinterpret_cast<unsigned*>(ph + m) = hi[m] | hi[m + 1] << 16;
+            *reinterpret_cast<unsigned*>(pl + m) = lo[m] | lo[m + 1] << 16;
+        }
+    } else {
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            ph[m] = (bf16_t)hi[m];
+            pl[m] = (bf16_t)lo[m];
+        }
+    }
+#else
+    (void)dphl;
+#pragma unroll
+    for (int m = 0; m < M; ++m) dp[t * K + j0 + m] = v[m];
+#endif
+}
+__device__ __forceinline__ void dp_put1(float* __restrict__ dp, bf16_t* __restrict__ dphl, long t, int j, float v)
+{
+    const float w[1] = {v};
+    dp_put(dp, dphl, t, j, w);
+}
+
 // coeff_bwd's per-token tail: the α gradients' per-token parts (dtok[t, 0..3])
 // and the gradient through r (xs[t]), from ga = Σ ∂H̃·p per block.
 __device__ __forceinline__ void coeff_bwd_token(const float* ga, const float* alpha, float inv, float r, int C, long t,
@@ -905,7 +965,7 @@ extern "C" __global__ void coeff_bwd(const float* __restrict__ coef, const float
                                      const float* __restrict__ rnorm, const float* __restrict__ params,
                                      const float* __restrict__ dcoef, int T, int C, int iters, float sk_eps,
                                      float* __restrict__ dp, float* __restrict__ xs, float* __restrict__ dtok,
-                                     float* __restrict__ hist)
+                                     float* __restrict__ hist, bf16_t* __restrict__ dphl)
 {
 #if SK_EL
     const SkEl e = sk_el(T);
@@ -954,15 +1014,15 @@ extern "C" __global__ void coeff_bwd(const float* __restrict__ coef, const float
     const float ga0 = sk_col_sum(rowl ? dpre * pt[a] : 0.f), ga1 = sk_col_sum(rowl ? dpost * pt[N + a] : 0.f);
     ga2 = sk_col_sum(rowl ? ga2 : 0.f);
     if (e.live && rowl && e.i == 0) {
-        dp[t * K + a] = alpha[0] * inv * dpre;
+        dp_put1(dp, dphl, t, a, alpha[0] * inv * dpre);
         dtok[t * (K + 3) + 3 + a] = dpre;
     }
     if (e.live && rowl && e.i == 1) {
-        dp[t * K + N + a] = alpha[1] * inv * dpost;
+        dp_put1(dp, dphl, t, N + a, alpha[1] * inv * dpost);
         dtok[t * (K + 3) + 3 + N + a] = dpost;
     }
     if (out) {
-        dp[t * K + 2 * N + q] = alpha[2] * inv * dres;
+        dp_put1(dp, dphl, t, 2 * N + q, alpha[2] * inv * dres);
         dtok[t * (K + 3) + 3 + 2 * N + q] = dres;
     }
     if (e.live && e.a == 0 && e.i == 0) {
@@ -1034,15 +1094,17 @@ extern "C" __global__ void coeff_bwd(const float* __restrict__ coef, const float
     const float ga0 = sk_grp_sum(ln.row ? dpre * pt[q] : 0.f), ga1 = sk_grp_sum(ln.row ? dpost * pt[N + q] : 0.f);
     ga2 = sk_grp_sum(ln.row ? ga2 : 0.f);
     if (out) {
-        dp[t * K + q] = alpha[0] * inv * dpre;
-        dp[t * K + N + q] = alpha[1] * inv * dpost;
+        dp_put1(dp, dphl, t, q, alpha[0] * inv * dpre);
+        dp_put1(dp, dphl, t, N + q, alpha[1] * inv * dpost);
         dtok[t * (K + 3) + 3 + q] = dpre;
         dtok[t * (K + 3) + 3 + N + q] = dpost;
+        float dpr[N];
 #pragma unroll
         for (int i = 0; i < N; ++i) {
-            dp[t * K + 2 * N + q * N + i] = alpha[2] * inv * dres[i];
+            dpr[i] = alpha[2] * inv * dres[i];
             dtok[t * (K + 3) + 3 + 2 * N + q * N + i] = dres[i];
         }
+        dp_put(dp, dphl, t, 2 * N + q * N, dpr);
     }
     if (ln.live && ln.q == 0) {
         const float ga[3] = {ga0, ga1, ga2};
@@ -1114,7 +1176,7 @@ extern "C" __global__ void coeff_bwd(const float* __restrict__ coef, const float
     for (int j = 0; j < K; ++j) {
         int blk = j < N ? 0 : (j < 2 * N ? 1 : 2);
         ga[blk] += dht[j] * pt[j];
-        dp[t * K + j] = alpha[blk] * inv * dht[j];
+        dp_put1(dp, dphl, t, j, alpha[blk] * inv * dht[j]);
         dtok[t * (K + 3) + 3 + j] = dht[j];
     }
     coeff_bwd_token(ga, alpha, inv, r, C, t, dtok, xs);
@@ -1818,14 +1880,26 @@ static_assert(TC_TB == 16 || TC_TB == 32, "TC_TB: 16 or 32 tokens per tile");
 #define TC_MTL (TC_MT / 16)    // m-tiles of (b), over 8 warps
 #define TC_MTW ((TC_MTL + 7) / 8)
 #define TC_JT (TC_KP / 8)      // j n-tiles of (b)
+static_assert(TC_KP == DP_KP, "dp's bf16 halves are rows of TC_KP columns");
 struct TcTile {
     bf16_t x[TC_TB][TC_XS];
     bf16_t g[TC_TB][TC_XS];
     bf16_t dh[TC_TB][TC_HS];
+#if DP_HL_ON
+    bf16_t dph[TC_TB][TC_PS]; // dp's bf16 halves (coeff_bwd's dphl rows), A of (a) and B of (b)
+    bf16_t dpl[TC_TB][TC_PS];
+#else
     float dp[TC_TB][K];
+#endif
     float coef[TC_TB][K];
     float xs[TC_TB];
 };
+// dp as the tile's operand: bf16 halves (DP_HL) or f32, converted by the kernel.
+#if DP_HL_ON
+typedef bf16_t tc_dp_t;
+#else
+typedef float tc_dp_t;
+#endif
 // TC_EPI_SMEM 1: product (a) goes through shared memory (f32 [TC_TB][TC_AS]) and
 // the ∂x epilogue runs one thread per (token, channel pair) for all N streams,
 // reading g, dh and the coefficients once per token instead of once per output
@@ -1836,11 +1910,13 @@ struct TcTile {
 #ifndef TC_EPI_SMEM
 #define TC_EPI_SMEM 1
 #endif
-// TC_EPI4 1 (with TC_EPI_SMEM; off by default): the ∂x epilogue one thread per four
-// channels instead of two. Measured on the H200: the same weights after 40 steps, the
-// mHC step 40.8 → 40.7 ms (within the noise between calls).
+// TC_EPI4 1 (with TC_EPI_SMEM; the default since 2026-12-02, tenth session): the ∂x
+// epilogue one thread per four channels instead of two. Measured on the H200: the same
+// weights after 40 steps; the mHC step 40.8 → 40.7 ms (within the noise between calls);
+// by Nsight Compute (one launch, results/ab/summary_dp_hl.txt), with TC_PTRS,
+// dx_dphi_tc 150.0 → 139.0 µs, and with DP_HL too 138.5 → 126.7 µs.
 #ifndef TC_EPI4
-#define TC_EPI4 0
+#define TC_EPI4 1
 #endif
 #define TC_AS (TC_MT + 8)      // f32 row stride of the (a) results: conflict-free float2 stores
 // TC_FRAG 1 (the default; used when TC_KP ≤ 32, i.e. n ≤ 4): product (a)'s fragments
@@ -1864,11 +1940,12 @@ struct TcTile {
 #endif
 static_assert(TC_STAGES >= 2 && TC_STAGES <= 4, "TC_STAGES: 2, 3 or 4 tiles");
 #if N % 4 == 0
-static_assert(((2 * TC_TB * TC_XS + TC_TB * TC_HS) * 2 + TC_TB * K * 4) % 16 == 0 // where TcTile::coef starts
+static_assert(((2 * TC_TB * TC_XS + TC_TB * TC_HS + (DP_HL_ON ? 2 * TC_TB * TC_PS : 0)) * 2
+                   + (DP_HL_ON ? 0 : TC_TB * K * 4)) % 16 == 0 // where TcTile::coef starts
                   && sizeof(TcTile) % 16 == 0 && (K * 4) % 16 == 0,
               "float4 reads of the coefficient rows need 16-byte alignment");
 #endif
-#define TC_SMEM (TC_STAGES * sizeof(TcTile) + (2 * TC_TB * TC_PS + 2 * TC_KP * TC_XS) * sizeof(bf16_t) \
+#define TC_SMEM (TC_STAGES * sizeof(TcTile) + ((DP_HL_ON ? 0 : 2 * TC_TB * TC_PS) + 2 * TC_KP * TC_XS) * sizeof(bf16_t) \
                  + (TC_EPI_SMEM ? TC_TB * TC_AS * sizeof(float) : 0))
 #ifdef EXPECT_TC_SMEM // the host's size (wrapper.rs, dx_geometry), checked by its unit test
 static_assert(TC_SMEM == EXPECT_TC_SMEM, "dx_geometry's shared-memory size differs from TC_SMEM");
@@ -1921,21 +1998,39 @@ __device__ __forceinline__ void tc_stage_streams(TcTile& s, const stream_t* __re
     }
 }
 
+#if DP_HL_ON
+// dp's bf16 halves of tile rows [0, nt): 16-byte units of the [2][TC_KP] rows (zeros beyond nt).
+__device__ __forceinline__ void tc_stage_dphl(TcTile& s, const bf16_t* __restrict__ dphl, long tb, int nt)
+{
+    constexpr int UR = TC_KP / 8; // units per half row
+    for (int e = threadIdx.x; e < TC_TB * 2 * UR; e += blockDim.x) {
+        const int tt = e / (2 * UR), r = e % (2 * UR), j = (r % UR) * 8;
+        const bool ok = tt < nt;
+        bf16_t* dst = r < UR ? &s.dph[tt][j] : &s.dpl[tt][j];
+        cp_async<16>(dst, dphl + (ok ? (tb + tt) * (2 * TC_KP) + r * 8 : 0), ok);
+    }
+}
+#endif
 __device__ __forceinline__ void tc_stage(TcTile& s, const stream_t* __restrict__ x, const stream_t* __restrict__ g,
                                          const stream_t* __restrict__ dh, const float* __restrict__ coef,
-                                         const float* __restrict__ dp, const float* __restrict__ xsc, long tb, int nt,
+                                         const tc_dp_t* __restrict__ dp, const float* __restrict__ xsc, long tb, int nt,
                                          int C, int c0)
 {
     const int tid = threadIdx.x;
     if ((C & 7) == 0) tc_stage_streams<8>(s, x, g, dh, tb, nt, C, c0); // 16-byte copies
     else tc_stage_streams<4>(s, x, g, dh, tb, nt, C, c0);              // C % 8 == 4: 8-byte copies
-    // dp and the coefficients: rows of K floats, in units of four when K allows.
+#if DP_HL_ON
+    tc_stage_dphl(s, dp, tb, nt);
+#endif
+    // dp (without DP_HL) and the coefficients: rows of K floats, in units of four when K allows.
     constexpr int UK = K % 4 == 0 ? 4 : 1;
     for (int e = tid; e < TC_TB * (K / UK); e += blockDim.x) {
         const int tt = e / (K / UK), j = (e % (K / UK)) * UK;
         const bool ok = tt < nt;
         const long src = ok ? (tb + tt) * K + j : 0;
+#if !DP_HL_ON
         cp_async<4 * UK>(&s.dp[tt][j], dp + src, ok);
+#endif
         cp_async<4 * UK>(&s.coef[tt][j], coef + src, ok);
     }
     if (tid < TC_TB) cp_async<4>(&s.xs[tid], xsc + (tid < nt ? tb + tid : 0), tid < nt);
@@ -1947,10 +2042,12 @@ __device__ __forceinline__ void tc_stage(TcTile& s, const stream_t* __restrict__
 // tile adds tb·N·C (tb·C, tb·K). The generic tc_stage spends about 25 SASS
 // instructions of index arithmetic per copy. Used when C % 8 == 0 (16-byte copies);
 // otherwise tc_stage. The same copies: the same results. Measured on the H200: the same
-// weights after 40 steps, the mHC step 40.8 → 41.0 ms (with TC_EPI4 40.7): fewer
-// instructions did not make dx_dphi_tc faster, so it is not bound by their issue alone.
+// weights after 40 steps, the mHC step 40.8 → 41.0 ms (with TC_EPI4 40.7), within the
+// noise between calls; the kernel itself, by Nsight Compute (one launch), 150.0 →
+// 145.9 µs, with TC_EPI4 139.0 µs, and with DP_HL too 126.7 µs (the default since
+// 2026-12-02, tenth session; 128 registers, no spills).
 #ifndef TC_PTRS
-#define TC_PTRS 0
+#define TC_PTRS 1
 #endif
 #if TC_PTRS
 #define TC_XG_ITEMS (TC_TB * N * (TC_CT / 8))
@@ -2002,7 +2099,7 @@ __device__ __forceinline__ void tc_plan(TcPlan& p, int C, int c0)
 }
 __device__ __forceinline__ void tc_stage_plan(TcTile& s, const TcPlan& p, const stream_t* __restrict__ x,
                                               const stream_t* __restrict__ g, const stream_t* __restrict__ dh,
-                                              const float* __restrict__ coef, const float* __restrict__ dp,
+                                              const float* __restrict__ coef, const tc_dp_t* __restrict__ dp,
                                               const float* __restrict__ xsc, long tb, int nt, int C)
 {
     const int tid = threadIdx.x;
@@ -2024,9 +2121,14 @@ __device__ __forceinline__ void tc_stage_plan(TcTile& s, const TcPlan& p, const 
         if (p.dp_off[it] < 0) continue;
         const bool ok = p.dp_tt[it] < nt;
         const long src = ok ? tb * K + p.dp_off[it] : 0;
+#if !DP_HL_ON
         cp_async<4 * TC_UK>(&s.dp[0][0] + p.dp_off[it], dp + src, ok);
+#endif
         cp_async<4 * TC_UK>(&s.coef[0][0] + p.dp_off[it], coef + src, ok);
     }
+#if DP_HL_ON
+    tc_stage_dphl(s, dp, tb, nt);
+#endif
     if (tid < TC_TB) cp_async<4>(&s.xs[tid], xsc + (tid < nt ? tb + tid : 0), tid < nt);
     cp_commit();
 }
@@ -2048,7 +2150,7 @@ __device__ __forceinline__ void ldsm_b_pair(const bf16_t* M, int stride, int k0,
 // argument instead of dx_dphi's f32 phi.
 extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MINB) dx_dphi_tc(
     const stream_t* __restrict__ x, const stream_t* __restrict__ g, const stream_t* __restrict__ dh,
-    const float* __restrict__ coef, const float* __restrict__ dp, const float* __restrict__ xsc,
+    const float* __restrict__ coef, const tc_dp_t* __restrict__ dp, const float* __restrict__ xsc,
     const bf16_t* __restrict__ phit_hi, const bf16_t* __restrict__ phit_lo, int T, int C, int chunk,
     stream_t* __restrict__ dx, float* __restrict__ gpart)
 {
@@ -2059,9 +2161,13 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MINB) dx_dphi_tc(
         if (avail < TC_SMEM) asm volatile("trap;"); // launched with less shared memory than the layout needs
     }
     TcTile* tiles = reinterpret_cast<TcTile*>(tc_smem);
+#if DP_HL_ON
+    bf16_t* ph_hi = reinterpret_cast<bf16_t*>(tiles + TC_STAGES); // φ'ᵀ halves of this block's columns: [TC_KP][TC_XS]
+#else
     bf16_t* dp_hi = reinterpret_cast<bf16_t*>(tiles + TC_STAGES);
     bf16_t* dp_lo = dp_hi + TC_TB * TC_PS;
     bf16_t* ph_hi = dp_lo + TC_TB * TC_PS; // φ'ᵀ halves of this block's columns: [TC_KP][TC_XS]
+#endif
     bf16_t* ph_lo = ph_hi + TC_KP * TC_XS;
 #if TC_EPI_SMEM
     float* ax = reinterpret_cast<float*>(ph_lo + TC_KP * TC_XS); // (a) results [TC_TB][TC_AS]
@@ -2135,6 +2241,11 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MINB) dx_dphi_tc(
             else cp_commit();
         }
         const TcTile& s = tiles[slot];
+#if DP_HL_ON
+        // dp's halves came with the tile (rows past the chunk's end zero-filled by the copy).
+        const bf16_t* dp_hi = &s.dph[0][0];
+        const bf16_t* dp_lo = &s.dpl[0][0];
+#else
         // dp as bf16 hi + lo, two columns at a time (rows past the chunk's end were zero-filled by the copy).
         for (int e = tid; e < TC_TB * TC_KP / 2; e += blockDim.x) {
             const int tt = e / (TC_KP / 2), j = (e % (TC_KP / 2)) * 2;
@@ -2144,6 +2255,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MINB) dx_dphi_tc(
             *reinterpret_cast<unsigned*>(dp_lo + tt * TC_PS + j) = bf16x2_rn(v0 - bf_lo(hi), v1 - bf_hi(hi));
         }
         __syncthreads();
+#endif
         // (a) Warp: tokens [t0, t0 + 16) × the n-tile pairs wc, wc + TC_CW, … (a pair: 16 columns of one stream).
         {
             const int t0 = a_t0, wc = a_wc;
