@@ -108,8 +108,6 @@ fn tuning_variants_compile() {
         build("mhc.cu", KERNEL_SOURCE, &defines, 90);
         let defines = strings(&[&n, "-DSTREAM_BF16=1", "-DTC_PTRS=1", "-DDP_HL=0"]);
         build("mhc.cu", KERNEL_SOURCE, &defines, 90);
-        let defines = strings(&[&n, "-DSTREAM_BF16=1", "-DTC_WEPI=1"]);
-        build("mhc.cu", KERNEL_SOURCE, &defines, 90);
         // The former defaults of coeff_bwd (no read-ahead), dx_dphi_tc (fragments
         // from shared memory every tile, dp converted in the kernel, generic tile
         // copies, the two-channel epilogue) and

@@ -194,9 +194,7 @@ fn dx_geometry(bf16: bool, n: usize, k: usize) -> (usize, usize, usize, usize) {
     } else {
         32
     };
-    // TC_WEPI (n ≤ 4, 32-token tiles, DP_HL): the epilogue from registers, no (a) results in shared memory.
-    let wepi = super::tuning_define("TC_WEPI").unwrap_or(0) != 0 && n <= 4 && tb == 32 && dp_hl();
-    dx_geometry_with(bf16, n, k, epi && !wepi, stages, tb, dp_hl())
+    dx_geometry_with(bf16, n, k, epi, stages, tb, dp_hl())
 }
 
 /// `coeff_bwd` writes dp's bf16 halves for `dx_dphi_tc` (kernel define `DP_HL`,
@@ -1243,22 +1241,6 @@ mod geometry_tests {
                         panic!(
                             "n = {n}, epilogue in smem {epi}, {stages} stages, {tb}-token tiles, DP_HL {dp_hl}: host says {smem} bytes: {e}"
                         );
-                    }
-                    // TC_WEPI: the host sizes it as the register epilogue (no (a) results).
-                    if epi && dp_hl && tb == 32 && n <= 4 {
-                        let (_, _, smem, _) = dx_geometry_with(true, n, k, false, stages, tb, true);
-                        let defines = [
-                            format!("-DN={n}"),
-                            "-DSTREAM_BF16=1".into(),
-                            format!("-DTC_STAGES={stages}"),
-                            "-DTC_WEPI=1".into(),
-                            format!("-DEXPECT_TC_SMEM={smem}"),
-                        ];
-                        if let Err(e) = compile_offline(KERNEL_SOURCE, &defines, 90, false) {
-                            panic!(
-                                "n = {n}, TC_WEPI, {stages} stages: host says {smem} bytes: {e}"
-                            );
-                        }
                     }
                 }
             }

@@ -1933,17 +1933,6 @@ typedef float tc_dp_t;
 #define TC_FRAG 1
 #endif
 #define TC_FRAG_ON (TC_FRAG && TC_KP <= 32)
-// TC_WEPI 1 (off by default; n ≤ 4, 32-token tiles, DP_HL): product (a) by warps that
-// each own 16 tokens × 8 channels of every stream (N n-tiles of 8 columns, φ′'s B
-// fragments in registers across tiles), so that a lane's accumulators hold all N
-// streams of its two tokens × two channels, and the ∂x epilogue runs from the
-// registers in the same warp: no (a) results through shared memory and no block
-// barrier between (a) and the epilogue; one barrier per tile. Each n-tile's mma are
-// the same, in the same order, and the epilogue's sums are TC_EPI_SMEM's: the same bits.
-#ifndef TC_WEPI
-#define TC_WEPI 0
-#endif
-#define TC_WEPI_ON (TC_WEPI && N <= 4 && TC_TB == 32 && DP_HL_ON)
 // TC_STAGES: tiles in the cp.async ring (2: the next tile is in flight while one is
 // computed; 3: two are). The host reads the define to size shared memory.
 #ifndef TC_STAGES
@@ -1957,7 +1946,7 @@ static_assert(((2 * TC_TB * TC_XS + TC_TB * TC_HS + (DP_HL_ON ? 2 * TC_TB * TC_P
               "float4 reads of the coefficient rows need 16-byte alignment");
 #endif
 #define TC_SMEM (TC_STAGES * sizeof(TcTile) + ((DP_HL_ON ? 0 : 2 * TC_TB * TC_PS) + 2 * TC_KP * TC_XS) * sizeof(bf16_t) \
-                 + (TC_EPI_SMEM && !TC_WEPI_ON ? TC_TB * TC_AS * sizeof(float) : 0))
+                 + (TC_EPI_SMEM ? TC_TB * TC_AS * sizeof(float) : 0))
 #ifdef EXPECT_TC_SMEM // the host's size (wrapper.rs, dx_geometry), checked by its unit test
 static_assert(TC_SMEM == EXPECT_TC_SMEM, "dx_geometry's shared-memory size differs from TC_SMEM");
 #endif
@@ -1982,14 +1971,6 @@ __device__ __forceinline__ float bf_hi(unsigned w) { return __uint_as_float(w & 
 __device__ __forceinline__ void ldsm_x4_t(const bf16_t* p, unsigned* r) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p))
-                 : "memory");
-}
-
-// Two 8×8 bf16 matrices, transposed (lanes 0–15 address one row each; the others repeat them).
-__device__ __forceinline__ void ldsm_x2_t(const bf16_t* p, unsigned* r) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-                 : "=r"(r[0]), "=r"(r[1])
                  : "r"(smem_addr(p))
                  : "memory");
 }
@@ -2188,7 +2169,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MINB) dx_dphi_tc(
     bf16_t* ph_hi = dp_lo + TC_TB * TC_PS; // φ'ᵀ halves of this block's columns: [TC_KP][TC_XS]
 #endif
     bf16_t* ph_lo = ph_hi + TC_KP * TC_XS;
-#if TC_EPI_SMEM && !TC_WEPI_ON
+#if TC_EPI_SMEM
     float* ax = reinterpret_cast<float*>(ph_lo + TC_KP * TC_XS); // (a) results [TC_TB][TC_AS]
 #endif
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, q = lane & 3;
@@ -2224,28 +2205,12 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MINB) dx_dphi_tc(
     for (int u = 0; u < TC_MTW; ++u)
 #pragma unroll
         for (int jt = 0; jt < TC_JT; ++jt) G[u][jt][0] = G[u][jt][1] = G[u][jt][2] = G[u][jt][3] = 0.f;
-#if TC_WEPI_ON
-#elif TC_RW == 2
+#if TC_RW == 2
     const int a_t0 = (warp & 1) * 16, a_wc = warp >> 1; // product (a)'s tokens and first n-tile pair of this warp
 #else
     const int a_t0 = 0, a_wc = warp;
 #endif
-#if TC_WEPI_ON
-    // This warp's tokens [w_t0, w_t0 + 16) and channels [w_c8, w_c8 + 8) of every stream in (a);
-    // φ′ᵀ has landed with the first tile: the B fragments of its N n-tiles, for every tile.
-    const int w_t0 = (warp & 1) * 16, w_c8 = (warp >> 1) * 8;
-    unsigned wb[N][TC_KP / 16][2][2]; // [stream][k-step][hi, lo][b0, b1]
-    cp_wait<0>();
-    __syncthreads();
-#pragma unroll
-    for (int i = 0; i < N; ++i)
-#pragma unroll
-        for (int ks = 0; ks < TC_KP / 16; ++ks) {
-            const int off = (16 * ks + (lane & 15)) * TC_XS + i * TC_CT + w_c8;
-            ldsm_x2_t(ph_hi + off, wb[i][ks][0]);
-            ldsm_x2_t(ph_lo + off, wb[i][ks][1]);
-        }
-#elif TC_FRAG_ON
+#if TC_FRAG_ON
     // φ′ᵀ has landed with the first tile (its commit group): this warp's B fragments, for every tile.
     unsigned bfr[TC_NPW][TC_KP / 16][2][4];
     cp_wait<0>();
@@ -2291,65 +2256,6 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MINB) dx_dphi_tc(
         }
         __syncthreads();
 #endif
-#if TC_WEPI_ON
-        // (a) and the ∂x epilogue, warp by warp: tokens [w_t0, w_t0 + 16) × channels [w_c8, w_c8 + 8) of every stream.
-        {
-            unsigned ahi[TC_KP / 16][4], alo[TC_KP / 16][4];
-            {
-                const int ar = w_t0 + (lane & 7) + ((lane >> 3) & 1) * 8, ak = (lane >> 4) * 8;
-#pragma unroll
-                for (int ks = 0; ks < TC_KP / 16; ++ks) {
-                    ca_ldsm_x4(dp_hi + ar * TC_PS + 16 * ks + ak, ahi[ks]);
-                    ca_ldsm_x4(dp_lo + ar * TC_PS + 16 * ks + ak, alo[ks]);
-                }
-            }
-            float acc[N][4];
-#pragma unroll
-            for (int i = 0; i < N; ++i) {
-                acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-#pragma unroll
-                for (int ks = 0; ks < TC_KP / 16; ++ks) {
-                    const unsigned* bh = wb[i][ks][0];
-                    const unsigned* bl = wb[i][ks][1];
-                    mma_bf16(acc[i], ahi[ks][0], ahi[ks][1], ahi[ks][2], ahi[ks][3], bh[0], bh[1]);
-                    mma_bf16(acc[i], ahi[ks][0], ahi[ks][1], ahi[ks][2], ahi[ks][3], bl[0], bl[1]);
-                    mma_bf16(acc[i], alo[ks][0], alo[ks][1], alo[ks][2], alo[ks][3], bh[0], bh[1]);
-                }
-            }
-            // Lane: tokens w_t0 + gq (accumulators 0, 1) and + 8 (2, 3), channels cc, cc + 1 of every stream.
-            const int cc = w_c8 + 2 * q, c = c0 + cc;
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int tt = w_t0 + gq + 8 * h;
-                if (tt >= nt || c >= C) continue; // C % 4 == 0: a channel pair is whole or absent
-                const float* cf = s.coef[tt];
-                const float xv = s.xs[tt];
-                const unsigned dw = lds32(&s.dh[tt][cc]);
-                float v[N][2];
-#pragma unroll
-                for (int i = 0; i < N; ++i) {
-                    const unsigned xw = lds32(&s.x[tt][i * TC_CT + cc]);
-                    const float hp = cf[i];
-                    v[i][0] = acc[i][2 * h] + (hp * bf_lo(dw) + xv * bf_lo(xw));
-                    v[i][1] = acc[i][2 * h + 1] + (hp * bf_hi(dw) + xv * bf_hi(xw));
-                }
-#pragma unroll
-                for (int o = 0; o < N; ++o) {
-                    const unsigned gw = lds32(&s.g[tt][o * TC_CT + cc]);
-                    float hr[N];
-                    tc_hres_row(cf, o, hr);
-#pragma unroll
-                    for (int i = 0; i < N; ++i) {
-                        v[i][0] += hr[i] * bf_lo(gw);
-                        v[i][1] += hr[i] * bf_hi(gw);
-                    }
-                }
-#pragma unroll
-                for (int i = 0; i < N; ++i)
-                    *reinterpret_cast<unsigned*>(dx + ((tb + tt) * N + i) * C + c) = bf16x2_rn(v[i][0], v[i][1]);
-            }
-        }
-#else
         // (a) Warp: tokens [t0, t0 + 16) × the n-tile pairs wc, wc + TC_CW, … (a pair: 16 columns of one stream).
         {
             const int t0 = a_t0, wc = a_wc;
@@ -2508,7 +2414,6 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MINB) dx_dphi_tc(
         }
 #endif // TC_EPI4
 #endif // TC_EPI_SMEM
-#endif // TC_WEPI_ON
         // (b) Warp: m-tiles warp, warp + 8, … × every j n-tile, over the tile's tokens.
 #pragma unroll
         for (int u = 0; u < TC_MTW; ++u) {
