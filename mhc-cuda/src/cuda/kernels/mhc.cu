@@ -944,7 +944,8 @@ __device__ __forceinline__ void coeff_bwd_token(const float* ga, const float* al
 
 // ---------------------------------------------------------------------------
 // coeff_bwd: one thread per token (SK_LANES: a group of lanes). From dcoef (∂L/∂H) to
-//   dp[t, j]   = alpha_blk / r · ∂H̃_j           (the gradient of p, scaled)
+//   dp[t, j]   = alpha_blk / r · ∂H̃_j           (the gradient of p, scaled; with DP_HL
+//                                                 its bf16 halves in dphl instead)
 //   xs[t]      = −(Σ_j alpha_blk ∂H̃_j p_j) / (r² · N·C · r)   (coefficient of x in ∂x)
 //   dtok[t, :] = [Σ_blk ∂H̃·p/r (3) | ∂H̃ (K)]    (per-token dalpha and db, reduced later:
 //                 the layout of `params`, so that the optimiser updates both in place)
