@@ -89,16 +89,14 @@ fn tuning_variants_compile() {
         let n = format!("-DN={n}");
         let defines = strings(&[&n, "-DSTREAM_BF16=1", "-DTC_EPI_SMEM=0"]);
         build("mhc.cu", KERNEL_SOURCE, &defines, 90);
-        // dx_dphi_tc's 16-token tiles, planned copies and four-channel epilogue
-        // (with either tile height), off by default, coeff_fwd's former ring, and
-        // Sinkhorn–Knopp with a lane per element and the fused post_coeff (measured
-        // on the H200, kept off: no gain and slower).
+        // dx_dphi_tc's 16-token tiles (with the planned copies and the four-channel
+        // epilogue, now the defaults), coeff_fwd's former ring, and Sinkhorn–Knopp
+        // with a lane per element (measured on the H200, kept off: no gain).
         let defines = strings(&[
             &n,
             "-DSTREAM_BF16=1",
             "-DCF_LEAN=0",
             "-DSK_LANES=2",
-            "-DPC_FUSE=1",
             "-DTC_TB=16",
             "-DTC_PTRS=1",
             "-DTC_EPI4=1",

@@ -505,12 +505,10 @@ trait GpuConnection<S: StreamElement> {
     fn grads(&self) -> Vec<&CudaSlice<f32>>;
     fn buffers_mut(&mut self) -> Vec<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>;
     fn params_updated(&mut self) -> CudaResult<()>;
-    /// The mHC wrapper, for the forward that fuses the next sublayer's coefficients.
-    fn as_mhc(&mut self) -> Option<&mut MhcCuda<S>>;
 }
 
 macro_rules! gpu_connection {
-    ($t:ty, $s:ty $(, $g:ident)?; $me:ident => $mhc:expr) => {
+    ($t:ty, $s:ty $(, $g:ident)?) => {
         impl$(<$g: StreamElement>)? GpuConnection<$s> for $t {
             fn forward(
                 &mut self,
@@ -554,15 +552,11 @@ macro_rules! gpu_connection {
             fn params_updated(&mut self) -> CudaResult<()> {
                 <$t>::params_updated(self)
             }
-            fn as_mhc(&mut self) -> Option<&mut MhcCuda<$s>> {
-                let $me = self;
-                $mhc
-            }
         }
     };
 }
-gpu_connection!(MhcCuda<S>, S, S; me => Some(me));
-gpu_connection!(HcCuda, f32; _me => None);
+gpu_connection!(MhcCuda<S>, S, S);
+gpu_connection!(HcCuda, f32);
 
 /// The HC wrapper as a connection on `S` streams: its kernels take f32
 /// streams only (the product `x̃·θ` is an f32 cuBLAS GEMM), so bf16 gives
@@ -970,41 +964,22 @@ impl<S: StreamElement> GpuTrainer<S> {
             c,
             &mut self.states[0],
         )?;
-        for l in 0..self.blocks.len() {
-            let (head, tail) = self.blocks.split_at_mut(l + 1);
-            let b = &mut head[l];
+        for (l, b) in self.blocks.iter_mut().enumerate() {
             for half in 0..2 {
                 let s = 2 * l + half;
                 let (done, rest) = self.states.split_at_mut(s + 1);
                 let (x, out) = (&done[s], &mut rest[0]);
-                // This sublayer, its connection and the next sublayer's connection.
-                let (sub, conn, next): (&mut dyn CudaSublayer<S>, _, _) = if half == 0 {
-                    (&mut b.attn, &mut b.attn_conn, Some(&mut b.mlp_conn))
+                let (sub, conn): (&mut dyn CudaSublayer<S>, &mut Connection<S>) = if half == 0 {
+                    (&mut b.attn, &mut b.attn_conn)
                 } else {
-                    (
-                        &mut b.mlp,
-                        &mut b.mlp_conn,
-                        tail.first_mut().map(|nb| &mut nb.attn_conn),
-                    )
+                    (&mut b.mlp, &mut b.mlp_conn)
                 };
                 match conn {
                     Connection::Residual { y, .. } => {
                         sub.forward(&dev, x, y, rows, c)?;
                         k.add(x, y, out)?;
                     }
-                    Connection::Wrapped { wrapper, .. } => {
-                        // mHC followed by mHC: the next sublayer's coefficient
-                        // partials in the same pass over `out` where the fused
-                        // kernel is built (forward_into falls back otherwise).
-                        let next = next.and_then(|n| match n {
-                            Connection::Wrapped { wrapper: w, .. } => w.as_mhc(),
-                            Connection::Residual { .. } => None,
-                        });
-                        match (next, wrapper.as_mhc()) {
-                            (Some(next), Some(me)) => me.forward_into(sub, x, out, next)?,
-                            _ => wrapper.forward(sub, x, out)?,
-                        }
-                    }
+                    Connection::Wrapped { wrapper, .. } => wrapper.forward(sub, x, out)?,
                 }
             }
         }

@@ -103,19 +103,6 @@ struct Kernels {
     dphi_reduce: CudaFunction,
     token_reduce: CudaFunction,
     split_phi: CudaFunction,
-    /// `post_coeff` and its dynamic shared memory, where built (`PC_FUSE=1`,
-    /// bf16 streams, C % 16 == 0).
-    post_coeff: Option<(CudaFunction, usize)>,
-}
-
-/// Coefficient partials of the next forward's `x`, written by the previous
-/// wrapper's fused [`MhcCuda::forward_into`]: the device address and token
-/// count of that `x`, and the split count of the partials.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Pending {
-    x: u64,
-    tokens: usize,
-    splits: usize,
 }
 
 /// One mHC-wrapped sublayer on the GPU: parameters, gradients and the
@@ -174,7 +161,6 @@ pub struct MhcCuda<S: StreamElement> {
     sk_hist: CudaSlice<f32>,
     gpart: CudaSlice<f32>,
     forward_tokens: usize,
-    pending: Option<Pending>,
 }
 
 const CF_TOK: usize = 64;
@@ -267,24 +253,6 @@ fn cf_geometry_with(bf16: bool, k: usize, cf_async: bool, stages: Option<usize>)
 /// Most split-K slices of the coefficient kernel.
 const MAX_SPLITS: usize = 8;
 
-/// Dynamic shared memory of `post_coeff` (kernel define `PC_FUSE=1`, bf16
-/// streams): `PC_STAGES` (default 3) stages of x, y and the φ′ halves for 16
-/// channels of every stream, the x′ tile and the tokens' `H_post`, `H_res`;
-/// mirrors the kernel's `PC_SMEM`, which it checks.
-fn pc_smem(n: usize, k: usize, stages: usize) -> usize {
-    let (tok, kp) = (CF_TOK, k.next_multiple_of(8));
-    let xs = 16 * n + 8;
-    let stage = (tok * xs + tok * 24 + 2 * kp * xs) * 2;
-    stages * stage + tok * xs * 2 + tok * (n + n * n) * 4
-}
-
-/// The fused `post_coeff` path is built (`PC_FUSE=1` in `MHC_CUDA_DEFINES`)
-/// with its `PC_STAGES`.
-fn pc_fuse() -> Option<usize> {
-    (super::tuning_define("PC_FUSE") == Some(1))
-        .then(|| super::tuning_define("PC_STAGES").unwrap_or(3).clamp(2, 4) as usize)
-}
-
 /// Lets `f` launch with `bytes` of dynamic shared memory (beyond the default
 /// 48 KiB). A device that cannot give that much gets an error naming the
 /// kernel define that sizes it (a tuning define set too high in `MHC_CUDA_DEFINES`).
@@ -307,12 +275,6 @@ fn allow_shared_memory(
         ))
     })?;
     Ok(())
-}
-
-/// The device address of `s` (to recognise a buffer, not to access it).
-fn device_addr<T>(s: &CudaSlice<T>, stream: &cudarc::driver::CudaStream) -> u64 {
-    use cudarc::driver::DevicePtr;
-    s.device_ptr(stream).0
 }
 
 fn launch_error(kernel: &str, e: cudarc::driver::DriverError) -> CudaError {
@@ -612,15 +574,6 @@ impl<S: StreamElement> MhcCuda<S> {
             dphi_reduce: name("dphi_reduce")?,
             token_reduce: name("token_reduce")?,
             split_phi: name("split_phi")?,
-            post_coeff: match pc_fuse() {
-                Some(stages) if S::BF16 && c.is_multiple_of(16) => {
-                    let f = name("post_coeff")?;
-                    let smem = pc_smem(n, k, stages);
-                    allow_shared_memory(&dev, &f, "post_coeff", smem, "PC_STAGES")?;
-                    Some((f, smem))
-                }
-                _ => None,
-            },
         };
         let st = dev.stream().clone();
         let mut me = Self {
@@ -666,7 +619,6 @@ impl<S: StreamElement> MhcCuda<S> {
             sk_hist: st.alloc_zeros(sk_hist_len(config, capacity))?,
             gpart: st.alloc_zeros(chunks * n * c * k)?,
             forward_tokens: 0,
-            pending: None,
             dev,
         };
         me.set_params(params)?;
@@ -922,8 +874,7 @@ impl<S: StreamElement> MhcCuda<S> {
     }
 
     /// The forward up to the sublayer's output `y`: shapes checked, the
-    /// coefficients (from the partials a fused [`Self::forward_into`] left for
-    /// this `x`, else from `x`), `h = H_pre·x` and `y = F(h)`. Returns the tokens.
+    /// coefficients from `x`, `h = H_pre·x` and `y = F(h)`. Returns the tokens.
     fn forward_to_sublayer(
         &mut self,
         sublayer: &mut dyn CudaSublayer<S>,
@@ -939,91 +890,11 @@ impl<S: StreamElement> MhcCuda<S> {
                 got: out.len(),
             });
         }
-        match self.pending.take() {
-            Some(p) if p.tokens == tokens && p.x == device_addr(x, self.dev.stream()) => {
-                self.launch_coeff_finish(tokens, p.splits)?
-            }
-            _ => self.launch_coefficients(x, tokens)?,
-        }
+        self.launch_coefficients(x, tokens)?;
         self.launch_pre(x, tokens)?;
         let dev = self.dev.clone();
         sublayer.forward(&dev, &self.h, &mut self.y, tokens, self.c)?;
         Ok(tokens)
-    }
-
-    /// [`Self::forward`], and in the same pass over `out` the coefficient
-    /// partials of `next`, the wrapper whose forward reads `out` next
-    /// (`post_coeff`: `post_fwd` and `next`'s `coeff_fwd` in one kernel, built
-    /// with `PC_FUSE=1` in `MHC_CUDA_DEFINES` at bf16 streams and C % 16 = 0;
-    /// off by default: measured on the H200, the mHC step 40.6 → 43.0 ms, the
-    /// fused kernel being slower than the two it replaces; see the README).
-    /// `next`'s forward of `out` then
-    /// finishes those partials instead of reading `out` again; called with
-    /// another `x` first, it computes its own. The partials are known by
-    /// `out`'s device address and token count: `next`'s next forward must be of
-    /// `out` as written here (a buffer reallocated at that address with other
-    /// values in between would be taken for it). Without the kernel, or with a
-    /// `next` of another n, C or a smaller capacity: [`Self::forward`].
-    pub fn forward_into(
-        &mut self,
-        sublayer: &mut dyn CudaSublayer<S>,
-        x: &CudaSlice<S>,
-        out: &mut CudaSlice<S>,
-        next: &mut MhcCuda<S>,
-    ) -> CudaResult<()> {
-        let tokens = x.len() / (self.n * self.c).max(1);
-        let fits = next.n == self.n && next.c == self.c && next.capacity >= tokens;
-        let Some((f, smem)) = self.kernels.post_coeff.clone().filter(|_| fits) else {
-            return self.forward(sublayer, x, out);
-        };
-        next.pending = None;
-        let tokens = self.forward_to_sublayer(sublayer, x, out)?;
-        let c = self.c;
-        let blocks = tokens.div_ceil(CF_TOK);
-        let (mut splits, mut span) = self.split_k(blocks, smem, c, 16)?;
-        if let Some(want) = super::tuning_define("PC_SPLITS") {
-            // A/B of the grid: PC_SPLITS splits over the channels (at most MAX_SPLITS and C / 16).
-            splits = (want.max(1) as usize).min(MAX_SPLITS).min(c / 16);
-            span = c.div_ceil(splits).next_multiple_of(16);
-            splits = c.div_ceil(span);
-        }
-        let (t, c_i, span_i) = (tokens as i32, c as i32, span as i32);
-        let st = self.dev.stream().clone();
-        let mut b = st.launch_builder(&f);
-        b.arg(x)
-            .arg(&self.coef)
-            .arg(&self.y)
-            .arg(&next.phit_hi)
-            .arg(&next.phit_lo)
-            .arg(&t)
-            .arg(&c_i)
-            .arg(&span_i)
-            .arg(&mut *out)
-            .arg(&mut next.coef_part);
-        // SAFETY: grid (tokens/64, splits), splits·span ≥ C, span a multiple of 16 and
-        // C % 16 == 0 (the kernel is built only then); x and out hold tokens·N·C
-        // (checked), coef tokens·K, y tokens·C; next's φ′ halves are [KP][N·C] (same n
-        // and C, checked) and its partials MAX_SPLITS·capacity·(KP+1) with capacity ≥
-        // tokens; the dynamic shared memory is the kernel's layout (it traps when less).
-        let launch = LaunchConfig {
-            shared_mem_bytes: smem as u32,
-            ..cfg((blocks as u32, splits as u32), 128)
-        };
-        unsafe { b.launch(launch) }.map_err(|e| launch_error("post_coeff", e))?;
-        debug_sync(&self.dev, "post_coeff")?;
-        next.pending = Some(Pending {
-            x: device_addr(out, &st),
-            tokens,
-            splits,
-        });
-        self.forward_tokens = tokens;
-        Ok(())
-    }
-
-    /// Whether [`Self::forward_into`] runs the fused kernel (`PC_FUSE=1`, bf16
-    /// streams, C % 16 = 0).
-    pub fn fuses_next_coefficients(&self) -> bool {
-        self.kernels.post_coeff.is_some()
     }
 
     /// Backward of [`Self::forward`] (same `x`): writes `grad_x` and this call's
@@ -1195,7 +1066,7 @@ impl<S: StreamElement> MhcCuda<S> {
 
 #[cfg(test)]
 mod geometry_tests {
-    use super::{cf_geometry_with, dx_geometry_with, pc_smem, sk_lanes_with};
+    use super::{cf_geometry_with, dx_geometry_with, sk_lanes_with};
     use crate::cuda::{KERNEL_SOURCE, compile_offline, offline_nvrtc};
 
     /// The host's shared-memory size for `dx_dphi_tc` is the kernel's
@@ -1245,34 +1116,6 @@ mod geometry_tests {
                 }
             }
         }
-    }
-
-    /// The host's shared-memory size for the fused `post_coeff` is the
-    /// kernel's `PC_SMEM` for every n (2…4 stages at n = 4); the largest, n = 8,
-    /// fits Hopper's 227 KiB per block.
-    #[test]
-    fn post_coeff_shared_memory_matches_the_kernel_layout() {
-        if !offline_nvrtc() {
-            return;
-        }
-        for n in 1..=8 {
-            let k = n * n + 2 * n;
-            let all: &[usize] = if n == 4 { &[2, 3, 4] } else { &[3] };
-            for &stages in all {
-                let smem = pc_smem(n, k, stages);
-                let defines = [
-                    format!("-DN={n}"),
-                    "-DSTREAM_BF16=1".into(),
-                    "-DPC_FUSE=1".into(),
-                    format!("-DPC_STAGES={stages}"),
-                    format!("-DEXPECT_PC_SMEM={smem}"),
-                ];
-                if let Err(e) = compile_offline(KERNEL_SOURCE, &defines, 90, false) {
-                    panic!("n = {n}, {stages} stages: host says {smem} bytes: {e}");
-                }
-            }
-        }
-        assert!(pc_smem(8, 80, 3) <= 227 * 1024);
     }
 
     /// The host's threads per token for the Sinkhorn–Knopp kernels are the
